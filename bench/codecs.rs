@@ -1,0 +1,2 @@
+//! Criterion benchmark of the JSON and MessagePack codecs.
+fn main() {}

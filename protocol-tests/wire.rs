@@ -1,0 +1,1 @@
+//! Raw-frame protocol tests.

@@ -1,0 +1,2 @@
+//! The `feedhub` binary.
+fn main() {}
