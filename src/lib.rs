@@ -2,3 +2,9 @@
 #![warn(missing_docs)]
 
 pub mod protocol;
+pub mod auth;
+pub mod backplane;
+pub mod connection;
+pub mod hub;
+pub mod ids;
+pub mod metrics;
