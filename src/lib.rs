@@ -8,3 +8,5 @@ pub mod connection;
 pub mod hub;
 pub mod ids;
 pub mod metrics;
+pub mod session;
+pub mod transport;

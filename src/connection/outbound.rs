@@ -90,6 +90,8 @@ struct State {
 pub struct Outbound {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when the session drains the queue (producers pacing themselves wait on it).
+    space: Notify,
     limits: OutboundLimits,
     policy: SlowConsumerPolicy,
 }
@@ -103,6 +105,7 @@ impl Outbound {
         Outbound {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            space: Notify::new(),
             limits,
             policy,
         }
@@ -165,6 +168,26 @@ impl Outbound {
         (st.items.len(), st.bytes)
     }
 
+    /// Waits until the queue is at most half full (or closing). For producers that belong to
+    /// this connection alone (its own streams), which may wait; shared paths never call this.
+    pub async fn wait_for_space(&self) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.close.is_some()
+                    || st.closed
+                    || (st.items.len() * 2 <= self.limits.max_messages && st.bytes * 2 <= self.limits.max_bytes)
+                {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Takes what is queued, waiting until there is something. Frames come before a
     /// pending close, so a Completion queued before a Close still reaches the client.
     pub async fn next(&self, max_batch_bytes: usize) -> Outgoing {
@@ -192,6 +215,8 @@ impl Outbound {
                 }
             }
             st.bytes -= size;
+            drop(st);
+            self.space.notify_waiters();
             return Some(Outgoing::Frames(batch));
         }
         if let Some(req) = st.close.take() {
