@@ -268,8 +268,6 @@ type Erased = dyn Fn(HubContext, Vec<Value>, Vec<mpsc::Receiver<UploadItem>>) ->
 /// A registered method, type-erased.
 #[derive(Clone)]
 pub(crate) struct MethodEntry {
-    /// The name as registered (for error texts the client's spelling is used).
-    pub name: String,
     /// Streaming (answers StreamInvocation) or unary (answers Invocation).
     pub streaming: bool,
     /// Regular argument count.
@@ -293,8 +291,8 @@ impl MethodEntry {
             let fut = f(ctx, bound);
             Ok(Box::pin(async move { Outcome::Value(fut.await.map(IntoValue::into_value)) }) as BoxFuture<'static, Outcome>)
         };
+        let _ = name;
         MethodEntry {
-            name: name.to_string(),
             streaming: false,
             arity: A::arity(),
             streams: A::stream_count(),
@@ -317,8 +315,8 @@ impl MethodEntry {
                 Outcome::Stream(fut.await.map(|s| s.map(|item| item.map(IntoValue::into_value)).boxed()))
             }) as BoxFuture<'static, Outcome>)
         };
+        let _ = name;
         MethodEntry {
-            name: name.to_string(),
             streaming: true,
             arity: A::arity(),
             streams: A::stream_count(),
