@@ -632,3 +632,196 @@ impl<'de> de::DeserializeSeed<'de> for ExtBytesSeed {
         deserializer.deserialize_byte_buf(BinaryVisitor)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Upload {
+        file_name: String,
+        data: Binary,
+        taken_at: Timestamp,
+    }
+
+    fn sample() -> Upload {
+        Upload {
+            file_name: "a.bin".into(),
+            data: Binary(vec![1, 2, 3]),
+            taken_at: Timestamp::new(946_684_800, 0).unwrap(),
+        }
+    }
+
+    fn msgpack_of<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        v.serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn binary_forms() {
+        assert_eq!(serde_json::to_string(&Binary(vec![1, 2, 3])).unwrap(), r#""AQID""#);
+        assert_eq!(msgpack_of(&Binary(vec![1, 2, 3])), [0xc4, 3, 1, 2, 3]);
+        let from_b64: Binary = serde_json::from_str(r#""AQID""#).unwrap();
+        let from_array: Binary = serde_json::from_str("[1,2,3]").unwrap();
+        let from_bin: Binary = rmp_serde::from_slice(&[0xc4, 3, 1, 2, 3]).unwrap();
+        let from_mp_str: Binary = rmp_serde::from_slice(&[0xa4, b'A', b'Q', b'I', b'D']).unwrap();
+        let from_mp_array: Binary = rmp_serde::from_slice(&[0x93, 1, 2, 3]).unwrap();
+        for b in [from_b64, from_array, from_bin, from_mp_str, from_mp_array] {
+            assert_eq!(b, Binary(vec![1, 2, 3]));
+        }
+        assert!(serde_json::from_str::<Binary>(r#""not base64!""#).is_err());
+        assert!(serde_json::from_str::<Binary>("[256]").is_err());
+    }
+
+    #[test]
+    fn timestamp_msgpack_forms() {
+        // timestamp32: 2000-01-01T00:00:00Z = 946684800 = 0x386D4380.
+        let t = Timestamp::new(946_684_800, 0).unwrap();
+        assert_eq!(msgpack_of(&t), [0xd6, 0xff, 0x38, 0x6d, 0x43, 0x80]);
+        // Observed from the JS client: Date.UTC(2024,0,1) → d6 ff 65 92 00 80.
+        let t: Timestamp = rmp_serde::from_slice(&[0xd6, 0xff, 0x65, 0x92, 0x00, 0x80]).unwrap();
+        assert_eq!(t.to_iso8601(), "2024-01-01T00:00:00Z");
+        // timestamp64 when nanos ≠ 0.
+        let t = Timestamp::new(946_684_800, 500_000_000).unwrap();
+        let bytes = msgpack_of(&t);
+        assert_eq!(&bytes[..2], &[0xd7, 0xff]);
+        assert_eq!(rmp_serde::from_slice::<Timestamp>(&bytes).unwrap(), t);
+        // timestamp64 when seconds need more than 32 bits.
+        let t = Timestamp::new(1 << 33, 0).unwrap();
+        assert_eq!(&msgpack_of(&t)[..2], &[0xd7, 0xff]);
+        // timestamp96 before the epoch and beyond 34 bits.
+        for t in [Timestamp::new(-1, 5).unwrap(), Timestamp::new(1 << 34, 0).unwrap()] {
+            let bytes = msgpack_of(&t);
+            assert_eq!(&bytes[..3], &[0xc7, 12, 0xff]);
+            assert_eq!(rmp_serde::from_slice::<Timestamp>(&bytes).unwrap(), t);
+        }
+        // Another ext type is refused.
+        assert!(rmp_serde::from_slice::<Timestamp>(&[0xd6, 0x01, 0, 0, 0, 0]).is_err());
+        // An ISO string inside MessagePack is accepted too.
+        let mut s = vec![0xb4];
+        s.extend_from_slice(b"2000-01-01T00:00:00Z");
+        assert_eq!(rmp_serde::from_slice::<Timestamp>(&s).unwrap().seconds, 946_684_800);
+    }
+
+    #[test]
+    fn timestamp_iso_forms() {
+        let t = |s: &str| Timestamp::parse_iso8601(s);
+        assert_eq!(Timestamp::UNIX_EPOCH.to_iso8601(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            Timestamp::new(946_684_800, 0).unwrap().to_iso8601(),
+            "2000-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            Timestamp::new(946_684_800, 120_000_000).unwrap().to_iso8601(),
+            "2000-01-01T00:00:00.12Z"
+        );
+        assert_eq!(
+            Timestamp::new(-1, 0).unwrap().to_iso8601(),
+            "1969-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            Timestamp::new(253_402_300_800, 0).unwrap().to_iso8601(),
+            "+010000-01-01T00:00:00Z"
+        );
+        assert_eq!(t("2000-01-01T00:00:00Z").unwrap().seconds, 946_684_800);
+        assert_eq!(t("2000-01-01T01:00:00+01:00").unwrap().seconds, 946_684_800);
+        assert_eq!(t("1999-12-31T23:00:00-0100").unwrap().seconds, 946_684_800);
+        assert_eq!(t("2000-01-01T00:00:00").unwrap().seconds, 946_684_800);
+        assert_eq!(t("2000-01-01").unwrap().seconds, 946_684_800);
+        assert_eq!(t("2000-01-01t00:00z").unwrap().seconds, 946_684_800);
+        assert_eq!(
+            t("2000-01-01T00:00:00.1234567Z").unwrap(),
+            Timestamp::new(946_684_800, 123_456_700).unwrap()
+        );
+        assert_eq!(
+            t("2000-01-01T00:00:00.1234567891Z").unwrap().nanos,
+            123_456_789
+        );
+        assert_eq!(t("2024-02-29T00:00:00Z").unwrap().to_iso8601(), "2024-02-29T00:00:00Z");
+        assert_eq!(t("+010000-01-01T00:00:00Z").unwrap().seconds, 253_402_300_800);
+        assert_eq!(t("-000001-01-01T00:00:00Z").unwrap().to_iso8601(), "-000001-01-01T00:00:00Z");
+        for bad in [
+            "",
+            "2000",
+            "2000-13-01T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2000-01-01T24:00:00Z",
+            "2000-01-01T00:60:00Z",
+            "2000-01-01T00:00:00.Z",
+            "2000-01-01T00:00:00Zjunk",
+            "2000-01-01T00:00:00+25:00",
+            "2000-01-01X00:00:00Z",
+            "２０００-01-01",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Timestamp::new(946_684_800, 0).unwrap()).unwrap(),
+            r#""2000-01-01T00:00:00Z""#
+        );
+        assert!(serde_json::from_str::<Timestamp>("946684800").is_err());
+    }
+
+    #[test]
+    fn native_struct_in_both_protocols() {
+        let v = Value::from_serialize(sample());
+        let mut mp = Vec::new();
+        v.write_msgpack(&mut mp).unwrap();
+        // A map keyed by field name, with bin and ext −1 inside.
+        assert_eq!(mp[0], 0x83);
+        let mut expected_tail = vec![0xa7];
+        expected_tail.extend_from_slice(b"takenAt");
+        expected_tail.extend_from_slice(&[0xd6, 0xff, 0x38, 0x6d, 0x43, 0x80]);
+        assert!(mp.ends_with(&expected_tail));
+        assert!(mp.windows(5).any(|w| w == [0xc4, 3, 1, 2, 3]));
+        let back: Upload = Value::MsgPack(Bytes::from(mp.clone())).decode().unwrap();
+        assert_eq!(back, sample());
+
+        let json = v.to_json_string().unwrap();
+        assert_eq!(
+            json,
+            r#"{"fileName":"a.bin","data":"AQID","takenAt":"2000-01-01T00:00:00Z"}"#
+        );
+        let back: Upload = Value::Json(Bytes::from(json.clone())).decode().unwrap();
+        assert_eq!(back, sample());
+        let back: Upload = v.decode().unwrap();
+        assert_eq!(back, sample());
+        // The transcoder renders the MessagePack form exactly as the native JSON form.
+        assert_eq!(Value::MsgPack(Bytes::from(mp)).to_json_string().unwrap(), json);
+    }
+
+    #[test]
+    fn value_helpers() {
+        assert!(Value::null().is_null());
+        assert!(Value::MsgPack(Bytes::from_static(&[0xc0])).is_null());
+        assert!(Value::json_checked(Bytes::from_static(b"[1,")).is_err());
+        assert_eq!(
+            Value::Json(Bytes::from_static(b" [1, 2] ")),
+            Value::MsgPack(Bytes::from_static(&[0x92, 1, 2]))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn timestamp_round_trips(seconds in any::<i64>(), nanos in 0u32..1_000_000_000) {
+            let t = Timestamp::new(seconds, nanos).unwrap();
+            let back: Timestamp = rmp_serde::from_slice(&msgpack_of(&t)).unwrap();
+            prop_assert_eq!(back, t);
+            prop_assert_eq!(Timestamp::from_msgpack_ext(&t.to_msgpack_ext()), Some(t));
+            // ISO text covers ±999,999,999 years, i.e. |seconds| < ~3.1e16.
+            if seconds.unsigned_abs() < 31_000_000_000_000_000 {
+                prop_assert_eq!(Timestamp::parse_iso8601(&t.to_iso8601()), Some(t));
+            }
+        }
+
+        #[test]
+        fn iso_parser_never_panics(s in ".{0,40}") {
+            let _ = Timestamp::parse_iso8601(&s);
+        }
+    }
+}
