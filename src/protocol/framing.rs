@@ -144,7 +144,18 @@ mod tests {
 
     #[test]
     fn varint_reads_back() {
-        for n in [0usize, 1, 127, 128, 300, 5248, 16_383, 16_384, 1 << 21, MAX_VARINT_LENGTH] {
+        for n in [
+            0usize,
+            1,
+            127,
+            128,
+            300,
+            5248,
+            16_383,
+            16_384,
+            1 << 21,
+            MAX_VARINT_LENGTH,
+        ] {
             let v = varint(n);
             assert_eq!(read_varint(&v).unwrap(), Some((n, v.len())), "n = {n}");
         }
@@ -170,8 +181,14 @@ mod tests {
     #[test]
     fn split_text_records() {
         let mut buf = BytesMut::from(&b"{\"type\":6}\x1e{\"type\":7}\x1e{\"ty"[..]);
-        assert_eq!(split_text(&mut buf, 100).unwrap().unwrap(), &b"{\"type\":6}"[..]);
-        assert_eq!(split_text(&mut buf, 100).unwrap().unwrap(), &b"{\"type\":7}"[..]);
+        assert_eq!(
+            split_text(&mut buf, 100).unwrap().unwrap(),
+            &b"{\"type\":6}"[..]
+        );
+        assert_eq!(
+            split_text(&mut buf, 100).unwrap().unwrap(),
+            &b"{\"type\":7}"[..]
+        );
         assert_eq!(split_text(&mut buf, 100).unwrap(), None);
         assert_eq!(&buf[..], b"{\"ty");
     }
@@ -183,23 +200,38 @@ mod tests {
         assert_eq!(split_text(&mut buf, 4).unwrap().unwrap(), &b"abcd"[..]);
         // One more byte than the limit with the separator after it.
         let mut buf = BytesMut::from(&b"abcde\x1e"[..]);
-        assert!(matches!(split_text(&mut buf, 4), Err(ProtocolError::TooLarge { limit: 4 })));
+        assert!(matches!(
+            split_text(&mut buf, 4),
+            Err(ProtocolError::TooLarge { limit: 4 })
+        ));
         // More than the limit buffered, no separator yet: rejected without waiting.
         let mut buf = BytesMut::from(&b"abcde"[..]);
-        assert!(matches!(split_text(&mut buf, 4), Err(ProtocolError::TooLarge { limit: 4 })));
+        assert!(matches!(
+            split_text(&mut buf, 4),
+            Err(ProtocolError::TooLarge { limit: 4 })
+        ));
         // At the limit without separator: wait.
         let mut buf = BytesMut::from(&b"abcd"[..]);
         assert_eq!(split_text(&mut buf, 4).unwrap(), None);
         // Unlimited.
         let mut buf = BytesMut::from(&b"abcd\x1e"[..]);
-        assert_eq!(split_text(&mut buf, usize::MAX).unwrap().unwrap(), &b"abcd"[..]);
+        assert_eq!(
+            split_text(&mut buf, usize::MAX).unwrap().unwrap(),
+            &b"abcd"[..]
+        );
     }
 
     #[test]
     fn split_binary_records() {
         let mut buf = BytesMut::from(&[0x02, 0x91, 0x06, 0x03, 0x92, 0x08, 0x01, 0x05][..]);
-        assert_eq!(split_binary(&mut buf, 100).unwrap().unwrap(), &[0x91, 0x06][..]);
-        assert_eq!(split_binary(&mut buf, 100).unwrap().unwrap(), &[0x92, 0x08, 0x01][..]);
+        assert_eq!(
+            split_binary(&mut buf, 100).unwrap().unwrap(),
+            &[0x91, 0x06][..]
+        );
+        assert_eq!(
+            split_binary(&mut buf, 100).unwrap().unwrap(),
+            &[0x92, 0x08, 0x01][..]
+        );
         assert_eq!(split_binary(&mut buf, 100).unwrap(), None);
         assert_eq!(&buf[..], &[0x05]);
         // Empty body.
@@ -216,10 +248,7 @@ mod tests {
             Err(ProtocolError::TooLarge { limit: 1024 })
         ));
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0x07][..]);
-        assert!(matches!(
-            split_binary(&mut buf, usize::MAX - 1),
-            Ok(None)
-        ));
+        assert!(matches!(split_binary(&mut buf, usize::MAX - 1), Ok(None)));
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0x0f][..]);
         assert!(matches!(
             split_binary(&mut buf, usize::MAX),

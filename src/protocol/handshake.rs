@@ -228,7 +228,10 @@ mod tests {
             })
         );
         assert_eq!(
-            req(b"{\"protocol\":\"messagepack\",\"version\":1}\x1e").unwrap().unwrap().protocol,
+            req(b"{\"protocol\":\"messagepack\",\"version\":1}\x1e")
+                .unwrap()
+                .unwrap()
+                .protocol,
             "messagepack"
         );
         // Any order, unknown properties, whitespace.
@@ -243,16 +246,24 @@ mod tests {
 
     #[test]
     fn trailing_hub_messages_stay_in_buffer() {
-        let mut buf = BytesMut::from(&b"{\"protocol\":\"json\",\"version\":1}\x1e{\"type\":6}\x1e"[..]);
+        let mut buf =
+            BytesMut::from(&b"{\"protocol\":\"json\",\"version\":1}\x1e{\"type\":6}\x1e"[..]);
         let r = parse_request(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(r.protocol, "json");
         assert_eq!(&buf[..], b"{\"type\":6}\x1e");
-        assert_eq!(ProtocolKind::Json.decode(&mut buf, 1024).unwrap(), Some(HubMessage::Ping));
+        assert_eq!(
+            ProtocolKind::Json.decode(&mut buf, 1024).unwrap(),
+            Some(HubMessage::Ping)
+        );
 
-        let mut buf = BytesMut::from(&b"{\"protocol\":\"messagepack\",\"version\":1}\x1e\x02\x91\x06"[..]);
+        let mut buf =
+            BytesMut::from(&b"{\"protocol\":\"messagepack\",\"version\":1}\x1e\x02\x91\x06"[..]);
         parse_request(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(&buf[..], &[0x02, 0x91, 0x06]);
-        assert_eq!(ProtocolKind::MessagePack.decode(&mut buf, 1024).unwrap(), Some(HubMessage::Ping));
+        assert_eq!(
+            ProtocolKind::MessagePack.decode(&mut buf, 1024).unwrap(),
+            Some(HubMessage::Ping)
+        );
     }
 
     #[test]
@@ -264,15 +275,27 @@ mod tests {
             assert_eq!(&buf[..], &full[..cut]);
         }
         let mut buf = BytesMut::from(&full[..]);
-        assert!(matches!(parse_request(&mut buf, 10), Err(HandshakeError::TooLarge { limit: 10 })));
+        assert!(matches!(
+            parse_request(&mut buf, 10),
+            Err(HandshakeError::TooLarge { limit: 10 })
+        ));
         let mut buf = BytesMut::from(&b"{\"protocol\":\"json\""[..]);
-        assert!(matches!(parse_request(&mut buf, 10), Err(HandshakeError::TooLarge { limit: 10 })));
+        assert!(matches!(
+            parse_request(&mut buf, 10),
+            Err(HandshakeError::TooLarge { limit: 10 })
+        ));
     }
 
     #[test]
     fn malformed_requests() {
-        assert_eq!(malformed_text(b"{\"version\":1}\x1e"), "Missing required property 'protocol'.");
-        assert_eq!(malformed_text(b"{\"protocol\":\"json\"}\x1e"), "Missing required property 'version'.");
+        assert_eq!(
+            malformed_text(b"{\"version\":1}\x1e"),
+            "Missing required property 'protocol'."
+        );
+        assert_eq!(
+            malformed_text(b"{\"protocol\":\"json\"}\x1e"),
+            "Missing required property 'version'."
+        );
         assert_eq!(
             malformed_text(b"{\"protocol\":\"json\",\"version\":\"1\"}\x1e"),
             "Expected 'version' to be of type Integer."
@@ -316,28 +339,49 @@ mod tests {
         );
         let tricky = "quote\" back\\ nl\n tab\t bell\x07 é 😀";
         let resp = error_response(tricky);
-        assert!(resp.is_ascii(), "binary clients read the response byte by byte");
+        assert!(
+            resp.is_ascii(),
+            "binary clients read the response byte by byte"
+        );
         assert_eq!(
             resp,
             b"{\"error\":\"quote\\\" back\\\\ nl\\n tab\\t bell\\u0007 \\u00e9 \\ud83d\\ude00\"}\x1e"
         );
-        let parsed = parse_response(&mut BytesMut::from(&resp[..])).unwrap().unwrap();
+        let parsed = parse_response(&mut BytesMut::from(&resp[..]))
+            .unwrap()
+            .unwrap();
         assert_eq!(parsed.error.as_deref(), Some(tricky));
     }
 
     #[test]
     fn responses() {
         let mut buf = BytesMut::from(&b"{}\x1e{\"type\":6}\x1e"[..]);
-        assert_eq!(parse_response(&mut buf).unwrap(), Some(HandshakeResponse { error: None }));
-        assert_eq!(&buf[..], b"{\"type\":6}\x1e");
-        assert_eq!(parse_response(&mut BytesMut::from(OK_RESPONSE)).unwrap(), Some(HandshakeResponse { error: None }));
         assert_eq!(
-            parse_response(&mut BytesMut::from(&b"{\"error\":\"nope\",\"x\":1}\x1e"[..])).unwrap(),
-            Some(HandshakeResponse { error: Some("nope".into()) })
+            parse_response(&mut buf).unwrap(),
+            Some(HandshakeResponse { error: None })
         );
-        assert_eq!(parse_response(&mut BytesMut::from(&b"{}"[..])).unwrap(), None);
+        assert_eq!(&buf[..], b"{\"type\":6}\x1e");
+        assert_eq!(
+            parse_response(&mut BytesMut::from(OK_RESPONSE)).unwrap(),
+            Some(HandshakeResponse { error: None })
+        );
+        assert_eq!(
+            parse_response(&mut BytesMut::from(
+                &b"{\"error\":\"nope\",\"x\":1}\x1e"[..]
+            ))
+            .unwrap(),
+            Some(HandshakeResponse {
+                error: Some("nope".into())
+            })
+        );
+        assert_eq!(
+            parse_response(&mut BytesMut::from(&b"{}"[..])).unwrap(),
+            None
+        );
         match parse_response(&mut BytesMut::from(&b"{\"type\":6}\x1e"[..])) {
-            Err(HandshakeError::Malformed(m)) => assert_eq!(m, "Expected a handshake response from the server."),
+            Err(HandshakeError::Malformed(m)) => {
+                assert_eq!(m, "Expected a handshake response from the server.")
+            }
             other => panic!("{other:?}"),
         }
         assert!(parse_response(&mut BytesMut::from(&b"{\"error\":5}\x1e"[..])).is_err());

@@ -70,8 +70,8 @@ pub fn decode_record(record: &Bytes) -> Result<Option<HubMessage>, ProtocolError
 
     let msg = match ty {
         mt::INVOCATION | mt::STREAM_INVOCATION => {
-            let invocation_id = optional_string(env.invocation_id, "invocationId")?
-                .filter(|id| !id.is_empty());
+            let invocation_id =
+                optional_string(env.invocation_id, "invocationId")?.filter(|id| !id.is_empty());
             if ty == mt::STREAM_INVOCATION && invocation_id.is_none() {
                 return Err(ProtocolError::MissingField("invocationId"));
             }
@@ -88,9 +88,7 @@ pub fn decode_record(record: &Bytes) -> Result<Option<HubMessage>, ProtocolError
                 .collect();
             let stream_ids = match env.stream_ids {
                 Some(raw) if !is_null(raw) => serde_json::from_str::<Vec<String>>(raw.get())
-                    .map_err(|_| {
-                        invalid("Expected 'streamIds' to be of type Array of String.")
-                    })?,
+                    .map_err(|_| invalid("Expected 'streamIds' to be of type Array of String."))?,
                 _ => Vec::new(),
             };
             let inv = Invocation {
@@ -122,7 +120,9 @@ pub fn decode_record(record: &Bytes) -> Result<Option<HubMessage>, ProtocolError
             let result = match (error, env.result) {
                 (Some(_), Some(_)) => return Err(invalid(MUTUALLY_EXCLUSIVE_ERROR)),
                 (Some(e), None) => CompletionResult::Error(e),
-                (None, Some(raw)) => CompletionResult::Value(Value::Json(sub_bytes(record, raw.get()))),
+                (None, Some(raw)) => {
+                    CompletionResult::Value(Value::Json(sub_bytes(record, raw.get())))
+                }
                 (None, None) => CompletionResult::Void,
             };
             HubMessage::Completion(Completion {
@@ -225,8 +225,9 @@ fn sub_bytes(record: &Bytes, part: &str) -> Bytes {
 fn optional_string(raw: Option<&RawValue>, name: &str) -> Result<Option<String>, ProtocolError> {
     match raw {
         None => Ok(None),
-        Some(raw) => serde_json::from_str::<Option<String>>(raw.get())
-            .map_err(|_| ProtocolError::InvalidField(format!("Expected '{name}' to be of type String."))),
+        Some(raw) => serde_json::from_str::<Option<String>>(raw.get()).map_err(|_| {
+            ProtocolError::InvalidField(format!("Expected '{name}' to be of type String."))
+        }),
     }
 }
 
@@ -345,7 +346,8 @@ impl<'de: 'a, 'a> Visitor<'de> for EnvelopeVisitor<'a> {
                 Key::AllowReconnect => &mut env.allow_reconnect,
                 Key::SequenceId => &mut env.sequence_id,
                 Key::Arguments => {
-                    env.arguments = Some(map.next_value_seed(ArgumentsSeed(std::marker::PhantomData))?);
+                    env.arguments =
+                        Some(map.next_value_seed(ArgumentsSeed(std::marker::PhantomData))?);
                     continue;
                 }
                 Key::Other => {
@@ -365,7 +367,10 @@ struct ArgumentsSeed<'a>(std::marker::PhantomData<&'a ()>);
 impl<'de: 'a, 'a> DeserializeSeed<'de> for ArgumentsSeed<'a> {
     type Value = Vec<&'a RawValue>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_seq(self)
     }
 }
@@ -638,16 +643,43 @@ mod tests {
     #[test]
     fn server_messages_in_aspnet_layout() {
         let cases: Vec<(HubMessage, &str)> = vec![
-            (HubMessage::Completion(Completion::with_result("0", j("42"))), r#"{"type":3,"invocationId":"0","result":42}"#),
-            (HubMessage::Completion(Completion::with_result("1", Value::null())), r#"{"type":3,"invocationId":"1","result":null}"#),
-            (HubMessage::Completion(Completion::with_error("2", "boom")), r#"{"type":3,"invocationId":"2","error":"boom"}"#),
-            (HubMessage::StreamItem(StreamItem { headers: vec![], invocation_id: "4".into(), item: j("0") }), r#"{"type":2,"invocationId":"4","item":0}"#),
-            (HubMessage::Completion(Completion::empty("4")), r#"{"type":3,"invocationId":"4"}"#),
             (
-                HubMessage::Invocation(Invocation { invocation_id: Some("s1".into()), target: "GetAnswer".into(), arguments: vec![j("41")], ..Default::default() }),
+                HubMessage::Completion(Completion::with_result("0", j("42"))),
+                r#"{"type":3,"invocationId":"0","result":42}"#,
+            ),
+            (
+                HubMessage::Completion(Completion::with_result("1", Value::null())),
+                r#"{"type":3,"invocationId":"1","result":null}"#,
+            ),
+            (
+                HubMessage::Completion(Completion::with_error("2", "boom")),
+                r#"{"type":3,"invocationId":"2","error":"boom"}"#,
+            ),
+            (
+                HubMessage::StreamItem(StreamItem {
+                    headers: vec![],
+                    invocation_id: "4".into(),
+                    item: j("0"),
+                }),
+                r#"{"type":2,"invocationId":"4","item":0}"#,
+            ),
+            (
+                HubMessage::Completion(Completion::empty("4")),
+                r#"{"type":3,"invocationId":"4"}"#,
+            ),
+            (
+                HubMessage::Invocation(Invocation {
+                    invocation_id: Some("s1".into()),
+                    target: "GetAnswer".into(),
+                    arguments: vec![j("41")],
+                    ..Default::default()
+                }),
                 r#"{"type":1,"invocationId":"s1","target":"GetAnswer","arguments":[41]}"#,
             ),
-            (HubMessage::Invocation(Invocation::send("recv", vec![j("\"hi\"")])), r#"{"type":1,"target":"recv","arguments":["hi"]}"#),
+            (
+                HubMessage::Invocation(Invocation::send("recv", vec![j("\"hi\"")])),
+                r#"{"type":1,"target":"recv","arguments":["hi"]}"#,
+            ),
             (
                 HubMessage::Invocation(Invocation {
                     headers: vec![("traceparent".into(), "00-ab".into())],
@@ -658,12 +690,32 @@ mod tests {
                 }),
                 r#"{"type":1,"headers":{"traceparent":"00-ab"},"invocationId":"7","target":"Up","arguments":[],"streamIds":["1","2"]}"#,
             ),
-            (HubMessage::CancelInvocation(CancelInvocation { headers: vec![], invocation_id: "9".into() }), r#"{"type":5,"invocationId":"9"}"#),
-            (HubMessage::Close(Close { error: Some("server says bye".into()), allow_reconnect: true }), r#"{"type":7,"error":"server says bye","allowReconnect":true}"#),
+            (
+                HubMessage::CancelInvocation(CancelInvocation {
+                    headers: vec![],
+                    invocation_id: "9".into(),
+                }),
+                r#"{"type":5,"invocationId":"9"}"#,
+            ),
+            (
+                HubMessage::Close(Close {
+                    error: Some("server says bye".into()),
+                    allow_reconnect: true,
+                }),
+                r#"{"type":7,"error":"server says bye","allowReconnect":true}"#,
+            ),
             (HubMessage::Close(Close::default()), r#"{"type":7}"#),
             (HubMessage::Ping, r#"{"type":6}"#),
-            (HubMessage::Ack(Ack { sequence_id: 12 }), r#"{"type":8,"sequenceId":12}"#),
-            (HubMessage::Sequence(Sequence { sequence_id: u64::MAX }), r#"{"type":9,"sequenceId":18446744073709551615}"#),
+            (
+                HubMessage::Ack(Ack { sequence_id: 12 }),
+                r#"{"type":8,"sequenceId":12}"#,
+            ),
+            (
+                HubMessage::Sequence(Sequence {
+                    sequence_id: u64::MAX,
+                }),
+                r#"{"type":9,"sequenceId":18446744073709551615}"#,
+            ),
         ];
         for (msg, text) in cases {
             assert_eq!(enc(&msg), format!("{text}\x1e"));
@@ -681,21 +733,31 @@ mod tests {
                 Value::from_serialize(vec![1, 2]),
             ],
         ));
-        assert_eq!(enc(&msg), "{\"type\":1,\"target\":\"t\\\"x\\n\",\"arguments\":[\"/wA=\",[1,2]]}\x1e");
+        assert_eq!(
+            enc(&msg),
+            "{\"type\":1,\"target\":\"t\\\"x\\n\",\"arguments\":[\"/wA=\",[1,2]]}\x1e"
+        );
         assert_eq!(dec_ok(&enc(&msg)), msg);
     }
 
     #[test]
     fn odd_orders_and_unknown_properties() {
         let m = dec_ok("{\"arguments\":[{\"a\":[1,2]}, \"s\" ,null],\"extra\":{\"x\":[1]},\"type\":1,\"target\":\"T\",\"invocationId\":\"\"}\x1e");
-        let HubMessage::Invocation(inv) = &m else { panic!("{m:?}") };
+        let HubMessage::Invocation(inv) = &m else {
+            panic!("{m:?}")
+        };
         assert_eq!(inv.invocation_id, None, "empty id means non-blocking");
         assert_eq!(raw_arg(&m, 0), b"{\"a\":[1,2]}");
         assert_eq!(raw_arg(&m, 1), b"\"s\"");
         assert_eq!(raw_arg(&m, 2), b"null");
         let m = dec_ok("{\"result\":{\"k\":\"v\"},\"headers\":{\"b\":\"2\",\"a\":\"1\"},\"invocationId\":\"1\",\"type\":3}\x1e");
-        let HubMessage::Completion(c) = &m else { panic!("{m:?}") };
-        assert_eq!(c.headers, vec![("b".into(), "2".into()), ("a".into(), "1".into())]);
+        let HubMessage::Completion(c) = &m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(
+            c.headers,
+            vec![("b".into(), "2".into()), ("a".into(), "1".into())]
+        );
         assert_eq!(c.result, CompletionResult::Value(j("{\"k\":\"v\"}")));
         // Whitespace around the object and inside is fine.
         assert_eq!(dec_ok(" {\n\"type\" : 6 } \x1e"), HubMessage::Ping);
@@ -703,7 +765,10 @@ mod tests {
         assert_eq!(dec_ok("{\"typ\\u0065\":6}\x1e"), HubMessage::Ping);
         // result: null is a value; error: null with a result is allowed (ASP.NET).
         let m = dec_ok("{\"type\":3,\"invocationId\":\"1\",\"result\":null,\"error\":null}\x1e");
-        assert_eq!(m, HubMessage::Completion(Completion::with_result("1", Value::null())));
+        assert_eq!(
+            m,
+            HubMessage::Completion(Completion::with_result("1", Value::null()))
+        );
         // Close with error null and allowReconnect false.
         let m = dec_ok("{\"type\":7,\"error\":null,\"allowReconnect\":false}\x1e");
         assert_eq!(m, HubMessage::Close(Close::default()));
@@ -711,7 +776,9 @@ mod tests {
 
     #[test]
     fn unknown_types_are_skipped() {
-        let mut buf = BytesMut::from(&b"{\"type\":42,\"x\":1}\x1e{\"type\":-1}\x1e{\"type\":6}\x1e{\"type\":0}\x1e"[..]);
+        let mut buf = BytesMut::from(
+            &b"{\"type\":42,\"x\":1}\x1e{\"type\":-1}\x1e{\"type\":6}\x1e{\"type\":0}\x1e"[..],
+        );
         assert_eq!(decode(&mut buf, 1024).unwrap(), Some(HubMessage::Ping));
         assert_eq!(decode(&mut buf, 1024).unwrap(), None);
         assert!(buf.is_empty());
@@ -724,39 +791,110 @@ mod tests {
             err("{\"type\":3,\"invocationId\":\"1\",\"result\":1,\"error\":\"e\"}\x1e"),
             "The 'error' and 'result' properties are mutually exclusive."
         );
-        assert_eq!(err("{\"target\":\"x\",\"arguments\":[]}\x1e"), "Missing required property 'type'.");
-        assert_eq!(err("{\"type\":\"1\"}\x1e"), "Expected 'type' to be of type Integer.");
-        assert_eq!(err("{\"type\":1,\"arguments\":[]}\x1e"), "Missing required property 'target'.");
-        assert_eq!(err("{\"type\":1,\"target\":\"x\"}\x1e"), "Missing required property 'arguments'.");
-        assert_eq!(err("{\"type\":1,\"target\":\"\",\"arguments\":[]}\x1e"), "Expected 'target' to be a non-empty string.");
-        assert_eq!(err("{\"type\":1,\"target\":5,\"arguments\":[]}\x1e"), "Expected 'target' to be of type String.");
-        assert!(err("{\"type\":1,\"target\":\"x\",\"arguments\":5}\x1e").contains("'arguments' to be an array"));
-        assert_eq!(err("{\"type\":4,\"target\":\"x\",\"arguments\":[]}\x1e"), "Missing required property 'invocationId'.");
-        assert_eq!(err("{\"type\":2,\"invocationId\":\"1\"}\x1e"), "Missing required property 'item'.");
-        assert_eq!(err("{\"type\":2,\"item\":1}\x1e"), "Missing required property 'invocationId'.");
-        assert_eq!(err("{\"type\":3,\"invocationId\":\"\"}\x1e"), "Missing required property 'invocationId'.");
-        assert_eq!(err("{\"type\":5}\x1e"), "Missing required property 'invocationId'.");
-        assert_eq!(err("{\"type\":8}\x1e"), "Missing required property 'sequenceId'.");
-        assert_eq!(err("{\"type\":9,\"sequenceId\":-1}\x1e"), "Expected 'sequenceId' to be of type Integer.");
-        assert_eq!(err("{\"type\":7,\"allowReconnect\":\"yes\"}\x1e"), "Expected 'allowReconnect' to be of type Boolean.");
-        assert_eq!(err("{\"type\":1,\"target\":\"x\",\"arguments\":[],\"headers\":{\"a\":1}}\x1e"), "Expected 'headers' to be an object of String values.");
-        assert_eq!(err("{\"type\":1,\"target\":\"x\",\"arguments\":[],\"streamIds\":[1]}\x1e"), "Expected 'streamIds' to be of type Array of String.");
-        assert!(matches!(dec(b"{\"type\":6\xff}\x1e"), Err(ProtocolError::InvalidUtf8)));
-        assert!(matches!(dec(b"{\"type\":6\x1e"), Err(ProtocolError::Json(_))));
+        assert_eq!(
+            err("{\"target\":\"x\",\"arguments\":[]}\x1e"),
+            "Missing required property 'type'."
+        );
+        assert_eq!(
+            err("{\"type\":\"1\"}\x1e"),
+            "Expected 'type' to be of type Integer."
+        );
+        assert_eq!(
+            err("{\"type\":1,\"arguments\":[]}\x1e"),
+            "Missing required property 'target'."
+        );
+        assert_eq!(
+            err("{\"type\":1,\"target\":\"x\"}\x1e"),
+            "Missing required property 'arguments'."
+        );
+        assert_eq!(
+            err("{\"type\":1,\"target\":\"\",\"arguments\":[]}\x1e"),
+            "Expected 'target' to be a non-empty string."
+        );
+        assert_eq!(
+            err("{\"type\":1,\"target\":5,\"arguments\":[]}\x1e"),
+            "Expected 'target' to be of type String."
+        );
+        assert!(err("{\"type\":1,\"target\":\"x\",\"arguments\":5}\x1e")
+            .contains("'arguments' to be an array"));
+        assert_eq!(
+            err("{\"type\":4,\"target\":\"x\",\"arguments\":[]}\x1e"),
+            "Missing required property 'invocationId'."
+        );
+        assert_eq!(
+            err("{\"type\":2,\"invocationId\":\"1\"}\x1e"),
+            "Missing required property 'item'."
+        );
+        assert_eq!(
+            err("{\"type\":2,\"item\":1}\x1e"),
+            "Missing required property 'invocationId'."
+        );
+        assert_eq!(
+            err("{\"type\":3,\"invocationId\":\"\"}\x1e"),
+            "Missing required property 'invocationId'."
+        );
+        assert_eq!(
+            err("{\"type\":5}\x1e"),
+            "Missing required property 'invocationId'."
+        );
+        assert_eq!(
+            err("{\"type\":8}\x1e"),
+            "Missing required property 'sequenceId'."
+        );
+        assert_eq!(
+            err("{\"type\":9,\"sequenceId\":-1}\x1e"),
+            "Expected 'sequenceId' to be of type Integer."
+        );
+        assert_eq!(
+            err("{\"type\":7,\"allowReconnect\":\"yes\"}\x1e"),
+            "Expected 'allowReconnect' to be of type Boolean."
+        );
+        assert_eq!(
+            err("{\"type\":1,\"target\":\"x\",\"arguments\":[],\"headers\":{\"a\":1}}\x1e"),
+            "Expected 'headers' to be an object of String values."
+        );
+        assert_eq!(
+            err("{\"type\":1,\"target\":\"x\",\"arguments\":[],\"streamIds\":[1]}\x1e"),
+            "Expected 'streamIds' to be of type Array of String."
+        );
+        assert!(matches!(
+            dec(b"{\"type\":6\xff}\x1e"),
+            Err(ProtocolError::InvalidUtf8)
+        ));
+        assert!(matches!(
+            dec(b"{\"type\":6\x1e"),
+            Err(ProtocolError::Json(_))
+        ));
         assert!(matches!(dec(b"\x1e"), Err(ProtocolError::Json(_))));
-        assert!(matches!(dec(b"[1]\x1e"), Err(ProtocolError::InvalidField(_))));
-        assert!(matches!(dec(b"{\"type\":6} x\x1e"), Err(ProtocolError::Json(_))));
-        assert!(matches!(dec(b"{\"type\":1,\"target\":\"x\",\"arguments\":[1,]}\x1e"), Err(ProtocolError::Json(_))));
+        assert!(matches!(
+            dec(b"[1]\x1e"),
+            Err(ProtocolError::InvalidField(_))
+        ));
+        assert!(matches!(
+            dec(b"{\"type\":6} x\x1e"),
+            Err(ProtocolError::Json(_))
+        ));
+        assert!(matches!(
+            dec(b"{\"type\":1,\"target\":\"x\",\"arguments\":[1,]}\x1e"),
+            Err(ProtocolError::Json(_))
+        ));
     }
 
     #[test]
     fn too_large() {
         let mut buf = BytesMut::from(&b"{\"type\":6}\x1e"[..]);
-        assert!(matches!(decode(&mut buf, 9), Err(ProtocolError::TooLarge { limit: 9 })));
+        assert!(matches!(
+            decode(&mut buf, 9),
+            Err(ProtocolError::TooLarge { limit: 9 })
+        ));
         let mut buf = BytesMut::from(&b"{\"type\":6}\x1e"[..]);
         assert_eq!(decode(&mut buf, 10).unwrap(), Some(HubMessage::Ping));
-        let mut buf = BytesMut::from(&b"{\"type\":1,\"target\":\"x\",\"arguments\":[\"aaaaaaaa"[..]);
-        assert!(matches!(decode(&mut buf, 16), Err(ProtocolError::TooLarge { limit: 16 })));
+        let mut buf =
+            BytesMut::from(&b"{\"type\":1,\"target\":\"x\",\"arguments\":[\"aaaaaaaa"[..]);
+        assert!(matches!(
+            decode(&mut buf, 16),
+            Err(ProtocolError::TooLarge { limit: 16 })
+        ));
     }
 
     #[test]
@@ -766,7 +904,10 @@ mod tests {
             vec![Value::MsgPack(Bytes::from_static(&[0xa2, 0xff, 0xfe]))],
         ));
         let mut out = b"prev".to_vec();
-        assert!(matches!(encode(&msg, &mut out), Err(ProtocolError::Value(_))));
+        assert!(matches!(
+            encode(&msg, &mut out),
+            Err(ProtocolError::Value(_))
+        ));
         assert_eq!(out, b"prev");
     }
 
@@ -774,13 +915,23 @@ mod tests {
     fn deep_nesting_is_an_error_not_a_crash() {
         // Up to the limit: the value is accepted and can be transcoded.
         let depth = MAX_DEPTH - 2;
-        let ok = format!("{{\"type\":2,\"invocationId\":\"[\",\"item\":{}1{}}}\x1e", "[".repeat(depth), "]".repeat(depth));
-        let HubMessage::StreamItem(item) = dec_ok(&ok) else { panic!() };
+        let ok = format!(
+            "{{\"type\":2,\"invocationId\":\"[\",\"item\":{}1{}}}\x1e",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let HubMessage::StreamItem(item) = dec_ok(&ok) else {
+            panic!()
+        };
         let mut mp = Vec::new();
         item.item.write_msgpack(&mut mp).unwrap();
         let mut back = Vec::new();
         crate::protocol::transcode::msgpack_to_json(&mp, &mut back).unwrap();
-        let deep = format!("{{\"type\":2,\"invocationId\":\"1\",\"item\":{}1{}}}\x1e", "[".repeat(10_000), "]".repeat(10_000));
+        let deep = format!(
+            "{{\"type\":2,\"invocationId\":\"1\",\"item\":{}1{}}}\x1e",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         assert!(dec(deep.as_bytes()).is_err());
     }
 

@@ -198,7 +198,9 @@ impl<'a> Reader<'a> {
     pub(crate) fn array_len(&mut self, what: &str) -> Result<u32, MpError> {
         match self.item()? {
             Item::Array(n) => Ok(n),
-            _ => Err(MpError(format!("Reading array length for '{what}' failed."))),
+            _ => Err(MpError(format!(
+                "Reading array length for '{what}' failed."
+            ))),
         }
     }
 
@@ -232,7 +234,9 @@ impl<'a> Reader<'a> {
     pub(crate) fn uint(&mut self, what: &str) -> Result<u64, MpError> {
         match self.item()? {
             Item::Uint(n) => Ok(n),
-            _ => Err(MpError(format!("Reading '{what}' as unsigned integer failed."))),
+            _ => Err(MpError(format!(
+                "Reading '{what}' as unsigned integer failed."
+            ))),
         }
     }
 
@@ -351,8 +355,8 @@ mod tests {
         assert_eq!(
             v,
             [
-                0x7f, 0xcc, 0x80, 0xcd, 0x01, 0x00, 0xce, 0x00, 0x01, 0x11, 0x70, 0xcf, 0, 0, 1,
-                0, 0, 0, 0, 0
+                0x7f, 0xcc, 0x80, 0xcd, 0x01, 0x00, 0xce, 0x00, 0x01, 0x11, 0x70, 0xcf, 0, 0, 1, 0,
+                0, 0, 0, 0
             ]
         );
         let mut v = Vec::new();
@@ -395,9 +399,15 @@ mod tests {
     #[test]
     fn skip_rejects_truncation_and_huge_counts() {
         assert!(Reader::new(&[0x92, 0x01]).skip_value().is_err());
-        assert!(Reader::new(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]).skip_value().is_err());
-        assert!(Reader::new(&[0xdf, 0xff, 0xff, 0xff, 0xff]).skip_value().is_err());
-        assert!(Reader::new(&[0xdb, 0xff, 0xff, 0xff, 0xff]).skip_value().is_err());
+        assert!(Reader::new(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01])
+            .skip_value()
+            .is_err());
+        assert!(Reader::new(&[0xdf, 0xff, 0xff, 0xff, 0xff])
+            .skip_value()
+            .is_err());
+        assert!(Reader::new(&[0xdb, 0xff, 0xff, 0xff, 0xff])
+            .skip_value()
+            .is_err());
         assert!(Reader::new(&[0xc1]).skip_value().is_err());
         // Deep nesting costs no stack.
         let mut deep = vec![0x91; 100_000];

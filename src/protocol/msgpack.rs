@@ -23,8 +23,8 @@ use super::framing::{self, MAX_VARINT_LENGTH};
 use super::message::message_type as mt;
 use super::mp::{self, Item, MpError, Reader};
 use super::{
-    Ack, CancelInvocation, Close, Completion, CompletionResult, Headers, HubMessage,
-    Invocation, ProtocolError, Sequence, StreamItem, Value,
+    Ack, CancelInvocation, Close, Completion, CompletionResult, Headers, HubMessage, Invocation,
+    ProtocolError, Sequence, StreamItem, Value,
 };
 
 /// Completion result kinds.
@@ -65,7 +65,9 @@ pub fn decode_record(body: &Bytes) -> Result<Option<HubMessage>, ProtocolError> 
     let mut r = Reader::new(body);
     let len = r.array_len("message")?;
     if len == 0 {
-        return Err(mp_error("Reading 'messageType' failed: empty message array."));
+        return Err(mp_error(
+            "Reading 'messageType' failed: empty message array.",
+        ));
     }
     let ty = match r.item()? {
         Item::Uint(n) => n,
@@ -430,7 +432,9 @@ mod tests {
                 ..Default::default()
             })
         );
-        let HubMessage::Invocation(inv) = &add else { panic!() };
+        let HubMessage::Invocation(inv) = &add else {
+            panic!()
+        };
         assert_eq!(raw(&inv.arguments[0]), [0x28]);
         assert_eq!(
             dec_ok(&hex("0f 95 01 80 c0 a7 4e 6f 52 65 70 6c 79 91 a1 78")),
@@ -446,7 +450,9 @@ mod tests {
             })
         );
         assert_eq!(
-            dec_ok(&hex("14 96 01 80 a1 36 a6 55 70 6c 6f 61 64 91 a3 61 72 67 91 a1 35")),
+            dec_ok(&hex(
+                "14 96 01 80 a1 36 a6 55 70 6c 6f 61 64 91 a3 61 72 67 91 a1 35"
+            )),
             HubMessage::Invocation(Invocation {
                 invocation_id: Some("6".into()),
                 target: "Upload".into(),
@@ -463,30 +469,75 @@ mod tests {
                 item: j("1"),
             })
         );
-        assert_eq!(dec_ok(&hex("06 94 03 80 a1 35 02")), HubMessage::Completion(Completion::empty("5")));
+        assert_eq!(
+            dec_ok(&hex("06 94 03 80 a1 35 02")),
+            HubMessage::Completion(Completion::empty("5"))
+        );
         assert_eq!(
             dec_ok(&hex("08 95 03 80 a2 73 31 03 2a")),
             HubMessage::Completion(Completion::with_result("s1", j("42")))
         );
         // JS stop(): [7, nil].
-        assert_eq!(dec_ok(&hex("03 92 07 c0")), HubMessage::Close(Close::default()));
+        assert_eq!(
+            dec_ok(&hex("03 92 07 c0")),
+            HubMessage::Close(Close::default())
+        );
     }
 
     #[test]
     fn aspnet_layout_bytes() {
         let cases: Vec<(HubMessage, &str)> = vec![
-            (HubMessage::Invocation(Invocation::send("recv", vec![j("\"hi\"")])), "0e 96 01 80 c0 a4 72 65 63 76 91 a2 68 69 90"),
+            (
+                HubMessage::Invocation(Invocation::send("recv", vec![j("\"hi\"")])),
+                "0e 96 01 80 c0 a4 72 65 63 76 91 a2 68 69 90",
+            ),
             (HubMessage::Ping, "02 91 06"),
-            (HubMessage::Completion(Completion::with_result("1", Value::null())), "07 95 03 80 a1 31 03 c0"),
-            (HubMessage::Completion(Completion::empty("4")), "06 94 03 80 a1 34 02"),
-            (HubMessage::Completion(Completion::with_error("2", "boom")), "0b 95 03 80 a1 32 01 a4 62 6f 6f 6d"),
-            (HubMessage::StreamItem(StreamItem { headers: vec![], invocation_id: "4".into(), item: j("0") }), "06 94 02 80 a1 34 00"),
-            (HubMessage::CancelInvocation(CancelInvocation { headers: vec![("a".into(), "b".into())], invocation_id: "4".into() }), "09 93 05 81 a1 61 a1 62 a1 34"),
+            (
+                HubMessage::Completion(Completion::with_result("1", Value::null())),
+                "07 95 03 80 a1 31 03 c0",
+            ),
+            (
+                HubMessage::Completion(Completion::empty("4")),
+                "06 94 03 80 a1 34 02",
+            ),
+            (
+                HubMessage::Completion(Completion::with_error("2", "boom")),
+                "0b 95 03 80 a1 32 01 a4 62 6f 6f 6d",
+            ),
+            (
+                HubMessage::StreamItem(StreamItem {
+                    headers: vec![],
+                    invocation_id: "4".into(),
+                    item: j("0"),
+                }),
+                "06 94 02 80 a1 34 00",
+            ),
+            (
+                HubMessage::CancelInvocation(CancelInvocation {
+                    headers: vec![("a".into(), "b".into())],
+                    invocation_id: "4".into(),
+                }),
+                "09 93 05 81 a1 61 a1 62 a1 34",
+            ),
             (HubMessage::Close(Close::default()), "04 93 07 c0 c2"),
-            (HubMessage::Close(Close { error: Some("bye".into()), allow_reconnect: true }), "07 93 07 a3 62 79 65 c3"),
+            (
+                HubMessage::Close(Close {
+                    error: Some("bye".into()),
+                    allow_reconnect: true,
+                }),
+                "07 93 07 a3 62 79 65 c3",
+            ),
             (HubMessage::Ack(Ack { sequence_id: 1 }), "03 92 08 01"),
-            (HubMessage::Sequence(Sequence { sequence_id: 300 }), "05 92 09 cd 01 2c"),
-            (HubMessage::Ack(Ack { sequence_id: 1 << 40 }), "0b 92 08 cf 00 00 01 00 00 00 00 00"),
+            (
+                HubMessage::Sequence(Sequence { sequence_id: 300 }),
+                "05 92 09 cd 01 2c",
+            ),
+            (
+                HubMessage::Ack(Ack {
+                    sequence_id: 1 << 40,
+                }),
+                "0b 92 08 cf 00 00 01 00 00 00 00 00",
+            ),
         ];
         for (msg, bytes) in cases {
             let bytes = hex(bytes);
@@ -494,7 +545,13 @@ mod tests {
             assert_eq!(dec_ok(&bytes), msg);
         }
         // An empty Close error is written as nil.
-        assert_eq!(enc(&HubMessage::Close(Close { error: Some(String::new()), allow_reconnect: false })), hex("04 93 07 c0 c2"));
+        assert_eq!(
+            enc(&HubMessage::Close(Close {
+                error: Some(String::new()),
+                allow_reconnect: false
+            })),
+            hex("04 93 07 c0 c2")
+        );
     }
 
     #[test]
@@ -502,17 +559,38 @@ mod tests {
         // Close with 3 elements from a server, with a str error.
         assert_eq!(
             dec_ok(&fr("93 07 a1 78 c3")),
-            HubMessage::Close(Close { error: Some("x".into()), allow_reconnect: true })
+            HubMessage::Close(Close {
+                error: Some("x".into()),
+                allow_reconnect: true
+            })
         );
         // Close with 2 elements and an error.
-        assert_eq!(dec_ok(&fr("92 07 a1 78")), HubMessage::Close(Close { error: Some("x".into()), allow_reconnect: false }));
+        assert_eq!(
+            dec_ok(&fr("92 07 a1 78")),
+            HubMessage::Close(Close {
+                error: Some("x".into()),
+                allow_reconnect: false
+            })
+        );
         // Ack/Sequence in any unsigned width.
-        for (bytes, id) in [("03 92 08 05", 5), ("04 92 08 cc 05", 5), ("05 92 08 cd 00 05", 5), ("07 92 08 ce 00 00 00 05", 5), ("04 92 09 d0 05", 5)] {
+        for (bytes, id) in [
+            ("03 92 08 05", 5),
+            ("04 92 08 cc 05", 5),
+            ("05 92 08 cd 00 05", 5),
+            ("07 92 08 ce 00 00 00 05", 5),
+            ("04 92 09 d0 05", 5),
+        ] {
             let msg = dec_ok(&hex(bytes));
-            assert!(msg == HubMessage::Ack(Ack { sequence_id: id }) || msg == HubMessage::Sequence(Sequence { sequence_id: id }), "{bytes}");
+            assert!(
+                msg == HubMessage::Ack(Ack { sequence_id: id })
+                    || msg == HubMessage::Sequence(Sequence { sequence_id: id }),
+                "{bytes}"
+            );
         }
         // Invocation id as an empty string means non-blocking.
-        let HubMessage::Invocation(inv) = dec_ok(&fr("95 01 80 a0 a1 78 90")) else { panic!() };
+        let HubMessage::Invocation(inv) = dec_ok(&fr("95 01 80 a0 a1 78 90")) else {
+            panic!()
+        };
         assert_eq!(inv.invocation_id, None);
         // Extra trailing elements are ignored (forward compatibility).
         assert_eq!(dec_ok(&fr("93 06 01 02")), HubMessage::Ping);
@@ -520,10 +598,19 @@ mod tests {
             dec_ok(&fr("97 01 80 c0 a1 78 90 90 c3")),
             HubMessage::Invocation(Invocation::send("x", vec![]))
         );
-        assert_eq!(dec_ok(&fr("95 03 80 a1 35 02 c0")), HubMessage::Completion(Completion::empty("5")));
+        assert_eq!(
+            dec_ok(&fr("95 03 80 a1 35 02 c0")),
+            HubMessage::Completion(Completion::empty("5"))
+        );
         // Headers are read in order.
-        let HubMessage::StreamItem(item) = dec_ok(&fr("94 02 82 a1 62 a1 32 a1 61 a1 31 a1 35 c0")) else { panic!() };
-        assert_eq!(item.headers, vec![("b".into(), "2".into()), ("a".into(), "1".into())]);
+        let HubMessage::StreamItem(item) = dec_ok(&fr("94 02 82 a1 62 a1 32 a1 61 a1 31 a1 35 c0"))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            item.headers,
+            vec![("b".into(), "2".into()), ("a".into(), "1".into())]
+        );
         assert!(item.item.is_null());
     }
 
@@ -534,15 +621,30 @@ mod tests {
         let mut framed = Vec::new();
         framing::write_varint(body.len(), &mut framed);
         framed.extend_from_slice(&body);
-        let HubMessage::Invocation(inv) = dec_ok(&framed) else { panic!() };
+        let HubMessage::Invocation(inv) = dec_ok(&framed) else {
+            panic!()
+        };
         let raws: Vec<&[u8]> = inv.arguments.iter().map(raw).collect();
-        assert_eq!(raws, vec![&hex("81 a1 61 92 01 02")[..], &hex("c4 02 ff 00")[..], &hex("d6 ff 38 6d 43 80")[..], &hex("92 91 c0 a0")[..]]);
+        assert_eq!(
+            raws,
+            vec![
+                &hex("81 a1 61 92 01 02")[..],
+                &hex("c4 02 ff 00")[..],
+                &hex("d6 ff 38 6d 43 80")[..],
+                &hex("92 91 c0 a0")[..]
+            ]
+        );
         assert_eq!(inv.stream_ids, vec!["1".to_string()]);
         assert_eq!(
-            Value::MsgPack(Bytes::from(hex("92 91 c0 a0"))).to_json_string().unwrap(),
+            Value::MsgPack(Bytes::from(hex("92 91 c0 a0")))
+                .to_json_string()
+                .unwrap(),
             "[[null],\"\"]"
         );
-        assert_eq!(inv.arguments[2].to_json_string().unwrap(), "\"2000-01-01T00:00:00Z\"");
+        assert_eq!(
+            inv.arguments[2].to_json_string().unwrap(),
+            "\"2000-01-01T00:00:00Z\""
+        );
         assert_eq!(inv.arguments[1].to_json_string().unwrap(), "\"/wA=\"");
     }
 
@@ -558,17 +660,29 @@ mod tests {
     #[test]
     fn errors() {
         let err = |s: &str| dec(&fr(s)).unwrap_err().to_string();
-        assert_eq!(err("95 03 80 a1 35 04"), "Invalid MessagePack: Invalid invocation result kind.");
+        assert_eq!(
+            err("95 03 80 a1 35 04"),
+            "Invalid MessagePack: Invalid invocation result kind."
+        );
         assert!(err("06").contains("array"));
         assert!(err("90").contains("empty"));
         assert!(err("91 a1 78").contains("messageType"));
         assert!(err("94 01 80 c0 a1").contains("at least 5"));
         assert!(err("94 03 80 a1 35 01").contains("at least 5"));
         assert!(err("94 03 80 a1 35 03").contains("at least 5"));
-        assert_eq!(err("95 01 80 c0 a0 90"), "Expected 'target' to be a non-empty string.");
+        assert_eq!(
+            err("95 01 80 c0 a0 90"),
+            "Expected 'target' to be a non-empty string."
+        );
         assert!(err("95 01 80 c4 00 a1 78 90").contains("invocationId"));
-        assert_eq!(err("95 04 80 c0 a1 78 90"), "Missing required property 'invocationId'.");
-        assert_eq!(err("94 02 80 c0 01"), "Missing required property 'invocationId'.");
+        assert_eq!(
+            err("95 04 80 c0 a1 78 90"),
+            "Missing required property 'invocationId'."
+        );
+        assert_eq!(
+            err("94 02 80 c0 01"),
+            "Missing required property 'invocationId'."
+        );
         assert!(err("95 01 c0 c0 a1 78 90").contains("headers"));
         assert!(err("95 01 81 a1 61 01 c0 a1 78 90").contains("header value"));
         assert!(err("95 01 80 c0 a1 78 01").contains("arguments"));
@@ -581,14 +695,23 @@ mod tests {
         assert!(err("93 07 a2 ff fe").contains("UTF-8"));
         // A huge declared argument count with few bytes fails fast, without allocating.
         assert!(err("95 01 80 c0 a1 78 dd ff ff ff ff").contains("end of data"));
-        assert!(matches!(dec(&hex("ff ff ff ff 08")), Err(ProtocolError::LengthPrefixOverflow)));
+        assert!(matches!(
+            dec(&hex("ff ff ff ff 08")),
+            Err(ProtocolError::LengthPrefixOverflow)
+        ));
     }
 
     #[test]
     fn too_large_and_incomplete() {
-        let framed = enc(&HubMessage::Invocation(Invocation::send("x", vec![j("\"aaaaaaaaaaaaaaaa\"")])));
+        let framed = enc(&HubMessage::Invocation(Invocation::send(
+            "x",
+            vec![j("\"aaaaaaaaaaaaaaaa\"")],
+        )));
         let mut buf = BytesMut::from(&framed[..3]);
-        assert!(matches!(decode(&mut buf, 10), Err(ProtocolError::TooLarge { limit: 10 })));
+        assert!(matches!(
+            decode(&mut buf, 10),
+            Err(ProtocolError::TooLarge { limit: 10 })
+        ));
         let mut buf = BytesMut::from(&framed[..]);
         assert!(decode(&mut buf, framed.len() - 1).unwrap().is_some());
     }
@@ -611,7 +734,10 @@ mod tests {
     fn encode_error_leaves_output_untouched() {
         let msg = HubMessage::Invocation(Invocation::send("x", vec![j("[1,")]));
         let mut out = b"prev".to_vec();
-        assert!(matches!(encode(&msg, &mut out), Err(ProtocolError::Value(_))));
+        assert!(matches!(
+            encode(&msg, &mut out),
+            Err(ProtocolError::Value(_))
+        ));
         assert_eq!(out, b"prev");
     }
 

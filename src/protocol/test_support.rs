@@ -4,8 +4,8 @@
 use proptest::prelude::*;
 
 use super::{
-    Ack, CancelInvocation, Close, Completion, CompletionResult, HubMessage, Invocation,
-    Sequence, StreamItem, Value,
+    Ack, CancelInvocation, Close, Completion, CompletionResult, HubMessage, Invocation, Sequence,
+    StreamItem, Value,
 };
 
 /// Arbitrary JSON values: every scalar kind (finite floats only), nested arrays and objects.

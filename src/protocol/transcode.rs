@@ -279,8 +279,14 @@ mod tests {
         assert_eq!(to_json(&[0xc3]), "true");
         assert_eq!(to_json(&[0x2a]), "42");
         assert_eq!(to_json(&[0xff]), "-1");
-        assert_eq!(to_json(&[0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0]), i64::MIN.to_string());
-        assert_eq!(to_json(&[0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), u64::MAX.to_string());
+        assert_eq!(
+            to_json(&[0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0]),
+            i64::MIN.to_string()
+        );
+        assert_eq!(
+            to_json(&[0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            u64::MAX.to_string()
+        );
         assert_eq!(to_json(&[0xcb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0]), "1.5");
         assert_eq!(to_json(&[0xca, 0x3f, 0xc0, 0, 0]), "1.5");
         assert_eq!(to_json(&[0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0]), "null"); // NaN
@@ -299,9 +305,15 @@ mod tests {
     #[test]
     fn timestamps_are_iso() {
         // 2000-01-01T00:00:00Z = 946684800 = 0x386D4380 (timestamp32).
-        assert_eq!(to_json(&[0xd6, 0xff, 0x38, 0x6d, 0x43, 0x80]), r#""2000-01-01T00:00:00Z""#);
+        assert_eq!(
+            to_json(&[0xd6, 0xff, 0x38, 0x6d, 0x43, 0x80]),
+            r#""2000-01-01T00:00:00Z""#
+        );
         // JS client: new Date(Date.UTC(2024,0,1)) → d6 ff 65 92 00 80.
-        assert_eq!(to_json(&[0xd6, 0xff, 0x65, 0x92, 0x00, 0x80]), r#""2024-01-01T00:00:00Z""#);
+        assert_eq!(
+            to_json(&[0xd6, 0xff, 0x65, 0x92, 0x00, 0x80]),
+            r#""2024-01-01T00:00:00Z""#
+        );
         // timestamp64 with 500 ms.
         let v: u64 = (500_000_000u64 << 34) | 946_684_800;
         let mut mp = vec![0xd7, 0xff];
@@ -329,7 +341,10 @@ mod tests {
         ];
         assert_eq!(to_json(&mp), r#"{"a":[1,null],"1":true,"null":2,"AQ==":3}"#);
         // A map key that is itself an array.
-        assert_eq!(to_json(&[0x81, 0x92, 0x01, 0xa1, b'x', 0xc0]), r#"{"[1,\"x\"]":null}"#);
+        assert_eq!(
+            to_json(&[0x81, 0x92, 0x01, 0xa1, b'x', 0xc0]),
+            r#"{"[1,\"x\"]":null}"#
+        );
     }
 
     #[test]

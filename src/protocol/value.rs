@@ -149,8 +149,14 @@ impl fmt::Debug for Value {
 /// enough for tests and for deduplication, not a canonical form.
 impl PartialEq for Value {
     fn eq(&self, other: &Self) -> bool {
-        let a = self.to_json_string().ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-        let b = other.to_json_string().ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+        let a = self
+            .to_json_string()
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+        let b = other
+            .to_json_string()
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
         a.is_some() && a == b
     }
 }
@@ -664,7 +670,10 @@ mod tests {
 
     #[test]
     fn binary_forms() {
-        assert_eq!(serde_json::to_string(&Binary(vec![1, 2, 3])).unwrap(), r#""AQID""#);
+        assert_eq!(
+            serde_json::to_string(&Binary(vec![1, 2, 3])).unwrap(),
+            r#""AQID""#
+        );
         assert_eq!(msgpack_of(&Binary(vec![1, 2, 3])), [0xc4, 3, 1, 2, 3]);
         let from_b64: Binary = serde_json::from_str(r#""AQID""#).unwrap();
         let from_array: Binary = serde_json::from_str("[1,2,3]").unwrap();
@@ -695,7 +704,10 @@ mod tests {
         let t = Timestamp::new(1 << 33, 0).unwrap();
         assert_eq!(&msgpack_of(&t)[..2], &[0xd7, 0xff]);
         // timestamp96 before the epoch and beyond 34 bits.
-        for t in [Timestamp::new(-1, 5).unwrap(), Timestamp::new(1 << 34, 0).unwrap()] {
+        for t in [
+            Timestamp::new(-1, 5).unwrap(),
+            Timestamp::new(1 << 34, 0).unwrap(),
+        ] {
             let bytes = msgpack_of(&t);
             assert_eq!(&bytes[..3], &[0xc7, 12, 0xff]);
             assert_eq!(rmp_serde::from_slice::<Timestamp>(&bytes).unwrap(), t);
@@ -705,7 +717,10 @@ mod tests {
         // An ISO string inside MessagePack is accepted too.
         let mut s = vec![0xb4];
         s.extend_from_slice(b"2000-01-01T00:00:00Z");
-        assert_eq!(rmp_serde::from_slice::<Timestamp>(&s).unwrap().seconds, 946_684_800);
+        assert_eq!(
+            rmp_serde::from_slice::<Timestamp>(&s).unwrap().seconds,
+            946_684_800
+        );
     }
 
     #[test]
@@ -717,7 +732,9 @@ mod tests {
             "2000-01-01T00:00:00Z"
         );
         assert_eq!(
-            Timestamp::new(946_684_800, 120_000_000).unwrap().to_iso8601(),
+            Timestamp::new(946_684_800, 120_000_000)
+                .unwrap()
+                .to_iso8601(),
             "2000-01-01T00:00:00.12Z"
         );
         assert_eq!(
@@ -742,9 +759,18 @@ mod tests {
             t("2000-01-01T00:00:00.1234567891Z").unwrap().nanos,
             123_456_789
         );
-        assert_eq!(t("2024-02-29T00:00:00Z").unwrap().to_iso8601(), "2024-02-29T00:00:00Z");
-        assert_eq!(t("+010000-01-01T00:00:00Z").unwrap().seconds, 253_402_300_800);
-        assert_eq!(t("-000001-01-01T00:00:00Z").unwrap().to_iso8601(), "-000001-01-01T00:00:00Z");
+        assert_eq!(
+            t("2024-02-29T00:00:00Z").unwrap().to_iso8601(),
+            "2024-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            t("+010000-01-01T00:00:00Z").unwrap().seconds,
+            253_402_300_800
+        );
+        assert_eq!(
+            t("-000001-01-01T00:00:00Z").unwrap().to_iso8601(),
+            "-000001-01-01T00:00:00Z"
+        );
         for bad in [
             "",
             "2000",
@@ -792,7 +818,10 @@ mod tests {
         let back: Upload = v.decode().unwrap();
         assert_eq!(back, sample());
         // The transcoder renders the MessagePack form exactly as the native JSON form.
-        assert_eq!(Value::MsgPack(Bytes::from(mp)).to_json_string().unwrap(), json);
+        assert_eq!(
+            Value::MsgPack(Bytes::from(mp)).to_json_string().unwrap(),
+            json
+        );
     }
 
     #[test]
