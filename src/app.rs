@@ -123,7 +123,9 @@ impl ServerBuilder {
 
     /// Joins an in-memory bus shared with other servers in this process.
     pub fn memory_bus(self, bus: MemoryBus) -> Self {
-        self.backplane(Box::new(move |cfg, inbox| Arc::new(MemoryBackplane::new(bus, cfg.node_id.clone(), inbox))))
+        self.backplane(Box::new(move |cfg, inbox| {
+            Arc::new(MemoryBackplane::new(bus, cfg.node_id.clone(), inbox))
+        }))
     }
 
     /// Adds a readiness condition (e.g. the RabbitMQ consumer is connected).
@@ -144,12 +146,19 @@ impl ServerBuilder {
         let (inbox, receivers) = Inbox::new(config.dispatch_workers, config.dispatch_queue);
         let backplane: Arc<dyn Backplane> = match self.backplane {
             Some(f) => f(&config, inbox),
-            None => Arc::new(MemoryBackplane::new(MemoryBus::new(), config.node_id.clone(), inbox)),
+            None => Arc::new(MemoryBackplane::new(
+                MemoryBus::new(),
+                config.node_id.clone(),
+                inbox,
+            )),
         };
         let mut hubs = HashMap::new();
         for def in self.hubs {
             let lifetime = HubLifetime::new(def, backplane.clone());
-            lifetime.start().await.map_err(|e| anyhow::anyhow!("hub start: {e}"))?;
+            lifetime
+                .start()
+                .await
+                .map_err(|e| anyhow::anyhow!("hub start: {e}"))?;
             hubs.insert(lifetime.definition().path.clone(), lifetime);
         }
         let hub_list: Arc<Vec<Arc<HubLifetime>>> = Arc::new(hubs.values().cloned().collect());
@@ -277,7 +286,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("local_addr", &self.local_addr).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -316,8 +327,14 @@ impl Server {
         self.accept.abort();
         self.state.tracker.close();
         let deadline = self.state.config.shutdown_timeout;
-        if tokio::time::timeout(deadline, self.state.tracker.wait()).await.is_err() {
-            tracing::warn!(remaining = self.state.tracker.len(), "shutdown deadline passed with connections still open");
+        if tokio::time::timeout(deadline, self.state.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.state.tracker.len(),
+                "shutdown deadline passed with connections still open"
+            );
         }
     }
 

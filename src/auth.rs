@@ -107,7 +107,8 @@ impl Authenticator {
             Some(serde_json::Value::Number(n)) => n.to_string(),
             _ => return Err(AuthError::Invalid("token has no 'sub' claim".into())),
         };
-        let user_id = UserId::new(&sub).map_err(|e| AuthError::Invalid(format!("bad 'sub': {e}")))?;
+        let user_id =
+            UserId::new(&sub).map_err(|e| AuthError::Invalid(format!("bad 'sub': {e}")))?;
         Ok(Identity {
             user_id: Some(user_id),
             claims,
@@ -172,7 +173,10 @@ mod tests {
         assert!(matches!(b.verify(&t), Err(AuthError::Invalid(_))));
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &StandardClaims { sub: Some("u".into()), exp: Some(unix_now() - 3600) },
+            &StandardClaims {
+                sub: Some("u".into()),
+                exp: Some(unix_now() - 3600),
+            },
             &EncodingKey::from_secret(b"a"),
         )
         .unwrap();
@@ -182,8 +186,14 @@ mod tests {
 
     #[test]
     fn token_sources() {
-        assert_eq!(token_from_request(Some("id=1&access_token=abc%2B"), None).as_deref(), Some("abc+"));
-        assert_eq!(token_from_request(None, Some("Bearer xyz")).as_deref(), Some("xyz"));
+        assert_eq!(
+            token_from_request(Some("id=1&access_token=abc%2B"), None).as_deref(),
+            Some("abc+")
+        );
+        assert_eq!(
+            token_from_request(None, Some("Bearer xyz")).as_deref(),
+            Some("xyz")
+        );
         assert_eq!(token_from_request(None, Some("Basic xyz")), None);
         assert_eq!(token_from_request(Some("id=1"), None), None);
     }

@@ -113,7 +113,10 @@ mod tests {
     fn rejects_bad_ids() {
         assert_eq!(UserId::new(""), Err(IdError::Empty));
         assert_eq!(UserId::new("a\nb"), Err(IdError::ControlChar));
-        assert_eq!(UserId::new(&"x".repeat(MAX_ID_LEN + 1)), Err(IdError::TooLong));
+        assert_eq!(
+            UserId::new(&"x".repeat(MAX_ID_LEN + 1)),
+            Err(IdError::TooLong)
+        );
         assert!(UserId::new("*").is_ok(), "ids are literal, never patterns");
     }
 
@@ -121,7 +124,9 @@ mod tests {
     fn random_tokens_are_url_safe_and_22_chars() {
         let t = random_token();
         assert_eq!(t.len(), 22);
-        assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(t
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         assert_ne!(random_token(), t);
     }
 }

@@ -36,7 +36,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     if args.redis_url.is_some() || args.amqp_url.is_some() {
@@ -52,8 +54,15 @@ async fn main() -> anyhow::Result<()> {
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
         ..ServerConfig::default()
     };
-    let server = ServerBuilder::new(config).hub(feed::feed_hub()).start().await?;
-    tracing::info!("feed hub at http://{}{}", server.local_addr(), feed::FEED_HUB_PATH);
+    let server = ServerBuilder::new(config)
+        .hub(feed::feed_hub())
+        .start()
+        .await?;
+    tracing::info!(
+        "feed hub at http://{}{}",
+        server.local_addr(),
+        feed::FEED_HUB_PATH
+    );
     server.run_until_signal().await;
     Ok(())
 }

@@ -85,23 +85,101 @@ impl Metrics {
         };
         let counter = |out: &mut String, name: &str, help: &str, c: &AtomicU64| {
             let v = c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
-        gauge(&mut out, "feedhub_connections", "Open hub connections.", self.connections.load(Ordering::Relaxed));
-        counter(&mut out, "feedhub_connections_total", "Hub connections opened.", &self.connections_total);
-        counter(&mut out, "feedhub_messages_in_total", "Hub messages received from clients.", &self.messages_in);
-        counter(&mut out, "feedhub_messages_out_total", "Hub messages queued to clients.", &self.messages_out);
-        counter(&mut out, "feedhub_outbound_dropped_total", "Messages dropped: connection queue full.", &self.outbound_dropped);
-        counter(&mut out, "feedhub_slow_consumer_closes_total", "Connections closed as slow consumers.", &self.slow_consumer_closes);
-        counter(&mut out, "feedhub_protocol_errors_total", "Malformed handshakes, frames and messages.", &self.protocol_errors);
-        counter(&mut out, "feedhub_invocation_errors_total", "Hub invocations that failed.", &self.invocation_errors);
-        counter(&mut out, "feedhub_auth_failures_total", "Requests rejected with 401.", &self.auth_failures);
-        counter(&mut out, "feedhub_backplane_published_total", "Messages published to the backplane.", &self.backplane_published);
-        counter(&mut out, "feedhub_backplane_received_total", "Messages received from the backplane.", &self.backplane_received);
-        counter(&mut out, "feedhub_backplane_dropped_total", "Backplane messages dropped: dispatch queue full.", &self.backplane_dropped);
-        counter(&mut out, "feedhub_backplane_errors_total", "Backplane publish failures.", &self.backplane_errors);
-        counter(&mut out, "feedhub_feed_events_total", "Feed events accepted.", &self.feed_events);
-        counter(&mut out, "feedhub_feed_rejected_total", "Feed events rejected as malformed.", &self.feed_rejected);
+        gauge(
+            &mut out,
+            "feedhub_connections",
+            "Open hub connections.",
+            self.connections.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "feedhub_connections_total",
+            "Hub connections opened.",
+            &self.connections_total,
+        );
+        counter(
+            &mut out,
+            "feedhub_messages_in_total",
+            "Hub messages received from clients.",
+            &self.messages_in,
+        );
+        counter(
+            &mut out,
+            "feedhub_messages_out_total",
+            "Hub messages queued to clients.",
+            &self.messages_out,
+        );
+        counter(
+            &mut out,
+            "feedhub_outbound_dropped_total",
+            "Messages dropped: connection queue full.",
+            &self.outbound_dropped,
+        );
+        counter(
+            &mut out,
+            "feedhub_slow_consumer_closes_total",
+            "Connections closed as slow consumers.",
+            &self.slow_consumer_closes,
+        );
+        counter(
+            &mut out,
+            "feedhub_protocol_errors_total",
+            "Malformed handshakes, frames and messages.",
+            &self.protocol_errors,
+        );
+        counter(
+            &mut out,
+            "feedhub_invocation_errors_total",
+            "Hub invocations that failed.",
+            &self.invocation_errors,
+        );
+        counter(
+            &mut out,
+            "feedhub_auth_failures_total",
+            "Requests rejected with 401.",
+            &self.auth_failures,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_published_total",
+            "Messages published to the backplane.",
+            &self.backplane_published,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_received_total",
+            "Messages received from the backplane.",
+            &self.backplane_received,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_dropped_total",
+            "Backplane messages dropped: dispatch queue full.",
+            &self.backplane_dropped,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_errors_total",
+            "Backplane publish failures.",
+            &self.backplane_errors,
+        );
+        counter(
+            &mut out,
+            "feedhub_feed_events_total",
+            "Feed events accepted.",
+            &self.feed_events,
+        );
+        counter(
+            &mut out,
+            "feedhub_feed_rejected_total",
+            "Feed events rejected as malformed.",
+            &self.feed_rejected,
+        );
         out
     }
 }

@@ -119,7 +119,9 @@ impl ChannelScheme {
         }
         let (kind, id) = rest.split_once(':')?;
         match kind {
-            "user" if self.users == UserChannelStyle::Prefixed => UserId::new(id).ok().map(ChannelTarget::User),
+            "user" if self.users == UserChannelStyle::Prefixed => {
+                UserId::new(id).ok().map(ChannelTarget::User)
+            }
             "group" => GroupName::new(id).ok().map(ChannelTarget::Group),
             "conn" => ConnectionId::new(id).ok().map(ChannelTarget::Connection),
             _ => None,
@@ -152,7 +154,10 @@ mod tests {
         assert_eq!(s.user(&u).as_str(), "feedhub:/testhub:user:*");
         assert_eq!(s.parse(&s.user(&u)), Some(ChannelTarget::User(u)));
         let c = ConnectionId::new("abc").unwrap();
-        assert_eq!(s.parse(&s.connection(&c)), Some(ChannelTarget::Connection(c)));
+        assert_eq!(
+            s.parse(&s.connection(&c)),
+            Some(ChannelTarget::Connection(c))
+        );
         let other = ChannelScheme::new("/testhub2", UserChannelStyle::Prefixed);
         assert_eq!(other.parse(&s.all()), None, "another hub's channel");
     }

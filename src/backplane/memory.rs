@@ -66,10 +66,18 @@ impl Backplane for MemoryBackplane {
         &self.node_id
     }
 
-    async fn publish(&self, channel: &Channel, message: Arc<BackplaneMessage>) -> Result<(), BackplaneError> {
+    async fn publish(
+        &self,
+        channel: &Channel,
+        message: Arc<BackplaneMessage>,
+    ) -> Result<(), BackplaneError> {
         crate::metrics::inc(&crate::metrics::METRICS.backplane_published);
         let targets: Vec<Inbox> = {
-            let subs = self.bus.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            let subs = self
+                .bus
+                .subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             subs.get(channel)
                 .map(|v| v.iter().map(|(_, inbox)| inbox.clone()).collect())
                 .unwrap_or_default()
@@ -84,7 +92,11 @@ impl Backplane for MemoryBackplane {
     }
 
     async fn subscribe(&self, channels: &[Channel]) -> Result<(), BackplaneError> {
-        let mut subs = self.bus.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut subs = self
+            .bus
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for ch in channels {
             let list = subs.entry(ch.clone()).or_default();
             if !list.iter().any(|(n, _)| n == &self.node_id) {
@@ -95,7 +107,11 @@ impl Backplane for MemoryBackplane {
     }
 
     async fn unsubscribe(&self, channels: &[Channel]) -> Result<(), BackplaneError> {
-        let mut subs = self.bus.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut subs = self
+            .bus
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for ch in channels {
             if let Some(list) = subs.get_mut(ch) {
                 list.retain(|(n, _)| n != &self.node_id);

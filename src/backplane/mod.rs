@@ -92,7 +92,11 @@ pub trait Backplane: Send + Sync + 'static {
     fn node_id(&self) -> &str;
 
     /// Publishes to every node subscribed to `channel` (this one included, if subscribed).
-    async fn publish(&self, channel: &Channel, message: Arc<BackplaneMessage>) -> Result<(), BackplaneError>;
+    async fn publish(
+        &self,
+        channel: &Channel,
+        message: Arc<BackplaneMessage>,
+    ) -> Result<(), BackplaneError>;
 
     /// Subscribes this node to `channels`. Returns once the subscription is active, so
     /// anything published afterwards arrives.
@@ -129,7 +133,9 @@ pub struct Inbox {
 impl Inbox {
     /// An inbox with `workers` queues of `capacity` messages each, and their receivers.
     pub fn new(workers: usize, capacity: usize) -> (Inbox, Vec<mpsc::Receiver<Delivery>>) {
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers.max(1)).map(|_| mpsc::channel(capacity.max(1))).unzip();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers.max(1))
+            .map(|_| mpsc::channel(capacity.max(1)))
+            .unzip();
         (
             Inbox {
                 workers: txs.into(),
@@ -146,13 +152,20 @@ impl Inbox {
         delivery.channel.as_str().hash(&mut h);
         let n = self.workers.len();
         let idx = (h.finish() % n as u64) as usize;
-        let Some(worker) = self.workers.get(idx) else { return };
+        let Some(worker) = self.workers.get(idx) else {
+            return;
+        };
         if worker.try_send(delivery).is_err() {
             crate::metrics::inc(&crate::metrics::METRICS.backplane_dropped);
-            let dropped = self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dropped = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Rate-limited: the first drop and then every 1000th.
             if dropped % 1000 == 0 {
-                tracing::warn!(dropped = dropped + 1, "backplane dispatch queue full; message dropped");
+                tracing::warn!(
+                    dropped = dropped + 1,
+                    "backplane dispatch queue full; message dropped"
+                );
             }
         }
     }

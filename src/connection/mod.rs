@@ -170,7 +170,10 @@ impl Connection {
 
     /// Asks the session to close this connection with a Close message.
     pub fn close(&self, error: Option<String>, allow_reconnect: bool) {
-        self.outbound.close(CloseRequest { error, allow_reconnect });
+        self.outbound.close(CloseRequest {
+            error,
+            allow_reconnect,
+        });
     }
 
     /// Stores an item (`Context.Items[key] = value`).
@@ -193,14 +196,22 @@ impl Connection {
     pub(crate) fn register_result(&self) -> (String, oneshot::Receiver<Result<Value, String>>) {
         let id = format!("s{}", self.next_result_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
-        let mut pending = self.pending_results.lock().unwrap_or_else(|p| p.into_inner());
-        pending.get_or_insert_with(HashMap::new).insert(id.clone(), tx);
+        let mut pending = self
+            .pending_results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending
+            .get_or_insert_with(HashMap::new)
+            .insert(id.clone(), tx);
         (id, rx)
     }
 
     /// Forgets a pending client result (timeout, cancel).
     pub(crate) fn forget_result(&self, id: &str) {
-        let mut pending = self.pending_results.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self
+            .pending_results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(map) = pending.as_mut() {
             map.remove(id);
         }
@@ -209,7 +220,10 @@ impl Connection {
     /// Completes a pending client result. Returns false if no such result is pending.
     pub(crate) fn complete_result(&self, id: &str, result: Result<Value, String>) -> bool {
         let waiter = {
-            let mut pending = self.pending_results.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = self
+                .pending_results
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             pending.as_mut().and_then(|m| m.remove(id))
         };
         match waiter {
@@ -224,7 +238,10 @@ impl Connection {
     /// Fails every pending client result (the connection ended).
     pub(crate) fn fail_pending_results(&self) {
         let drained = {
-            let mut pending = self.pending_results.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = self
+                .pending_results
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             pending.take()
         };
         for (_, tx) in drained.into_iter().flatten() {

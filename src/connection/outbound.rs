@@ -97,7 +97,8 @@ pub struct Outbound {
 }
 
 /// The Close reason sent to a connection that could not keep up.
-pub const SLOW_CONSUMER_REASON: &str = "Connection closed with an error. Slow consumer: outbound queue full.";
+pub const SLOW_CONSUMER_REASON: &str =
+    "Connection closed with an error. Slow consumer: outbound queue full.";
 
 impl Outbound {
     /// An empty queue.
@@ -179,7 +180,8 @@ impl Outbound {
                 let st = self.lock();
                 if st.close.is_some()
                     || st.closed
-                    || (st.items.len() * 2 <= self.limits.max_messages && st.bytes * 2 <= self.limits.max_bytes)
+                    || (st.items.len() * 2 <= self.limits.max_messages
+                        && st.bytes * 2 <= self.limits.max_bytes)
                 {
                     return;
                 }
@@ -232,7 +234,13 @@ mod tests {
     use super::*;
 
     fn q(max_messages: usize, max_bytes: usize, policy: SlowConsumerPolicy) -> Outbound {
-        Outbound::new(OutboundLimits { max_messages, max_bytes }, policy)
+        Outbound::new(
+            OutboundLimits {
+                max_messages,
+                max_bytes,
+            },
+            policy,
+        )
     }
 
     #[test]
@@ -246,7 +254,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match o.try_next(1000).unwrap() {
-            Outgoing::Frames(f) => assert_eq!(f.iter().map(|b| b[0]).collect::<Vec<_>>(), vec![2, 3, 4]),
+            Outgoing::Frames(f) => {
+                assert_eq!(f.iter().map(|b| b[0]).collect::<Vec<_>>(), vec![2, 3, 4])
+            }
             other => panic!("{other:?}"),
         }
         assert!(o.try_next(1000).is_none());
@@ -282,7 +292,10 @@ mod tests {
     fn frames_before_close() {
         let o = q(10, 100, SlowConsumerPolicy::Disconnect);
         o.push(Bytes::from_static(b"x")).unwrap();
-        o.close(CloseRequest { error: None, allow_reconnect: false });
+        o.close(CloseRequest {
+            error: None,
+            allow_reconnect: false,
+        });
         assert!(matches!(o.try_next(100), Some(Outgoing::Frames(_))));
         assert!(matches!(o.try_next(100), Some(Outgoing::Close(_))));
     }

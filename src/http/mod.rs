@@ -38,7 +38,10 @@ pub type Body = Full<Bytes>;
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(msg.into())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -46,14 +49,23 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     r
 }
 
 /// Entry point for every request.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let origin = req.headers().get(header::ORIGIN).cloned();
     let mut resp = route(&state, req).await;
     if let Some(origin) = origin {
@@ -66,33 +78,54 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
 /// SignalR client sends credentials), credentials allowed.
 fn apply_cors(state: &AppState, origin: &HeaderValue, resp: &mut Response<Body>) {
     let Ok(o) = origin.to_str() else { return };
-    let allowed = state.config.cors_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o));
+    let allowed = state
+        .config
+        .cors_origins
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(o));
     if !allowed {
         return;
     }
     let h = resp.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
     h.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
 fn preflight(req: &Request<Incoming>) -> Response<Body> {
     let mut r = text(StatusCode::NO_CONTENT, "");
     let h = r.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
+    );
     let requested = req
         .headers()
         .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
         .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type, x-requested-with, x-signalr-user-agent"));
+        .unwrap_or_else(|| {
+            HeaderValue::from_static(
+                "authorization, content-type, x-requested-with, x-signalr-user-agent",
+            )
+        });
     h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
-    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
     r
 }
 
 async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_string();
-    let path = if path.is_empty() { "/".to_string() } else { path };
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else {
+        path
+    };
     if req.method() == Method::OPTIONS {
         return preflight(&req);
     }
@@ -106,15 +139,20 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         }
         "/metrics" => {
             let mut r = text(StatusCode::OK, METRICS.render());
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             return r;
         }
         "/api/feed" => return publish(state, req).await,
         "/dev/token" => return dev_token(state, &req),
         "/" if req.method() == Method::GET => {
             let mut r = text(StatusCode::OK, state.demo_page.clone());
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
             return r;
         }
         _ => {}
@@ -132,8 +170,15 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
 
 /// Authenticates a request for `hub`: 401 where a token is required and missing, and
 /// wherever a token is present but invalid.
-fn authenticate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Result<Identity, Box<Response<Body>>> {
-    let auth_header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+fn authenticate(
+    state: &AppState,
+    hub: &HubLifetime,
+    req: &Request<Incoming>,
+) -> Result<Identity, Box<Response<Body>>> {
+    let auth_header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let result = match token_from_request(req.uri().query(), auth_header) {
         Some(t) => state.auth.verify(&t),
         None if hub.definition().options.require_auth => Err(AuthError::Missing),
@@ -143,7 +188,8 @@ fn authenticate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) ->
         inc(&METRICS.auth_failures);
         tracing::debug!(error = %e, "unauthorized");
         let mut r = text(StatusCode::UNAUTHORIZED, "Unauthorized");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         Box::new(r)
     })
 }
@@ -159,7 +205,8 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
     let version = match requested_version(req.uri().query().unwrap_or("")) {
         Ok(v) => v,
         Err(error) => {
-            let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
+            let body =
+                serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
             return json(StatusCode::OK, body);
         }
     };
@@ -179,7 +226,10 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
             transfer_formats: vec!["Text", "Binary"],
         }],
     };
-    json(StatusCode::OK, serde_json::to_vec(&body).unwrap_or_default())
+    json(
+        StatusCode::OK,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
 }
 
 fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
@@ -194,15 +244,30 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }
 
-fn connect(state: &Arc<AppState>, hub: Arc<HubLifetime>, mut req: Request<Incoming>) -> Response<Body> {
+fn connect(
+    state: &Arc<AppState>,
+    hub: Arc<HubLifetime>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_string();
-    let id_param = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "id").map(|(_, v)| v.into_owned());
+    let id_param = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "id")
+        .map(|(_, v)| v.into_owned());
     if !is_websocket_upgrade(&req) {
         return match (req.method().clone(), id_param) {
             (_, None) => text(StatusCode::BAD_REQUEST, "Connection ID required"),
-            (Method::POST, Some(_)) => text(StatusCode::METHOD_NOT_ALLOWED, "POST requests are not allowed for WebSocket connections."),
-            (Method::DELETE, Some(_)) => text(StatusCode::BAD_REQUEST, "Cannot terminate this connection using the DELETE endpoint."),
-            (_, Some(_)) => text(StatusCode::BAD_REQUEST, "This server offers only the WebSockets transport; use a WebSocket upgrade."),
+            (Method::POST, Some(_)) => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "POST requests are not allowed for WebSocket connections.",
+            ),
+            (Method::DELETE, Some(_)) => text(
+                StatusCode::BAD_REQUEST,
+                "Cannot terminate this connection using the DELETE endpoint.",
+            ),
+            (_, Some(_)) => text(
+                StatusCode::BAD_REQUEST,
+                "This server offers only the WebSockets transport; use a WebSocket upgrade.",
+            ),
         };
     }
     if req.method() != Method::GET {
@@ -218,11 +283,16 @@ fn connect(state: &Arc<AppState>, hub: Arc<HubLifetime>, mut req: Request<Incomi
         None => ConnectionId::random(),
         Some(token) => match state.tokens.check(&token, user) {
             Ok(id) => id,
-            Err(TokenError::Unknown) => return text(StatusCode::NOT_FOUND, "No Connection with that ID"),
+            Err(TokenError::Unknown) => {
+                return text(StatusCode::NOT_FOUND, "No Connection with that ID")
+            }
         },
     };
     if hub.registry().get(&connection_id).is_some() {
-        return text(StatusCode::CONFLICT, "Connection already has an active transport.");
+        return text(
+            StatusCode::CONFLICT,
+            "Connection already has an active transport.",
+        );
     }
     let version_ok = req
         .headers()
@@ -232,8 +302,14 @@ fn connect(state: &Arc<AppState>, hub: Arc<HubLifetime>, mut req: Request<Incomi
         return text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key");
     };
     if !version_ok {
-        let mut r = text(StatusCode::UPGRADE_REQUIRED, "Unsupported WebSocket version");
-        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "Unsupported WebSocket version",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let request_info = RequestInfo {
@@ -286,29 +362,50 @@ async fn publish(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body
         return text(StatusCode::NOT_FOUND, "No feed hub is configured.");
     };
     let Some(expected) = state.config.api_key.as_deref() else {
-        return text(StatusCode::UNAUTHORIZED, "The publish API is disabled: no API key is configured.");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "The publish API is disabled: no API key is configured.",
+        );
     };
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let matches = given.is_some_and(|g| {
-        g.len() == expected.len() && g.bytes().zip(expected.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        g.len() == expected.len()
+            && g.bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
     });
     if !matches {
         inc(&METRICS.auth_failures);
-        return text(StatusCode::UNAUTHORIZED, "Unauthorized: a valid API key is required.");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: a valid API key is required.",
+        );
     }
     let limit = state.config.max_publish_body;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return text(StatusCode::PAYLOAD_TOO_LARGE, format!("Body larger than {limit} bytes."));
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("Body larger than {limit} bytes."),
+                );
             }
-            return text(StatusCode::BAD_REQUEST, format!("Could not read the body: {e}"));
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("Could not read the body: {e}"),
+            );
         }
     };
     let event = match crate::ingest::event::decode_recipients_body(&body) {
@@ -321,16 +418,25 @@ async fn publish(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body
     match crate::ingest::deliver(&hub, &event).await {
         Ok(()) => json(
             StatusCode::ACCEPTED,
-            serde_json::to_vec(&serde_json::json!({ "accepted": true, "recipients": event.recipients.len() })).unwrap_or_default(),
+            serde_json::to_vec(
+                &serde_json::json!({ "accepted": true, "recipients": event.recipients.len() }),
+            )
+            .unwrap_or_default(),
         ),
-        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("Delivery failed: {e}")),
+        Err(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Delivery failed: {e}"),
+        ),
     }
 }
 
 /// `POST /dev/token?user=ID`: development identities (off unless enabled).
 fn dev_token(state: &AppState, req: &Request<Incoming>) -> Response<Body> {
     if !state.config.dev_identities {
-        return text(StatusCode::NOT_FOUND, "Development identities are disabled.");
+        return text(
+            StatusCode::NOT_FOUND,
+            "Development identities are disabled.",
+        );
     }
     if req.method() != Method::POST && req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
@@ -339,12 +445,16 @@ fn dev_token(state: &AppState, req: &Request<Incoming>) -> Response<Body> {
         .find(|(k, _)| k == "user")
         .map(|(_, v)| v.into_owned());
     let Some(user) = user.filter(|u| crate::ids::UserId::new(u).is_ok()) else {
-        return text(StatusCode::BAD_REQUEST, "Query parameter 'user' (a valid user id) is required.");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "Query parameter 'user' (a valid user id) is required.",
+        );
     };
     match state.auth.issue(&user, 24 * 3600) {
         Ok(token) => json(
             StatusCode::OK,
-            serde_json::to_vec(&serde_json::json!({ "user": user, "token": token })).unwrap_or_default(),
+            serde_json::to_vec(&serde_json::json!({ "user": user, "token": token }))
+                .unwrap_or_default(),
         ),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -78,7 +78,10 @@ impl Tokens {
         token.extend_from_slice(&expiry.to_be_bytes());
         token.extend_from_slice(&self.mac(&raw, expiry, user));
         let id = ConnectionId::new(&id_text).unwrap_or_else(|_| ConnectionId::random());
-        (id, base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token))
+        (
+            id,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token),
+        )
     }
 
     /// A new connection id for a v0 client, remembered until it connects or expires.
@@ -120,7 +123,11 @@ impl Tokens {
         let ok_for = |u: &str| {
             let expected = self.mac(raw, expiry, u);
             // Constant-time comparison: the MAC must not leak through timing.
-            expected.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            expected
+                .iter()
+                .zip(mac)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
         };
         if !ok_for(user) {
             // Forged, corrupted, or issued to another user: all look the same from here.
@@ -183,12 +190,18 @@ mod tests {
         let (id, token) = t.issue("alice");
         assert_eq!(t.check(&token, "alice"), Ok(id));
         assert_eq!(t.check(&token, "bob"), Err(TokenError::Unknown));
-        assert_eq!(Tokens::new(b"other").check(&token, "alice"), Err(TokenError::Unknown));
+        assert_eq!(
+            Tokens::new(b"other").check(&token, "alice"),
+            Err(TokenError::Unknown)
+        );
         assert_eq!(t.check("garbage", "alice"), Err(TokenError::Unknown));
         let mut bad = token.clone().into_bytes();
         let last = bad.len() - 1;
         bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
-        assert_eq!(t.check(std::str::from_utf8(&bad).unwrap(), "alice"), Err(TokenError::Unknown));
+        assert_eq!(
+            t.check(std::str::from_utf8(&bad).unwrap(), "alice"),
+            Err(TokenError::Unknown)
+        );
     }
 
     #[test]
@@ -204,6 +217,8 @@ mod tests {
         assert_eq!(requested_version(""), Ok(0));
         assert_eq!(requested_version("NegotiateVersion=1"), Ok(1));
         assert_eq!(requested_version("negotiateVersion=5"), Ok(1));
-        assert!(requested_version("negotiateVersion=x").unwrap_err().contains("non-integer"));
+        assert!(requested_version("negotiateVersion=x")
+            .unwrap_err()
+            .contains("non-integer"));
     }
 }

@@ -86,8 +86,10 @@ impl Default for HubOptions {
     }
 }
 
-type ConnectedHook = Arc<dyn Fn(HubContext) -> BoxFuture<'static, Result<(), HubError>> + Send + Sync>;
-type DisconnectedHook = Arc<dyn Fn(HubContext, Option<String>) -> BoxFuture<'static, ()> + Send + Sync>;
+type ConnectedHook =
+    Arc<dyn Fn(HubContext) -> BoxFuture<'static, Result<(), HubError>> + Send + Sync>;
+type DisconnectedHook =
+    Arc<dyn Fn(HubContext, Option<String>) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// A complete hub declaration, ready to be mounted on a server.
 #[derive(Clone)]
@@ -129,7 +131,11 @@ pub struct HubBuilder {
 impl HubBuilder {
     /// A hub served at `path` (for example `/hubs/feed`).
     pub fn new(path: &str) -> HubBuilder {
-        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
         HubBuilder {
             path: path.trim_end_matches('/').to_string(),
             options: HubOptions::default(),
@@ -161,7 +167,8 @@ impl HubBuilder {
         F: Fn(HubContext, A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, HubError>> + Send + 'static,
     {
-        self.methods.insert(name.to_ascii_lowercase(), MethodEntry::unary(name, f));
+        self.methods
+            .insert(name.to_ascii_lowercase(), MethodEntry::unary(name, f));
         self
     }
 
@@ -176,7 +183,8 @@ impl HubBuilder {
         F: Fn(HubContext, A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<S, HubError>> + Send + 'static,
     {
-        self.methods.insert(name.to_ascii_lowercase(), MethodEntry::stream(name, f));
+        self.methods
+            .insert(name.to_ascii_lowercase(), MethodEntry::stream(name, f));
         self
     }
 

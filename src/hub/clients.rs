@@ -7,24 +7,28 @@
 
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
-
 use super::lifetime::Target;
-use super::method::IntoArgs;
+use super::method::{FromArg, IntoArgs};
 use super::{HubError, HubLifetime};
 use crate::connection::ConnectionHandle;
 use crate::ids::{ConnectionId, GroupName, UserId};
 
 fn conn_ids<S: AsRef<str>>(ids: impl IntoIterator<Item = S>) -> Vec<ConnectionId> {
-    ids.into_iter().filter_map(|s| ConnectionId::new(s.as_ref()).ok()).collect()
+    ids.into_iter()
+        .filter_map(|s| ConnectionId::new(s.as_ref()).ok())
+        .collect()
 }
 
 fn user_ids<S: AsRef<str>>(ids: impl IntoIterator<Item = S>) -> Vec<UserId> {
-    ids.into_iter().filter_map(|s| UserId::new(s.as_ref()).ok()).collect()
+    ids.into_iter()
+        .filter_map(|s| UserId::new(s.as_ref()).ok())
+        .collect()
 }
 
 fn group_names<S: AsRef<str>>(ids: impl IntoIterator<Item = S>) -> Vec<GroupName> {
-    ids.into_iter().filter_map(|s| GroupName::new(s.as_ref()).ok()).collect()
+    ids.into_iter()
+        .filter_map(|s| GroupName::new(s.as_ref()).ok())
+        .collect()
 }
 
 /// Chooses recipients.
@@ -57,7 +61,9 @@ impl Clients {
 
     /// Every connection except these.
     pub fn all_except<S: AsRef<str>>(&self, ids: impl IntoIterator<Item = S>) -> ClientProxy {
-        self.proxy(Target::All { except: conn_ids(ids) })
+        self.proxy(Target::All {
+            except: conn_ids(ids),
+        })
     }
 
     /// The calling connection. Outside a hub call there is no caller and nothing is sent.
@@ -70,7 +76,9 @@ impl Clients {
 
     /// Every connection except the caller.
     pub fn others(&self) -> ClientProxy {
-        self.proxy(Target::All { except: self.caller_ids() })
+        self.proxy(Target::All {
+            except: self.caller_ids(),
+        })
     }
 
     /// One connection, on any node.
@@ -98,23 +106,39 @@ impl Clients {
 
     /// Members of a group.
     pub fn group(&self, name: &str) -> ClientProxy {
-        self.proxy(Target::Groups { groups: group_names([name]), except: Vec::new() })
+        self.proxy(Target::Groups {
+            groups: group_names([name]),
+            except: Vec::new(),
+        })
     }
 
     /// Members of these groups (a connection in two of them receives the message twice, as
     /// in ASP.NET).
     pub fn groups<S: AsRef<str>>(&self, names: impl IntoIterator<Item = S>) -> ClientProxy {
-        self.proxy(Target::Groups { groups: group_names(names), except: Vec::new() })
+        self.proxy(Target::Groups {
+            groups: group_names(names),
+            except: Vec::new(),
+        })
     }
 
     /// Members of a group except these connections.
-    pub fn group_except<S: AsRef<str>>(&self, name: &str, ids: impl IntoIterator<Item = S>) -> ClientProxy {
-        self.proxy(Target::Groups { groups: group_names([name]), except: conn_ids(ids) })
+    pub fn group_except<S: AsRef<str>>(
+        &self,
+        name: &str,
+        ids: impl IntoIterator<Item = S>,
+    ) -> ClientProxy {
+        self.proxy(Target::Groups {
+            groups: group_names([name]),
+            except: conn_ids(ids),
+        })
     }
 
     /// Members of a group except the caller.
     pub fn others_in_group(&self, name: &str) -> ClientProxy {
-        self.proxy(Target::Groups { groups: group_names([name]), except: self.caller_ids() })
+        self.proxy(Target::Groups {
+            groups: group_names([name]),
+            except: self.caller_ids(),
+        })
     }
 }
 
@@ -129,7 +153,9 @@ impl ClientProxy {
     /// Invokes `method(args)` on every recipient, without waiting for them (`SendAsync`).
     /// Returns once local recipients have it queued and the backplane accepted it.
     pub async fn send(&self, method: &str, args: impl IntoArgs) -> Result<(), HubError> {
-        self.lifetime.send(&self.target, method, args.into_args()).await
+        self.lifetime
+            .send(&self.target, method, args.into_args())
+            .await
     }
 }
 
@@ -146,7 +172,11 @@ impl SingleClientProxy {
         match &self.id {
             Some(id) => {
                 self.lifetime
-                    .send(&Target::Connections(vec![id.clone()]), method, args.into_args())
+                    .send(
+                        &Target::Connections(vec![id.clone()]),
+                        method,
+                        args.into_args(),
+                    )
                     .await
             }
             None => Ok(()),
@@ -156,7 +186,11 @@ impl SingleClientProxy {
     /// Invokes `method(args)` on the connection and waits for its result (client results,
     /// `InvokeAsync<T>`). Fails with the client's error text, on timeout, or when the
     /// connection goes away.
-    pub async fn invoke<T: DeserializeOwned>(&self, method: &str, args: impl IntoArgs) -> Result<T, HubError> {
+    pub async fn invoke<T: FromArg>(
+        &self,
+        method: &str,
+        args: impl IntoArgs,
+    ) -> Result<T, HubError> {
         let Some(id) = &self.id else {
             return Err(HubError::Other {
                 kind: "IOException",
@@ -164,10 +198,13 @@ impl SingleClientProxy {
             });
         };
         let timeout = self.lifetime.definition().options.client_result_timeout;
-        let value = self.lifetime.invoke_client(id, method, args.into_args(), timeout).await?;
-        value.decode::<T>().map_err(|e| HubError::Other {
+        let value = self
+            .lifetime
+            .invoke_client(id, method, args.into_args(), timeout)
+            .await?;
+        T::from_value(value).map_err(|e| HubError::Other {
             kind: "InvalidOperationException",
-            message: format!("Client result wasn't deserializable: {e}"),
+            message: format!("Client result wasn't deserializable: {e:?}"),
         })
     }
 }
@@ -198,7 +235,9 @@ impl Groups {
 }
 
 fn ids(connection_id: &str, group: &str) -> Result<(ConnectionId, GroupName), HubError> {
-    let id = ConnectionId::new(connection_id).map_err(|e| HubError::new(format!("Invalid connection id: {e}")))?;
-    let group = GroupName::new(group).map_err(|e| HubError::new(format!("Invalid group name: {e}")))?;
+    let id = ConnectionId::new(connection_id)
+        .map_err(|e| HubError::new(format!("Invalid connection id: {e}")))?;
+    let group =
+        GroupName::new(group).map_err(|e| HubError::new(format!("Invalid group name: {e}")))?;
     Ok((id, group))
 }

@@ -23,7 +23,9 @@ pub struct HubContext {
 
 impl std::fmt::Debug for HubContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HubContext").field("connection", &self.connection.id).finish_non_exhaustive()
+        f.debug_struct("HubContext")
+            .field("connection", &self.connection.id)
+            .finish_non_exhaustive()
     }
 }
 

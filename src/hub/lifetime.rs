@@ -53,7 +53,9 @@ pub struct HubLifetime {
 
 impl std::fmt::Debug for HubLifetime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HubLifetime").field("path", &self.def.path).finish_non_exhaustive()
+        f.debug_struct("HubLifetime")
+            .field("path", &self.def.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -117,7 +119,9 @@ impl HubLifetime {
             }
             acquired.push(ch);
         }
-        METRICS.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         inc(&METRICS.connections_total);
         Ok(())
     }
@@ -138,12 +142,22 @@ impl HubLifetime {
         self.subs.release(self.scheme.connection(&conn.id), true);
         conn.fail_pending_results();
         conn.aborted.cancel();
-        METRICS.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Invokes `method(args)` on every connection `target` addresses, on every node.
-    pub async fn send(&self, target: &Target, method: &str, args: Vec<Value>) -> Result<(), HubError> {
-        let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(method, args.clone())));
+    pub async fn send(
+        &self,
+        target: &Target,
+        method: &str,
+        args: Vec<Value>,
+    ) -> Result<(), HubError> {
+        let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(
+            method,
+            args.clone(),
+        )));
         let mut remote: Vec<(Channel, Vec<ConnectionId>)> = Vec::new();
         match target {
             Target::All { except } => {
@@ -216,7 +230,11 @@ impl HubLifetime {
     }
 
     /// Removes a connection (on any node) from a group.
-    pub async fn remove_from_group(&self, id: &ConnectionId, group: &GroupName) -> Result<(), HubError> {
+    pub async fn remove_from_group(
+        &self,
+        id: &ConnectionId,
+        group: &GroupName,
+    ) -> Result<(), HubError> {
         match self.registry.get(id) {
             Some(conn) => {
                 self.remove_local_from_group(&conn, group);
@@ -226,13 +244,20 @@ impl HubLifetime {
         }
     }
 
-    async fn add_local_to_group(&self, conn: &ConnectionHandle, group: &GroupName) -> Result<(), HubError> {
+    async fn add_local_to_group(
+        &self,
+        conn: &ConnectionHandle,
+        group: &GroupName,
+    ) -> Result<(), HubError> {
         if conn.outbound.is_closing() {
             return Ok(());
         }
         // Every member holds one count on the group channel; the last one out unsubscribes.
         if self.registry.add_to_group(group, conn).is_some() {
-            conn.groups.lock().unwrap_or_else(|p| p.into_inner()).push(group.clone());
+            conn.groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(group.clone());
             if let Err(e) = self.subs.acquire(&self.scheme.group(group)).await {
                 self.remove_local_from_group(conn, group);
                 return Err(HubError::Other {
@@ -246,12 +271,20 @@ impl HubLifetime {
 
     fn remove_local_from_group(&self, conn: &ConnectionHandle, group: &GroupName) {
         if self.registry.remove_from_group(group, &conn.id).is_some() {
-            conn.groups.lock().unwrap_or_else(|p| p.into_inner()).retain(|g| g != group);
+            conn.groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|g| g != group);
             self.subs.release(self.scheme.group(group), false);
         }
     }
 
-    async fn publish_group_command(&self, id: &ConnectionId, group: &GroupName, add: bool) -> Result<(), HubError> {
+    async fn publish_group_command(
+        &self,
+        id: &ConnectionId,
+        group: &GroupName,
+        add: bool,
+    ) -> Result<(), HubError> {
         let msg = Arc::new(BackplaneMessage {
             origin: self.backplane.node_id().to_string(),
             payload: BackplanePayload::Group {
@@ -263,7 +296,10 @@ impl HubLifetime {
         self.backplane
             .publish(&self.scheme.connection(id), msg)
             .await
-            .map_err(|e| HubError::Other { kind: "IOException", message: e.to_string() })
+            .map_err(|e| HubError::Other {
+                kind: "IOException",
+                message: e.to_string(),
+            })
     }
 
     /// Invokes a client method on one local connection and waits for its result
@@ -314,8 +350,15 @@ impl HubLifetime {
             return; // Delivered locally when it was sent.
         }
         match &msg.payload {
-            BackplanePayload::Invocation { target: method, arguments, exclude } => {
-                let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(method.clone(), arguments.clone())));
+            BackplanePayload::Invocation {
+                target: method,
+                arguments,
+                exclude,
+            } => {
+                let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(
+                    method.clone(),
+                    arguments.clone(),
+                )));
                 self.deliver_local(target, &prepared, exclude);
             }
             BackplanePayload::RawJson(bytes) => match Value::json_checked(bytes.clone()) {
@@ -331,7 +374,11 @@ impl HubLifetime {
                     tracing::warn!(error = %e, "non-JSON payload on a user channel dropped");
                 }
             },
-            BackplanePayload::Group { connection, group, add } => {
+            BackplanePayload::Group {
+                connection,
+                group,
+                add,
+            } => {
                 if let Some(conn) = self.registry.get(connection) {
                     if *add {
                         // Subscribing awaits the backplane; run it off the dispatch worker.
@@ -339,7 +386,10 @@ impl HubLifetime {
                         let this = self.subs.clone();
                         let scheme = self.scheme.clone();
                         if self.registry.add_to_group(&group, &conn).is_some() {
-                            conn.groups.lock().unwrap_or_else(|p| p.into_inner()).push(group.clone());
+                            conn.groups
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(group.clone());
                             tokio::spawn(async move {
                                 if let Err(e) = this.acquire(&scheme.group(&group)).await {
                                     tracing::warn!(error = %e, "group subscribe failed");
@@ -359,7 +409,12 @@ impl HubLifetime {
         }
     }
 
-    fn deliver_local(&self, target: &ChannelTarget, prepared: &PreparedMessage, exclude: &[ConnectionId]) {
+    fn deliver_local(
+        &self,
+        target: &ChannelTarget,
+        prepared: &PreparedMessage,
+        exclude: &[ConnectionId],
+    ) {
         let push = |c: &ConnectionHandle| {
             if !exclude.contains(&c.id) {
                 let _ = c.send_prepared(prepared);

@@ -86,7 +86,9 @@ impl<T: DeserializeOwned> UploadStream<T> {
     pub async fn next(&mut self) -> Option<Result<T, HubError>> {
         let item = self.rx.recv().await?;
         Some(match item {
-            Ok(v) => v.decode::<T>().map_err(|e| HubError::new(format!("Failed to bind Stream message. {e}"))),
+            Ok(v) => v
+                .decode::<T>()
+                .map_err(|e| HubError::new(format!("Failed to bind Stream message. {e}"))),
             Err(e) => Err(HubError::new(e)),
         })
     }
@@ -210,7 +212,9 @@ pub struct StreamWriter<T> {
 
 impl<T> Clone for StreamWriter<T> {
     fn clone(&self) -> Self {
-        StreamWriter { tx: self.tx.clone() }
+        StreamWriter {
+            tx: self.tx.clone(),
+        }
     }
 }
 
@@ -261,7 +265,11 @@ pub(crate) enum Outcome {
     Stream(Result<BoxStream<'static, Result<Value, HubError>>, HubError>),
 }
 
-type Erased = dyn Fn(HubContext, Vec<Value>, Vec<mpsc::Receiver<UploadItem>>) -> Result<BoxFuture<'static, Outcome>, BindError>
+type Erased = dyn Fn(
+        HubContext,
+        Vec<Value>,
+        Vec<mpsc::Receiver<UploadItem>>,
+    ) -> Result<BoxFuture<'static, Outcome>, BindError>
     + Send
     + Sync;
 
@@ -286,11 +294,15 @@ impl MethodEntry {
         F: Fn(HubContext, A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, HubError>> + Send + 'static,
     {
-        let call = move |ctx: HubContext, args: Vec<Value>, streams: Vec<mpsc::Receiver<UploadItem>>| {
-            let bound = A::bind(args, streams)?;
-            let fut = f(ctx, bound);
-            Ok(Box::pin(async move { Outcome::Value(fut.await.map(IntoValue::into_value)) }) as BoxFuture<'static, Outcome>)
-        };
+        let call =
+            move |ctx: HubContext, args: Vec<Value>, streams: Vec<mpsc::Receiver<UploadItem>>| {
+                let bound = A::bind(args, streams)?;
+                let fut = f(ctx, bound);
+                Ok(
+                    Box::pin(async move { Outcome::Value(fut.await.map(IntoValue::into_value)) })
+                        as BoxFuture<'static, Outcome>,
+                )
+            };
         let _ = name;
         MethodEntry {
             streaming: false,
@@ -308,13 +320,17 @@ impl MethodEntry {
         F: Fn(HubContext, A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<S, HubError>> + Send + 'static,
     {
-        let call = move |ctx: HubContext, args: Vec<Value>, streams: Vec<mpsc::Receiver<UploadItem>>| {
-            let bound = A::bind(args, streams)?;
-            let fut = f(ctx, bound);
-            Ok(Box::pin(async move {
-                Outcome::Stream(fut.await.map(|s| s.map(|item| item.map(IntoValue::into_value)).boxed()))
-            }) as BoxFuture<'static, Outcome>)
-        };
+        let call =
+            move |ctx: HubContext, args: Vec<Value>, streams: Vec<mpsc::Receiver<UploadItem>>| {
+                let bound = A::bind(args, streams)?;
+                let fut = f(ctx, bound);
+                Ok(Box::pin(async move {
+                    Outcome::Stream(
+                        fut.await
+                            .map(|s| s.map(|item| item.map(IntoValue::into_value)).boxed()),
+                    )
+                }) as BoxFuture<'static, Outcome>)
+            };
         let _ = name;
         MethodEntry {
             streaming: true,
@@ -343,7 +359,8 @@ mod tests {
 
     #[test]
     fn binds_typed_values() {
-        let (a, b): (String, i64) = FromArgs::bind(vec![json("\"x\""), json("42")], vec![]).unwrap();
+        let (a, b): (String, i64) =
+            FromArgs::bind(vec![json("\"x\""), json("42")], vec![]).unwrap();
         assert_eq!((a.as_str(), b), ("x", 42));
         let err = <(i64,)>::bind(vec![json("\"x\"")], vec![]).unwrap_err();
         assert!(matches!(err, BindError::Type(_)));

@@ -26,7 +26,10 @@ pub use builder::{HubBuilder, HubDefinition, HubOptions};
 pub use clients::{ClientProxy, Clients, Groups, SingleClientProxy};
 pub use context::HubContext;
 pub use lifetime::{HubLifetime, Target};
-pub use method::{channel_stream, ChannelStream, FromArg, FromArgs, IntoArgs, IntoValue, StreamWriter, UploadStream};
+pub use method::{
+    channel_stream, ChannelStream, FromArg, FromArgs, IntoArgs, IntoValue, StreamWriter,
+    UploadStream,
+};
 
 /// An error from hub code.
 ///

@@ -42,7 +42,9 @@ impl Registry {
     /// Removes a connection. Returns true if it was its user's last connection here.
     pub fn remove(&self, conn: &ConnectionHandle) -> bool {
         self.connections.remove(&conn.id);
-        let Some(user) = conn.user_id() else { return false };
+        let Some(user) = conn.user_id() else {
+            return false;
+        };
         let removed = self.users.remove_if_mut(user, |_, conns| {
             conns.retain(|c| c.id != conn.id);
             conns.is_empty()

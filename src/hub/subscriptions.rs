@@ -36,7 +36,9 @@ pub struct Subscriptions {
 
 impl std::fmt::Debug for Subscriptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscriptions").field("debounce", &self.debounce).finish_non_exhaustive()
+        f.debug_struct("Subscriptions")
+            .field("debounce", &self.debounce)
+            .finish_non_exhaustive()
     }
 }
 
@@ -46,7 +48,9 @@ impl Subscriptions {
         Arc::new(Subscriptions {
             backplane,
             state: Mutex::new(HashMap::new()),
-            locks: (0..LOCK_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            locks: (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             debounce,
         })
     }
@@ -73,7 +77,9 @@ impl Subscriptions {
             !e.subscribed
         });
         if needs {
-            self.backplane.subscribe(std::slice::from_ref(channel)).await?;
+            self.backplane
+                .subscribe(std::slice::from_ref(channel))
+                .await?;
             self.with_state(|st| {
                 if let Some(e) = st.get_mut(channel) {
                     e.subscribed = true;
@@ -98,7 +104,11 @@ impl Subscriptions {
             return;
         }
         let this = self.clone();
-        let delay = if immediate { Duration::ZERO } else { self.debounce };
+        let delay = if immediate {
+            Duration::ZERO
+        } else {
+            self.debounce
+        };
         tokio::spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -118,7 +128,11 @@ impl Subscriptions {
             _ => false,
         });
         if unused {
-            if let Err(e) = self.backplane.unsubscribe(std::slice::from_ref(channel)).await {
+            if let Err(e) = self
+                .backplane
+                .unsubscribe(std::slice::from_ref(channel))
+                .await
+            {
                 tracing::warn!(channel = %channel, error = %e, "unsubscribe failed");
             }
         }

@@ -67,7 +67,8 @@ fn user_id(v: &serde_json::Value) -> Result<UserId, EventError> {
 
 /// Decodes a `{"recipients":[...],"payload":...}` body.
 pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
-    let parsed: Body<'_> = serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+    let parsed: Body<'_> =
+        serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
     let recipients = parsed.recipients.ok_or(EventError::NoRecipients)?;
     if recipients.is_empty() {
         return Err(EventError::NoRecipients);
@@ -96,11 +97,16 @@ pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
 
 /// Decodes a message by routing key and body: `feed.<userId>` addresses one user with the
 /// whole body as payload; any other key needs a recipients body.
-pub fn decode_message(routing_key: &str, body: &[u8], message_id: Option<&str>) -> Result<FeedEvent, EventError> {
+pub fn decode_message(
+    routing_key: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Result<FeedEvent, EventError> {
     if let Some(user) = routing_key.strip_prefix("feed.") {
         if !user.is_empty() {
             let user = UserId::new(user).map_err(|_| EventError::BadUserId(user.to_string()))?;
-            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+            serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .map_err(|e| EventError::NotJson(e.to_string()))?;
             let text = std::str::from_utf8(body).map_err(|e| EventError::NotJson(e.to_string()))?;
             return Ok(FeedEvent {
                 id: message_id.map(str::to_string),
@@ -127,20 +133,44 @@ mod tests {
 
     #[test]
     fn recipients_body() {
-        let e = decode_recipients_body(br#"{"payload":{"a":[1, 2]},"recipients":["1002",1003,"1002"],"id":"e1"}"#).unwrap();
-        assert_eq!(e.recipients.iter().map(|u| u.as_str()).collect::<Vec<_>>(), vec!["1002", "1003"]);
+        let e = decode_recipients_body(
+            br#"{"payload":{"a":[1, 2]},"recipients":["1002",1003,"1002"],"id":"e1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            e.recipients.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+            vec!["1002", "1003"]
+        );
         assert_eq!(&e.payload[..], br#"{"a":[1, 2]}"#);
         assert_eq!(e.id.as_deref(), Some("e1"));
     }
 
     #[test]
     fn rejects_malformed() {
-        assert!(matches!(decode_recipients_body(b"nope"), Err(EventError::NotJson(_))));
-        assert_eq!(decode_recipients_body(br#"{"payload":1}"#), Err(EventError::NoRecipients));
-        assert_eq!(decode_recipients_body(br#"{"recipients":[],"payload":1}"#), Err(EventError::NoRecipients));
-        assert_eq!(decode_recipients_body(br#"{"recipients":["a"]}"#), Err(EventError::NoPayload));
-        assert!(matches!(decode_recipients_body(br#"{"recipients":[""],"payload":1}"#), Err(EventError::BadUserId(_))));
-        assert!(matches!(decode_recipients_body(br#"{"recipients":[{"x":1}],"payload":1}"#), Err(EventError::BadUserId(_))));
+        assert!(matches!(
+            decode_recipients_body(b"nope"),
+            Err(EventError::NotJson(_))
+        ));
+        assert_eq!(
+            decode_recipients_body(br#"{"payload":1}"#),
+            Err(EventError::NoRecipients)
+        );
+        assert_eq!(
+            decode_recipients_body(br#"{"recipients":[],"payload":1}"#),
+            Err(EventError::NoRecipients)
+        );
+        assert_eq!(
+            decode_recipients_body(br#"{"recipients":["a"]}"#),
+            Err(EventError::NoPayload)
+        );
+        assert!(matches!(
+            decode_recipients_body(br#"{"recipients":[""],"payload":1}"#),
+            Err(EventError::BadUserId(_))
+        ));
+        assert!(matches!(
+            decode_recipients_body(br#"{"recipients":[{"x":1}],"payload":1}"#),
+            Err(EventError::BadUserId(_))
+        ));
     }
 
     #[test]
@@ -149,9 +179,20 @@ mod tests {
         assert_eq!(e.recipients[0].as_str(), "42");
         assert_eq!(&e.payload[..], br#"{"text":"hi"}"#);
         assert_eq!(e.id.as_deref(), Some("m1"));
-        assert!(matches!(decode_message("feed.42", b"{oops", None), Err(EventError::NotJson(_))));
-        assert!(matches!(decode_message("other", br#"{"x":1}"#, None), Err(EventError::NoAddress(_))));
-        let e = decode_message("anything", br#"{"recipients":["7"],"payload":"p"}"#, Some("m2")).unwrap();
+        assert!(matches!(
+            decode_message("feed.42", b"{oops", None),
+            Err(EventError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode_message("other", br#"{"x":1}"#, None),
+            Err(EventError::NoAddress(_))
+        ));
+        let e = decode_message(
+            "anything",
+            br#"{"recipients":["7"],"payload":"p"}"#,
+            Some("m2"),
+        )
+        .unwrap();
         assert_eq!(e.id.as_deref(), Some("m2"));
     }
 }

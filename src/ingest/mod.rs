@@ -15,5 +15,10 @@ pub async fn deliver(hub: &HubLifetime, event: &FeedEvent) -> Result<(), HubErro
     let target = Target::Users(event.recipients.clone());
     let method = hub.definition().options.feed_target.clone();
     crate::metrics::inc(&crate::metrics::METRICS.feed_events);
-    hub.send(&target, &method, vec![Value::json_unchecked(event.payload.clone())]).await
+    hub.send(
+        &target,
+        &method,
+        vec![Value::json_unchecked(event.payload.clone())],
+    )
+    .await
 }

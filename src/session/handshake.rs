@@ -19,14 +19,22 @@ pub mod texts {
 }
 
 /// What the request asks for, checked against what the server and transport can do.
-pub fn select_protocol(req: &HandshakeRequest, transport: TransportKind) -> Result<ProtocolKind, String> {
+pub fn select_protocol(
+    req: &HandshakeRequest,
+    transport: TransportKind,
+) -> Result<ProtocolKind, String> {
     let Some(kind) = ProtocolKind::from_name(&req.protocol) else {
         return Err(format!("The protocol '{}' is not supported.", req.protocol));
     };
     if req.version > kind.version() {
-        return Err(format!("The server does not support version {} of the '{}' protocol.", req.version, req.protocol));
+        return Err(format!(
+            "The server does not support version {} of the '{}' protocol.",
+            req.version, req.protocol
+        ));
     }
-    if transport == TransportKind::ServerSentEvents && kind.transfer_format() == TransferFormat::Binary {
+    if transport == TransportKind::ServerSentEvents
+        && kind.transfer_format() == TransferFormat::Binary
+    {
         return Err(format!(
             "Cannot use the '{}' protocol on the current transport. The transport does not support 'Binary' transfer format.",
             req.protocol
@@ -77,7 +85,12 @@ pub async fn perform<Src: FrameSource, Snk: FrameSink>(
             inc(&METRICS.protocol_errors);
             tracing::debug!(error = %text, "handshake failed");
             // Before a protocol is chosen, ASP.NET answers in text.
-            let _ = sink.send(Bytes::from(handshake::error_response(&text)), TransferFormat::Text).await;
+            let _ = sink
+                .send(
+                    Bytes::from(handshake::error_response(&text)),
+                    TransferFormat::Text,
+                )
+                .await;
             None
         }
     }
@@ -88,13 +101,22 @@ mod tests {
     use super::*;
 
     fn req(p: &str, v: u32) -> HandshakeRequest {
-        HandshakeRequest { protocol: p.into(), version: v }
+        HandshakeRequest {
+            protocol: p.into(),
+            version: v,
+        }
     }
 
     #[test]
     fn protocol_selection_matches_aspnet_texts() {
-        assert_eq!(select_protocol(&req("JSON", 1), TransportKind::WebSockets), Ok(ProtocolKind::Json));
-        assert_eq!(select_protocol(&req("messagepack", 2), TransportKind::WebSockets), Ok(ProtocolKind::MessagePack));
+        assert_eq!(
+            select_protocol(&req("JSON", 1), TransportKind::WebSockets),
+            Ok(ProtocolKind::Json)
+        );
+        assert_eq!(
+            select_protocol(&req("messagepack", 2), TransportKind::WebSockets),
+            Ok(ProtocolKind::MessagePack)
+        );
         assert_eq!(
             select_protocol(&req("xml", 1), TransportKind::WebSockets),
             Err("The protocol 'xml' is not supported.".into())
@@ -103,8 +125,10 @@ mod tests {
             select_protocol(&req("json", 3), TransportKind::WebSockets),
             Err("The server does not support version 3 of the 'json' protocol.".into())
         );
-        assert!(select_protocol(&req("messagepack", 1), TransportKind::ServerSentEvents)
-            .unwrap_err()
-            .contains("does not support 'Binary' transfer format"));
+        assert!(
+            select_protocol(&req("messagepack", 1), TransportKind::ServerSentEvents)
+                .unwrap_err()
+                .contains("does not support 'Binary' transfer format")
+        );
     }
 }

@@ -61,7 +61,14 @@ fn reply(conn: &ConnectionHandle, msg: HubMessage) {
             if let Some(id) = id {
                 let mut out = Vec::new();
                 let error = format!("Failed to serialize the result: {e}");
-                if conn.protocol.encode(&HubMessage::Completion(Completion::with_error(id, error)), &mut out).is_ok() {
+                if conn
+                    .protocol
+                    .encode(
+                        &HubMessage::Completion(Completion::with_error(id, error)),
+                        &mut out,
+                    )
+                    .is_ok()
+                {
                     let _ = conn.send_bytes(Bytes::from(out));
                 }
             }
@@ -72,7 +79,10 @@ fn reply(conn: &ConnectionHandle, msg: HubMessage) {
 fn complete_error(conn: &ConnectionHandle, id: &Option<String>, error: String) {
     inc(&METRICS.invocation_errors);
     if let Some(id) = id {
-        reply(conn, HubMessage::Completion(Completion::with_error(id.clone(), error)));
+        reply(
+            conn,
+            HubMessage::Completion(Completion::with_error(id.clone(), error)),
+        );
     }
 }
 
@@ -98,9 +108,14 @@ impl Dispatcher {
         self.pending.len() >= self.max_pending
     }
 
-    pub(crate) fn start_pending(&mut self, tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>) {
+    pub(crate) fn start_pending(
+        &mut self,
+        tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>,
+    ) {
         while self.running_slots < self.max_parallel {
-            let Some(task) = self.pending.pop_front() else { break };
+            let Some(task) = self.pending.pop_front() else {
+                break;
+            };
             self.running_slots += 1;
             tasks.push(task);
         }
@@ -119,7 +134,12 @@ impl Dispatcher {
     }
 
     /// Handles an Invocation (`streaming == false`) or a StreamInvocation.
-    pub(crate) fn invocation(&mut self, inv: Invocation, streaming: bool, tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>) {
+    pub(crate) fn invocation(
+        &mut self,
+        inv: Invocation,
+        streaming: bool,
+        tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>,
+    ) {
         let conn = self.ctx.connection.clone();
         let target = inv.target.clone();
         let id = inv.invocation_id.clone().filter(|s| !s.is_empty());
@@ -154,13 +174,21 @@ impl Dispatcher {
             } else {
                 String::new()
             };
-            complete_error(&conn, &id, format!("Failed to invoke '{target}' due to an error on the server.{detail}"));
+            complete_error(
+                &conn,
+                &id,
+                format!("Failed to invoke '{target}' due to an error on the server.{detail}"),
+            );
             return;
         }
         if streaming {
             if let Some(sid) = &id {
                 if self.streams.contains_key(sid) {
-                    complete_error(&conn, &id, format!("Invocation ID '{sid}' is already in use."));
+                    complete_error(
+                        &conn,
+                        &id,
+                        format!("Invocation ID '{sid}' is already in use."),
+                    );
                     return;
                 }
             }
@@ -197,7 +225,11 @@ impl Dispatcher {
                         " InvalidDataException: Error binding arguments. Make sure that the types of the provided values match the types of the hub method being invoked.".to_string()
                     }
                 };
-                complete_error(&conn, &id, format!("Failed to invoke '{target}' due to an error on the server.{detail}"));
+                complete_error(
+                    &conn,
+                    &id,
+                    format!("Failed to invoke '{target}' due to an error on the server.{detail}"),
+                );
                 return;
             }
         };
@@ -209,7 +241,11 @@ impl Dispatcher {
             self.streams.insert(sid.clone(), cancel.clone());
             tasks.push(Box::pin(async move {
                 run_stream(conn, sid.clone(), target, started, cancel, detailed).await;
-                TaskDone { slot: false, uploads, stream: Some(sid) }
+                TaskDone {
+                    slot: false,
+                    uploads,
+                    stream: Some(sid),
+                }
             }));
             return;
         }
@@ -219,16 +255,30 @@ impl Dispatcher {
             match started.await {
                 Outcome::Value(Ok(v)) => {
                     if let Some(id) = id {
-                        reply(&conn, HubMessage::Completion(Completion::with_result(id, v)));
+                        reply(
+                            &conn,
+                            HubMessage::Completion(Completion::with_result(id, v)),
+                        );
                     }
                 }
                 Outcome::Value(Err(e)) => {
                     tracing::debug!(method = %target, error = %e, "hub method failed");
-                    complete_error(&conn, &id, format!("An unexpected error occurred invoking '{target}' on the server.{}", e.client_suffix(detailed)));
+                    complete_error(
+                        &conn,
+                        &id,
+                        format!(
+                            "An unexpected error occurred invoking '{target}' on the server.{}",
+                            e.client_suffix(detailed)
+                        ),
+                    );
                 }
                 Outcome::Stream(_) => {}
             }
-            TaskDone { slot: holds_slot, uploads, stream: None }
+            TaskDone {
+                slot: holds_slot,
+                uploads,
+                stream: None,
+            }
         });
         if holds_slot {
             self.pending.push_back(task);
@@ -311,10 +361,24 @@ async fn run_stream(
                 return;
             }
             Some(Some(Ok(item))) => {
-                reply(&conn, HubMessage::StreamItem(StreamItem { headers: Vec::new(), invocation_id: id.clone(), item }));
+                reply(
+                    &conn,
+                    HubMessage::StreamItem(StreamItem {
+                        headers: Vec::new(),
+                        invocation_id: id.clone(),
+                        item,
+                    }),
+                );
             }
             Some(Some(Err(e))) => {
-                complete_error(&conn, &Some(id), format!("An error occurred on the server while streaming results.{}", e.client_suffix(detailed)));
+                complete_error(
+                    &conn,
+                    &Some(id),
+                    format!(
+                        "An error occurred on the server while streaming results.{}",
+                        e.client_suffix(detailed)
+                    ),
+                );
                 return;
             }
         }

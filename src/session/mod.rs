@@ -82,12 +82,24 @@ enum End {
 }
 
 /// Runs one connection to completion.
-pub async fn run<Src: FrameSource, Snk: FrameSink>(mut source: Src, mut sink: Snk, params: SessionParams) {
+pub async fn run<Src: FrameSource, Snk: FrameSink>(
+    mut source: Src,
+    mut sink: Snk,
+    params: SessionParams,
+) {
     let options = params.hub.definition().options.clone();
     let mut inbuf = BytesMut::new();
 
     // 1. Handshake.
-    let protocol = match handshake::perform(&mut source, &mut sink, &mut inbuf, &options, params.transport).await {
+    let protocol = match handshake::perform(
+        &mut source,
+        &mut sink,
+        &mut inbuf,
+        &options,
+        params.transport,
+    )
+    .await
+    {
         Some(p) => p,
         None => {
             sink.close(1000, "").await;
@@ -108,7 +120,15 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(mut source: Src, mut sink: Sn
     let _enter = span.enter();
     if let Err(e) = params.hub.connect(&conn).await {
         tracing::warn!(error = %e, "backplane subscribe failed; closing connection");
-        write_close(&mut sink, protocol, &Close { error: Some(format!("{CLOSE_ERROR_TEXT} Backplane unavailable.")), allow_reconnect: true }).await;
+        write_close(
+            &mut sink,
+            protocol,
+            &Close {
+                error: Some(format!("{CLOSE_ERROR_TEXT} Backplane unavailable.")),
+                allow_reconnect: true,
+            },
+        )
+        .await;
         sink.close(1011, "backplane unavailable").await;
         return;
     }
@@ -117,8 +137,19 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(mut source: Src, mut sink: Sn
     // 3. OnConnected.
     if let Some(hook) = params.hub.definition().on_connected.clone() {
         if let Err(e) = hook(ctx.clone()).await {
-            let error = format!("{CLOSE_ERROR_TEXT}{}", e.client_suffix(options.detailed_errors));
-            write_close(&mut sink, protocol, &Close { error: Some(error), allow_reconnect: false }).await;
+            let error = format!(
+                "{CLOSE_ERROR_TEXT}{}",
+                e.client_suffix(options.detailed_errors)
+            );
+            write_close(
+                &mut sink,
+                protocol,
+                &Close {
+                    error: Some(error),
+                    allow_reconnect: false,
+                },
+            )
+            .await;
             sink.close(1000, "").await;
             params.hub.disconnect(&conn);
             return;
@@ -126,7 +157,9 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(mut source: Src, mut sink: Sn
     }
 
     // 4. The loop.
-    let end = Loop::new(conn.clone(), ctx.clone(), &params.hub, protocol).run(&mut source, &mut sink, inbuf, params.shutdown).await;
+    let end = Loop::new(conn.clone(), ctx.clone(), &params.hub, protocol)
+        .run(&mut source, &mut sink, inbuf, params.shutdown)
+        .await;
 
     // 5. Close the transport.
     let error = match &end {
@@ -150,8 +183,15 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(mut source: Src, mut sink: Sn
 
 async fn write_close<Snk: FrameSink>(sink: &mut Snk, protocol: ProtocolKind, close: &Close) {
     let mut out = Vec::new();
-    if protocol.encode(&HubMessage::Close(close.clone()), &mut out).is_ok() {
-        let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(Bytes::from(out), protocol.transfer_format())).await;
+    if protocol
+        .encode(&HubMessage::Close(close.clone()), &mut out)
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(
+            SEND_TIMEOUT,
+            sink.send(Bytes::from(out), protocol.transfer_format()),
+        )
+        .await;
     }
 }
 
@@ -171,7 +211,12 @@ struct Loop {
 }
 
 impl Loop {
-    fn new(conn: ConnectionHandle, ctx: HubContext, hub: &Arc<HubLifetime>, protocol: ProtocolKind) -> Loop {
+    fn new(
+        conn: ConnectionHandle,
+        ctx: HubContext,
+        hub: &Arc<HubLifetime>,
+        protocol: ProtocolKind,
+    ) -> Loop {
         let options = &hub.definition().options;
         let mut ping = Vec::new();
         // Encoding a Ping cannot fail; an empty frame would only be a wasted write.
@@ -200,9 +245,18 @@ impl Loop {
         }
     }
 
-    async fn send<Snk: FrameSink>(&mut self, sink: &mut Snk, data: Bytes) -> Result<(), TransportError> {
+    async fn send<Snk: FrameSink>(
+        &mut self,
+        sink: &mut Snk,
+        data: Bytes,
+    ) -> Result<(), TransportError> {
         self.last_sent = Instant::now();
-        match tokio::time::timeout(SEND_TIMEOUT, sink.send(data, self.protocol.transfer_format())).await {
+        match tokio::time::timeout(
+            SEND_TIMEOUT,
+            sink.send(data, self.protocol.transfer_format()),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(TransportError::SendTimeout),
         }
@@ -294,9 +348,16 @@ impl Loop {
     async fn finish<Snk: FrameSink>(&mut self, sink: &mut Snk, end: End) -> End {
         match end {
             End::ServerClose(error) => {
-                let close = Close { error: error.clone(), allow_reconnect: false };
+                let close = Close {
+                    error: error.clone(),
+                    allow_reconnect: false,
+                };
                 let mut out = Vec::new();
-                if self.protocol.encode(&HubMessage::Close(close), &mut out).is_ok() {
+                if self
+                    .protocol
+                    .encode(&HubMessage::Close(close), &mut out)
+                    .is_ok()
+                {
                     let _ = self.send(sink, Bytes::from(out)).await;
                 }
                 End::ServerClose(error)
@@ -318,7 +379,9 @@ impl Loop {
                 Err(e) => {
                     inc(&METRICS.protocol_errors);
                     tracing::debug!(error = %e, "protocol error");
-                    return Err(End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {e}"))));
+                    return Err(End::ServerClose(Some(format!(
+                        "{CLOSE_ERROR_TEXT} InvalidDataException: {e}"
+                    ))));
                 }
             };
             inc(&METRICS.messages_in);
@@ -327,11 +390,23 @@ impl Loop {
                 HubMessage::Close(c) => return Err(End::ClientClose(c.error)),
                 HubMessage::Invocation(inv) => self.dispatcher.invocation(inv, false, tasks),
                 HubMessage::StreamInvocation(inv) => self.dispatcher.invocation(inv, true, tasks),
-                HubMessage::StreamItem(item) => self.dispatcher.upload_item(item.invocation_id, Ok(item.item)).await,
+                HubMessage::StreamItem(item) => {
+                    self.dispatcher
+                        .upload_item(item.invocation_id, Ok(item.item))
+                        .await
+                }
                 HubMessage::Completion(c) => match c.result {
-                    CompletionResult::Error(e) => self.dispatcher.completion(&c.invocation_id, Err(e)).await,
-                    CompletionResult::Value(v) => self.dispatcher.completion(&c.invocation_id, Ok(Some(v))).await,
-                    CompletionResult::Void => self.dispatcher.completion(&c.invocation_id, Ok(None)).await,
+                    CompletionResult::Error(e) => {
+                        self.dispatcher.completion(&c.invocation_id, Err(e)).await
+                    }
+                    CompletionResult::Value(v) => {
+                        self.dispatcher
+                            .completion(&c.invocation_id, Ok(Some(v)))
+                            .await
+                    }
+                    CompletionResult::Void => {
+                        self.dispatcher.completion(&c.invocation_id, Ok(None)).await
+                    }
                 },
                 HubMessage::CancelInvocation(c) => self.dispatcher.cancel(&c.invocation_id),
                 // Stateful reconnect is negotiated off on WebSockets-only sessions for now;

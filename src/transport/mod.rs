@@ -35,7 +35,11 @@ pub trait FrameSource: Send {
 /// Outbound side of a transport.
 pub trait FrameSink: Send {
     /// Writes one transport unit.
-    fn send(&mut self, data: Bytes, format: TransferFormat) -> impl Future<Output = Result<(), TransportError>> + Send;
+    fn send(
+        &mut self,
+        data: Bytes,
+        format: TransferFormat,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Ends the transport (WebSocket close frame with `code`).
     fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;

@@ -40,7 +40,8 @@ pub async fn accept<IO>(io: IO, max_message_size: usize) -> (WsSource<IO>, WsSin
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config(max_message_size))).await;
+    let ws =
+        WebSocketStream::from_raw_socket(io, Role::Server, Some(config(max_message_size))).await;
     let (sink, stream) = ws.split();
     (WsSource { stream }, WsSink { sink })
 }
@@ -81,7 +82,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send> FrameSink for WsSink<IO> {
                 Err(_) => return Err(TransportError::Closed("non-UTF-8 text frame".into())),
             },
         };
-        self.sink.send(msg).await.map_err(|e| TransportError::Closed(e.to_string()))
+        self.sink
+            .send(msg)
+            .await
+            .map_err(|e| TransportError::Closed(e.to_string()))
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
