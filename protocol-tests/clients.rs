@@ -1,0 +1,119 @@
+//! Real SignalR clients against feedhub.
+//!
+//! Each test starts a server (from `support`), then runs one client script
+//! from `protocol-tests/js` or `protocol-tests/python` against it and fails
+//! when the script does. The scripts print one line per check and finish with
+//! `N passed, M failed`; their output is forwarded to the test output.
+//!
+//! Run just these: `cargo test --release --test clients -- --nocapture`.
+//! Without Node/npm or Python the tests print `SKIPPED` and pass, unless
+//! `CI=true`, where they fail. `FEEDHUB_ONLY=<substring>` runs only the
+//! matching checks of each script, `FEEDHUB_VERBOSE=1` prints client logs.
+
+#[allow(dead_code)]
+#[path = "support/mod.rs"]
+mod support;
+
+#[allow(dead_code)]
+#[path = "support/external.rs"]
+mod external;
+
+use std::time::Duration;
+
+use support::TestServer;
+
+/// Hard limit for one script run (the scripts time out each check themselves).
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(420);
+
+fn server_env(server: &TestServer, protocol: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("FEEDHUB_URL", server.base_url.clone()),
+        ("FEEDHUB_JWT_SECRET", server.jwt_secret.clone()),
+        ("FEEDHUB_API_KEY", server.api_key.clone()),
+        ("FEEDHUB_PROTOCOL", protocol.to_string()),
+    ]
+}
+
+async fn node_against_conformance(script: &str, protocol: &str) {
+    let Some(node) = external::node() else {
+        return;
+    };
+    let server = support::start_conformance_server().await;
+    let run = node
+        .run(script, &server_env(&server, protocol), SCRIPT_TIMEOUT)
+        .await;
+    drop(server);
+    run.assert_success();
+}
+
+async fn node_against_feed(protocol: &str) {
+    let Some(node) = external::node() else {
+        return;
+    };
+    let server = support::start_feed_server().await;
+    let run = node
+        .run("feed.mjs", &server_env(&server, protocol), SCRIPT_TIMEOUT)
+        .await;
+    drop(server);
+    run.assert_success();
+}
+
+async fn python_against_conformance(protocol: &str) {
+    let Some(python) = external::python() else {
+        return;
+    };
+    let server = support::start_conformance_server().await;
+    let run = python
+        .run(
+            "signalrcore_client.py",
+            &server_env(&server, protocol),
+            SCRIPT_TIMEOUT,
+        )
+        .await;
+    drop(server);
+    run.assert_success();
+}
+
+/// `@microsoft/signalr` 10.x with the JSON protocol: every /testhub method,
+/// streaming both ways, cancellation, client results, groups and users,
+/// reconnect, /authorizedhub, skipNegotiation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_conformance_json() {
+    node_against_conformance("conformance.mjs", "json").await;
+}
+
+/// The same conformance script with `@microsoft/signalr-protocol-msgpack`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_conformance_messagepack() {
+    node_against_conformance("conformance.mjs", "messagepack").await;
+}
+
+/// The old `@aspnet/signalr` 1.1.4 client (negotiate version 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_aspnet_signalr_1x() {
+    node_against_conformance("aspnet1.mjs", "json").await;
+}
+
+/// The feed hub: POST /api/feed fan-out to users' connections, JWT checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_feed_hub_json() {
+    node_against_feed("json").await;
+}
+
+/// The feed hub with the MessagePack protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_feed_hub_messagepack() {
+    node_against_feed("messagepack").await;
+}
+
+/// The Python `signalrcore` client with JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_signalrcore_json() {
+    python_against_conformance("json").await;
+}
+
+/// The Python `signalrcore` client with MessagePack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_signalrcore_messagepack() {
+    python_against_conformance("messagepack").await;
+}
