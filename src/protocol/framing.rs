@@ -37,7 +37,7 @@ pub fn split_text(
     let Some(window_bytes) = buf.get(..window) else {
         return Ok(None);
     };
-    match window_bytes.iter().position(|&b| b == RECORD_SEPARATOR) {
+    match find_byte(window_bytes, RECORD_SEPARATOR) {
         Some(end) => {
             // `end` < buf.len(), so both splits are in range.
             let mut record = buf.split_to(end + 1);
@@ -49,6 +49,35 @@ pub fn split_text(
         }),
         None => Ok(None),
     }
+}
+
+/// The index of the first `needle` in `hay`.
+///
+/// Eight bytes at a time (the classic "has zero byte" bit trick on `x ^ needle`), since a
+/// byte-by-byte `position` loop does not vectorize and this scan runs over every JSON
+/// message. In the little-endian view the lowest flagged byte is always a true match
+/// (false positives can only appear above a real one), so `trailing_zeros` is exact.
+pub(crate) fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let pattern = LO.wrapping_mul(u64::from(needle));
+    let mut chunks = hay.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word) ^ pattern;
+        let found = x.wrapping_sub(LO) & !x & HI;
+        if found != 0 {
+            return Some(offset + (found.trailing_zeros() / 8) as usize);
+        }
+        offset += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == needle)
+        .map(|i| offset + i)
 }
 
 /// Reads a VarInt length prefix from the front of `input` without consuming anything.
@@ -294,6 +323,12 @@ mod tests {
             while let Ok(Some(record)) = split_text(&mut buf, max) {
                 prop_assert!(record.len() <= max);
             }
+        }
+
+        #[test]
+        fn find_byte_matches_position(hay in proptest::collection::vec(prop_oneof![Just(0x1eu8), Just(0x1f), Just(0x9e), Just(0x00), any::<u8>()], 0..70)) {
+            prop_assert_eq!(find_byte(&hay, 0x1e), hay.iter().position(|&b| b == 0x1e));
+            prop_assert_eq!(find_byte(&hay, 0x00), hay.iter().position(|&b| b == 0x00));
         }
 
         #[test]

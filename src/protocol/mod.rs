@@ -8,6 +8,8 @@
 //! - [`prepared`]: a message encoded at most once per protocol and shared by all recipients.
 //! - [`value`] / [`transcode`]: arguments kept raw, transcoded between JSON and MessagePack
 //!   only when a recipient speaks the other protocol.
+//! - `mp` (private): the bounds-checked MessagePack reader and writer behind [`msgpack`] and
+//!   [`transcode`].
 //!
 //! Data comes from `session` (inbound transport bytes) and from `hub` (outbound messages);
 //! encoded bytes go to the connection's outbound queue.

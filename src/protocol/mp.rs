@@ -8,6 +8,8 @@
 
 use rmp::Marker;
 
+use super::transcode::MAX_DEPTH;
+
 /// A malformed or truncated MessagePack input. The text ends up in
 /// [`super::ProtocolError::MessagePack`] or [`super::ValueError::Decode`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,24 +176,50 @@ impl<'a> Reader<'a> {
 
     /// Skips exactly one complete value and returns its `(start, end)` byte range.
     ///
-    /// Iterative: a counter of values still owed replaces recursion, so nesting depth costs
-    /// no stack. Every value takes at least one byte, so a declared count larger than the
-    /// bytes left is rejected at once instead of being counted down.
+    /// Iterative, with a fixed-size stack of per-level counters, so neither hostile nesting
+    /// nor this call allocates or recurses. Arrays and maps nested deeper than
+    /// [`MAX_DEPTH`] are refused, the same bound the transcoder applies, so a value accepted
+    /// here can later be rendered as JSON. Every value takes at least one byte, so declared
+    /// counts larger than the bytes left are rejected at once instead of being counted down.
     pub(crate) fn skip_value(&mut self) -> Result<(usize, usize), MpError> {
         let start = self.pos;
+        // Values still owed at each open level; `pending` is the innermost level's.
+        let mut outer = [0u64; MAX_DEPTH];
+        let mut depth = 0usize;
+        let mut pending: u64 = 1;
+        // Sum over all levels, for the early "cannot fit" check.
         let mut owed: u64 = 1;
-        while owed > 0 {
+        loop {
+            if pending == 0 {
+                if depth == 0 {
+                    return Ok((start, self.pos));
+                }
+                depth -= 1;
+                pending = outer.get(depth).copied().unwrap_or(0);
+                continue;
+            }
+            pending -= 1;
             owed -= 1;
-            match self.item()? {
-                Item::Array(n) => owed += u64::from(n),
-                Item::Map(n) => owed += 2 * u64::from(n),
-                _ => {}
+            let children = match self.item()? {
+                Item::Array(n) => Some(u64::from(n)),
+                Item::Map(n) => Some(2 * u64::from(n)),
+                _ => None,
+            };
+            if let Some(children) = children {
+                let slot = outer
+                    .get_mut(depth)
+                    .ok_or_else(|| MpError::new(format!("nesting deeper than {MAX_DEPTH}")))?;
+                if children > 0 {
+                    *slot = pending;
+                    depth += 1;
+                    pending = children;
+                    owed += children;
+                }
             }
             if owed > self.remaining() as u64 {
                 return Err(MpError::eof());
             }
         }
-        Ok((start, self.pos))
     }
 
     /// Reads an array header.
@@ -409,9 +437,38 @@ mod tests {
             .skip_value()
             .is_err());
         assert!(Reader::new(&[0xc1]).skip_value().is_err());
-        // Deep nesting costs no stack.
-        let mut deep = vec![0x91; 100_000];
-        deep.push(0xc0);
-        assert_eq!(Reader::new(&deep).skip_value().unwrap(), (0, deep.len()));
+        // Nesting is bounded like the transcoder's: MAX_DEPTH containers, counting an empty
+        // innermost one.
+        for (ok, deep) in [
+            (
+                [vec![0x91; MAX_DEPTH], vec![0xc0]],
+                [vec![0x91; MAX_DEPTH + 1], vec![0xc0]],
+            ),
+            (
+                [vec![0x91; MAX_DEPTH - 1], vec![0x90]],
+                [vec![0x91; MAX_DEPTH], vec![0x90]],
+            ),
+            (
+                [vec![0x91; MAX_DEPTH - 1], vec![0x80]],
+                [vec![0x91; MAX_DEPTH], vec![0x80]],
+            ),
+        ] {
+            let ok = ok.concat();
+            assert_eq!(Reader::new(&ok).skip_value().unwrap(), (0, ok.len()));
+            let mut out = Vec::new();
+            assert!(crate::protocol::transcode::msgpack_to_json(&ok, &mut out).is_ok());
+            let deep = deep.concat();
+            assert!(Reader::new(&deep).skip_value().is_err());
+            assert!(crate::protocol::transcode::msgpack_to_json(&deep, &mut out).is_err());
+        }
+        let mut very_deep = vec![0x91; 100_000];
+        very_deep.push(0xc0);
+        assert!(Reader::new(&very_deep).skip_value().is_err());
+        // Siblings at the same level do not add depth.
+        let mut wide = vec![0xdc, 0x01, 0x00];
+        for _ in 0..256 {
+            wide.extend_from_slice(&[0x91, 0x90]);
+        }
+        assert_eq!(Reader::new(&wide).skip_value().unwrap(), (0, wide.len()));
     }
 }

@@ -699,6 +699,12 @@ mod tests {
             dec(&hex("ff ff ff ff 08")),
             Err(ProtocolError::LengthPrefixOverflow)
         ));
+        // An argument nested deeper than the transcoder could render is refused up front.
+        let deep = format!(
+            "95 01 80 c0 a1 78 91{} c0",
+            " 91".repeat(crate::protocol::transcode::MAX_DEPTH + 1)
+        );
+        assert!(err(&deep).contains("nesting deeper than"));
     }
 
     #[test]
