@@ -144,7 +144,7 @@ test("stop() closes cleanly: onclose fires with no error", async (t) => {
 test("can be restarted after stop and handlers stay bound", async (t) => {
     const c = build(t);
     const got = [];
-    c.on("Message", (m) => got.push(m));
+    c.on("Message", (m) => { got.push(m); });
     for (let round = 0; round < 2; round += 1) {
         await withTimeout(c.start(), T_START, `start #${round}`);
         assert.equal(await call(c, "InvokeWithString", `round ${round}`), null);
@@ -202,7 +202,7 @@ test("stream() of a non-streaming method is rejected (ASP.NET parity)", async (t
 test("InvokeWithString pushes Message to the caller (client method names case-insensitive)", async (t) => {
     const c = build(t);
     const got = [];
-    c.on("mEsSaGe", (...args) => got.push(args));
+    c.on("mEsSaGe", (...args) => { got.push(args); });
     await withTimeout(c.start(), T_START, "start");
     const message = "你好 SignalR！";
     assert.equal(await call(c, "InvokeWithString", message), null);
@@ -431,7 +431,7 @@ async function crowd(t) {
     for (const [name, user] of specs) {
         const c = build(t, { token: user === undefined ? undefined : makeJwt(JWT_SECRET, user) });
         const inbox = [];
-        c.on("Send", (...args) => inbox.push(args));
+        c.on("Send", (...args) => { inbox.push(args); });
         await withTimeout(c.start(), T_START, `start ${name}`);
         conns[name] = { name, user, c, inbox, id: c.connectionId };
     }
@@ -559,7 +559,7 @@ test("Disconnect(true) with automatic reconnect: reconnecting, reconnected with 
     c.onreconnected((id) => reconnected.resolve(id));
     c.onclose((err) => closed.push(err));
     const pushes = [];
-    c.on("Message", (m) => pushes.push(m));
+    c.on("Message", (m) => { pushes.push(m); });
     await withTimeout(c.start(), T_START, "start");
     const firstId = c.connectionId;
     assert.equal(await call(c, "GetCallerConnectionId"), firstId);
