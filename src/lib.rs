@@ -1,4 +1,49 @@
 //! feedhub: a SignalR-protocol-compatible hub server.
+//!
+//! The unchanged official SignalR clients (`@microsoft/signalr` with JSON or MessagePack,
+//! the 1.x `@aspnet/signalr`, third-party clients) connect to feedhub as they would to
+//! ASP.NET Core SignalR. Hubs are declared in Rust with [`hub::HubBuilder`]; the built-in
+//! feed hub ([`feed`]) pushes feed events to every connection of a user, across instances.
+//!
+//! # Layout
+//! - [`protocol`]: pure codecs (handshake, JSON and MessagePack hub protocols, framing,
+//!   [`protocol::PreparedMessage`]). Bytes in, message or `Ok(None)` out; no I/O.
+//! - [`transport`]: WebSocket frames in and out; knows nothing about hubs.
+//! - [`connection`]: the handle the hub sees; the bounded outbound queue with its
+//!   slow-consumer policy.
+//! - [`session`]: the per-connection task: handshake, dispatch loop, keep-alive, close.
+//! - [`hub`]: the typed hub API, the registry, reference-counted subscriptions, local fan-out.
+//! - [`backplane`]: cross-node delivery behind one trait (in-memory here; Redis beside it).
+//! - [`ingest`]: feed events from the HTTP publish API (and RabbitMQ).
+//! - [`http`]: hyper routing: negotiate, the WebSocket upgrade, health, metrics, CORS.
+//! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
+//!
+//! # Data path
+//! A feed event (`POST /api/feed` or a RabbitMQ message) is decoded by
+//! [`ingest::event`] and handed to [`ingest::deliver`], which calls
+//! [`hub::HubLifetime::send`] for the recipients. That delivers at once to the recipients'
+//! local connections, through one shared [`protocol::PreparedMessage`] encoded at most once
+//! per protocol, by a non-waiting push into each connection's bounded outbound queue; and it
+//! publishes the event on each recipient's backplane channel (`feed-<userId>`), which only
+//! nodes holding that user subscribe to. On those nodes a dispatch worker
+//! ([`backplane::Inbox`]) hands it to [`hub::HubLifetime::on_delivery`], which does the
+//! same local delivery. Each connection's [`session`] task drains its queue and writes
+//! everything queued as one WebSocket frame. Nothing on the shared path ever awaits a
+//! client socket.
 #![warn(missing_docs)]
 
+pub mod app;
+pub mod auth;
+pub mod backplane;
+pub mod connection;
+pub mod feed;
+pub mod http;
+pub mod hub;
+pub mod ids;
+pub mod ingest;
+pub mod metrics;
 pub mod protocol;
+pub mod session;
+pub mod transport;
+
+pub use app::{Server, ServerBuilder, ServerConfig};

@@ -1,2 +1,68 @@
-//! The `feedhub` binary.
-fn main() {}
+//! The `feedhub` binary: parses flags (each with an environment twin), starts the server
+//! with the feed hub, and runs until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use feedhub::{feed, ServerBuilder, ServerConfig};
+
+/// A SignalR-compatible hub server for live feeds.
+#[derive(Debug, Parser)]
+#[command(name = "feedhub", version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "FEEDHUB_LISTEN", default_value = "127.0.0.1:5000")]
+    listen: SocketAddr,
+    /// Redis URL: use Redis as the backplane (default: in-memory, single instance).
+    #[arg(long, env = "FEEDHUB_REDIS_URL")]
+    redis_url: Option<String>,
+    /// RabbitMQ URL: consume feed events from the FeedUpdate exchange.
+    #[arg(long, env = "FEEDHUB_AMQP_URL")]
+    amqp_url: Option<String>,
+    /// HS256 secret for client JWTs (without it: development mode).
+    #[arg(long, env = "FEEDHUB_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// API key for POST /api/feed.
+    #[arg(long, env = "FEEDHUB_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Origins allowed for CORS (repeat, or comma-separate; `*` for any).
+    #[arg(long, env = "FEEDHUB_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origin: Vec<String>,
+    /// Serve demo identities at /dev/token even with a JWT secret.
+    #[arg(long, env = "FEEDHUB_DEV_IDENTITIES")]
+    dev_identities: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if args.redis_url.is_some() || args.amqp_url.is_some() {
+        anyhow::bail!("--redis-url and --amqp-url are not available in this build yet");
+    }
+    let development = args.jwt_secret.is_none();
+    let config = ServerConfig {
+        listen: args.listen,
+        jwt_secret: args.jwt_secret,
+        api_key: args.api_key,
+        cors_origins: args.cors_origin,
+        dev_identities: development || args.dev_identities,
+        feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
+        ..ServerConfig::default()
+    };
+    let server = ServerBuilder::new(config)
+        .hub(feed::feed_hub())
+        .start()
+        .await?;
+    tracing::info!(
+        "feed hub at http://{}{}",
+        server.local_addr(),
+        feed::FEED_HUB_PATH
+    );
+    server.run_until_signal().await;
+    Ok(())
+}

@@ -16,8 +16,11 @@ pub mod framing;
 pub mod handshake;
 pub mod json;
 pub mod message;
+mod mp;
 pub mod msgpack;
 pub mod prepared;
+#[cfg(test)]
+mod test_support;
 pub mod transcode;
 pub mod value;
 

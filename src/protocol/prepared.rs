@@ -31,7 +31,11 @@ impl PreparedMessage {
     }
 
     /// Wraps a message whose encoding for `kind` is already known (framed bytes).
-    pub fn with_encoded(message: HubMessage, kind: ProtocolKind, framed: Bytes) -> Arc<PreparedMessage> {
+    pub fn with_encoded(
+        message: HubMessage,
+        kind: ProtocolKind,
+        framed: Bytes,
+    ) -> Arc<PreparedMessage> {
         let prepared = PreparedMessage {
             message,
             encoded: [OnceLock::new(), OnceLock::new()],

@@ -1,0 +1,369 @@
+//! The composition root: the only place that names concrete backplane types and wires the
+//! layers together. [`ServerBuilder`] takes hub declarations and settings; [`Server`] runs
+//! the accept loop, the backplane dispatch workers, and graceful shutdown.
+//!
+//! Shutdown (SIGINT/SIGTERM in the binary, [`Server::shutdown`] in code): `/readyz` starts
+//! failing, the listener stops accepting, every session sends Close with
+//! `allowReconnect: true`, and the server waits for sessions to end, up to a deadline.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::backplane::memory::{MemoryBackplane, MemoryBus};
+use crate::backplane::{Backplane, Delivery, Inbox};
+use crate::http::negotiate::Tokens;
+use crate::hub::{Clients, HubDefinition, HubLifetime};
+
+/// Server-wide settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// HS256 secret; `None` runs the development mode (see `auth`).
+    pub jwt_secret: Option<String>,
+    /// Key for `POST /api/feed`; `None` disables the publish API.
+    pub api_key: Option<String>,
+    /// Origins allowed for CORS with credentials (`*` allows any, echoed).
+    pub cors_origins: Vec<String>,
+    /// How long shutdown waits for connections to close.
+    pub shutdown_timeout: Duration,
+    /// This node's id on the backplane.
+    pub node_id: String,
+    /// Largest `POST /api/feed` body.
+    pub max_publish_body: usize,
+    /// Serve `/dev/token` (demo identities).
+    pub dev_identities: bool,
+    /// The hub `POST /api/feed` delivers to.
+    pub feed_hub: Option<String>,
+    /// Backplane dispatch workers.
+    pub dispatch_workers: usize,
+    /// Messages queued per dispatch worker before drops.
+    pub dispatch_queue: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            jwt_secret: None,
+            api_key: None,
+            cors_origins: Vec::new(),
+            shutdown_timeout: Duration::from_secs(10),
+            node_id: format!("node-{}", crate::ids::random_token()),
+            max_publish_body: 256 * 1024,
+            dev_identities: false,
+            feed_hub: None,
+            dispatch_workers: 4,
+            dispatch_queue: 8192,
+        }
+    }
+}
+
+/// Makes the backplane for a node, given the inbox it must deliver to.
+pub type BackplaneFactory = Box<dyn FnOnce(&ServerConfig, Inbox) -> Arc<dyn Backplane> + Send>;
+
+/// Shared state of the HTTP layer.
+pub struct AppState {
+    pub(crate) hubs: HashMap<String, Arc<HubLifetime>>,
+    pub(crate) auth: Authenticator,
+    pub(crate) tokens: Tokens,
+    pub(crate) config: ServerConfig,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+    pub(crate) feed_hub: Option<Arc<HubLifetime>>,
+    pub(crate) demo_page: String,
+}
+
+/// Builds a [`Server`].
+pub struct ServerBuilder {
+    config: ServerConfig,
+    hubs: Vec<HubDefinition>,
+    backplane: Option<BackplaneFactory>,
+    demo_page: String,
+    extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
+}
+
+impl ServerBuilder {
+    /// A builder with `config`.
+    pub fn new(config: ServerConfig) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            hubs: Vec::new(),
+            backplane: None,
+            demo_page: include_str!("../js-client-demo/index.html").to_string(),
+            extra_ready: Vec::new(),
+        }
+    }
+
+    /// Mounts a hub.
+    pub fn hub(mut self, hub: HubDefinition) -> Self {
+        self.hubs.push(hub);
+        self
+    }
+
+    /// Uses this backplane (default: a private in-memory bus, i.e. a single node).
+    pub fn backplane(mut self, factory: BackplaneFactory) -> Self {
+        self.backplane = Some(factory);
+        self
+    }
+
+    /// Joins an in-memory bus shared with other servers in this process.
+    pub fn memory_bus(self, bus: MemoryBus) -> Self {
+        self.backplane(Box::new(move |cfg, inbox| {
+            Arc::new(MemoryBackplane::new(bus, cfg.node_id.clone(), inbox))
+        }))
+    }
+
+    /// Adds a readiness condition (e.g. the RabbitMQ consumer is connected).
+    pub fn ready_check(mut self, check: Arc<dyn Fn() -> Result<(), String> + Send + Sync>) -> Self {
+        self.extra_ready.push(check);
+        self
+    }
+
+    /// Replaces the page served at `/`.
+    pub fn demo_page(mut self, html: String) -> Self {
+        self.demo_page = html;
+        self
+    }
+
+    /// Binds the listener, starts the hubs and the backplane, and begins serving.
+    pub async fn start(self) -> anyhow::Result<Server> {
+        let config = self.config;
+        let (inbox, receivers) = Inbox::new(config.dispatch_workers, config.dispatch_queue);
+        let backplane: Arc<dyn Backplane> = match self.backplane {
+            Some(f) => f(&config, inbox),
+            None => Arc::new(MemoryBackplane::new(
+                MemoryBus::new(),
+                config.node_id.clone(),
+                inbox,
+            )),
+        };
+        let mut hubs = HashMap::new();
+        for def in self.hubs {
+            let lifetime = HubLifetime::new(def, backplane.clone());
+            lifetime
+                .start()
+                .await
+                .map_err(|e| anyhow::anyhow!("hub start: {e}"))?;
+            hubs.insert(lifetime.definition().path.clone(), lifetime);
+        }
+        let hub_list: Arc<Vec<Arc<HubLifetime>>> = Arc::new(hubs.values().cloned().collect());
+        for rx in receivers {
+            tokio::spawn(dispatch_worker(rx, hub_list.clone()));
+        }
+
+        let feed_hub = config.feed_hub.as_ref().and_then(|p| hubs.get(p).cloned());
+        let token_key = match &config.jwt_secret {
+            // Nodes sharing the JWT secret accept each other's connection tokens.
+            Some(s) => format!("feedhub-connection-token:{s}").into_bytes(),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        let draining = Arc::new(AtomicBool::new(false));
+        let ready = {
+            let backplane = backplane.clone();
+            let draining = draining.clone();
+            let extra = self.extra_ready;
+            Box::new(move || {
+                if draining.load(Ordering::Relaxed) {
+                    return Err("shutting down".to_string());
+                }
+                if !backplane.is_ready() {
+                    return Err(format!("backplane '{}' not connected", backplane.name()));
+                }
+                for check in &extra {
+                    check()?;
+                }
+                Ok(())
+            })
+        };
+        let listener = TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let state = Arc::new(AppState {
+            hubs,
+            auth: Authenticator::new(config.jwt_secret.as_deref()),
+            tokens: Tokens::new(&token_key),
+            config,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            ready,
+            feed_hub,
+            demo_page: self.demo_page,
+        });
+        if state.auth.is_development() {
+            tracing::warn!(
+                "DEVELOPMENT MODE: no --jwt-secret given; tokens are signed with a public development secret. Do not expose this server."
+            );
+        }
+        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        tracing::info!(addr = %local_addr, node = %state.config.node_id, "listening");
+        Ok(Server {
+            local_addr,
+            state,
+            accept,
+            draining,
+            backplane,
+        })
+    }
+}
+
+async fn dispatch_worker(mut rx: mpsc::Receiver<Delivery>, hubs: Arc<Vec<Arc<HubLifetime>>>) {
+    while let Some(d) = rx.recv().await {
+        for hub in hubs.iter() {
+            if let Some(target) = hub.scheme().parse(&d.channel) {
+                hub.on_delivery(&target, &d.message);
+                break;
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => { backoff = Duration::from_millis(5); s }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let io = TokioIo::new(stream);
+            let svc_state = state.clone();
+            let service = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
+            let conn = http1::Builder::new()
+                .max_buf_size(64 * 1024)
+                .serve_connection(io, service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection error");
+                    }
+                }
+                _ = state.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// A running server.
+pub struct Server {
+    local_addr: SocketAddr,
+    state: Arc<AppState>,
+    accept: JoinHandle<()>,
+    draining: Arc<AtomicBool>,
+    backplane: Arc<dyn Backplane>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `IHubContext`: send to a hub's clients from outside any connection.
+    pub fn clients(&self, hub_path: &str) -> Option<Clients> {
+        self.hub(hub_path).map(|h| Clients::new(h, None))
+    }
+
+    /// A hub's runtime.
+    pub fn hub(&self, hub_path: &str) -> Option<Arc<HubLifetime>> {
+        self.state.hubs.get(hub_path).cloned()
+    }
+
+    /// The backplane in use.
+    pub fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.backplane
+    }
+
+    /// Issues a token for `user` (tests, examples, development identities).
+    pub fn issue_token(&self, user: &str, ttl_secs: u64) -> Option<String> {
+        self.state.auth.issue(user, ttl_secs).ok()
+    }
+
+    /// Graceful shutdown: fail readiness, stop accepting, send Close with
+    /// `allowReconnect: true` to every connection, wait for them up to the configured
+    /// deadline.
+    pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.state.shutdown.cancel();
+        self.accept.abort();
+        self.state.tracker.close();
+        let deadline = self.state.config.shutdown_timeout;
+        if tokio::time::timeout(deadline, self.state.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.state.tracker.len(),
+                "shutdown deadline passed with connections still open"
+            );
+        }
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

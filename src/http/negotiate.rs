@@ -1,0 +1,224 @@
+//! `POST {hub}/negotiate` and the connection tokens it issues.
+//!
+//! Tokens (negotiate v1) are signed and self-contained: `base64url(id[16] ‖ expiry[8] ‖
+//! mac[16])`, where the MAC (HMAC-SHA256, truncated) covers the id, the expiry and the user
+//! id. Any node that knows the key can check a token and recover the connection id, with no
+//! negotiate state kept in memory, so negotiate and connect need no sticky session.
+//! Negotiate v0 has no token (the client sends the connection id itself); those ids are kept
+//! in a small bounded, expiring table on the node that issued them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::auth::unix_now;
+use crate::ids::ConnectionId;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// How long a negotiated connection may wait for its transport (ASP.NET's
+/// `DisconnectTimeout` is 15 s for an inactive connection; clients connect at once).
+pub const TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// Most v0 negotiations remembered at once.
+const MAX_V0_PENDING: usize = 100_000;
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not a token we issued for this user, or expired: 404 "No Connection with that ID".
+    Unknown,
+}
+
+/// Issues and checks connection tokens.
+pub struct Tokens {
+    key: Vec<u8>,
+    v0: Mutex<HashMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens").finish_non_exhaustive()
+    }
+}
+
+impl Tokens {
+    /// Tokens signed with `key`. Nodes that must accept each other's tokens share the key.
+    pub fn new(key: &[u8]) -> Tokens {
+        Tokens {
+            key: key.to_vec(),
+            v0: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn mac(&self, id: &[u8], expiry: u64, user: &str) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        // HMAC accepts keys of any length, so `new_from_slice` cannot fail here.
+        if let Ok(mut m) = HmacSha256::new_from_slice(&self.key) {
+            m.update(id);
+            m.update(&expiry.to_be_bytes());
+            m.update(user.as_bytes());
+            let full = m.finalize().into_bytes();
+            out.copy_from_slice(&full[..16]);
+        }
+        out
+    }
+
+    /// A new connection id and its v1 token for `user` ("" when anonymous).
+    pub fn issue(&self, user: &str) -> (ConnectionId, String) {
+        let raw: [u8; 16] = rand::random();
+        let id_text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let expiry = unix_now() + TOKEN_TTL.as_secs();
+        let mut token = Vec::with_capacity(40);
+        token.extend_from_slice(&raw);
+        token.extend_from_slice(&expiry.to_be_bytes());
+        token.extend_from_slice(&self.mac(&raw, expiry, user));
+        let id = ConnectionId::new(&id_text).unwrap_or_else(|_| ConnectionId::random());
+        (
+            id,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token),
+        )
+    }
+
+    /// A new connection id for a v0 client, remembered until it connects or expires.
+    pub fn issue_v0(&self) -> ConnectionId {
+        let id = ConnectionId::random();
+        let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if v0.len() >= MAX_V0_PENDING {
+            v0.retain(|_, t| now.duration_since(*t) < TOKEN_TTL);
+        }
+        if v0.len() < MAX_V0_PENDING {
+            v0.insert(id.as_str().to_string(), now);
+        }
+        id
+    }
+
+    /// Checks the `id=` value of a connect request and returns the connection id.
+    pub fn check(&self, token: &str, user: &str) -> Result<ConnectionId, TokenError> {
+        {
+            let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = v0.remove(token) {
+                if t.elapsed() < TOKEN_TTL {
+                    return ConnectionId::new(token).map_err(|_| TokenError::Unknown);
+                }
+                return Err(TokenError::Unknown);
+            }
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Unknown)?;
+        if bytes.len() != 40 {
+            return Err(TokenError::Unknown);
+        }
+        let (raw, rest) = bytes.split_at(16);
+        let (exp, mac) = rest.split_at(8);
+        let mut exp_arr = [0u8; 8];
+        exp_arr.copy_from_slice(exp);
+        let expiry = u64::from_be_bytes(exp_arr);
+        let ok_for = |u: &str| {
+            let expected = self.mac(raw, expiry, u);
+            // Constant-time comparison: the MAC must not leak through timing.
+            expected
+                .iter()
+                .zip(mac)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        };
+        if !ok_for(user) {
+            // Forged, corrupted, or issued to another user: all look the same from here.
+            return Err(TokenError::Unknown);
+        }
+        if expiry < unix_now() {
+            return Err(TokenError::Unknown);
+        }
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        ConnectionId::new(&id).map_err(|_| TokenError::Unknown)
+    }
+}
+
+/// One entry of `availableTransports`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AvailableTransport {
+    /// `WebSockets`, `ServerSentEvents` or `LongPolling`.
+    pub transport: &'static str,
+    /// `Text` and/or `Binary`.
+    pub transfer_formats: Vec<&'static str>,
+}
+
+/// The negotiate response body.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NegotiateResponse {
+    /// 0 or 1.
+    pub negotiate_version: u32,
+    /// Public connection id.
+    pub connection_id: String,
+    /// Secret token (v1 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_token: Option<String>,
+    /// Transports, in order of preference.
+    pub available_transports: Vec<AvailableTransport>,
+}
+
+/// Reads `negotiateVersion` from a query string, case-insensitively; ASP.NET's error texts.
+pub fn requested_version(query: &str) -> Result<u32, String> {
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k.eq_ignore_ascii_case("negotiateVersion") {
+            return match v.trim().parse::<i64>() {
+                Ok(n) if n < 0 => Err(format!("The client requested version '{n}', but the server does not support this version.")),
+                Ok(n) => Ok(n.min(1) as u32),
+                Err(_) => Err("The client requested a non-integer protocol version.".into()),
+            };
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_bind_user() {
+        let t = Tokens::new(b"key");
+        let (id, token) = t.issue("alice");
+        assert_eq!(t.check(&token, "alice"), Ok(id));
+        assert_eq!(t.check(&token, "bob"), Err(TokenError::Unknown));
+        assert_eq!(
+            Tokens::new(b"other").check(&token, "alice"),
+            Err(TokenError::Unknown)
+        );
+        assert_eq!(t.check("garbage", "alice"), Err(TokenError::Unknown));
+        let mut bad = token.clone().into_bytes();
+        let last = bad.len() - 1;
+        bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            t.check(std::str::from_utf8(&bad).unwrap(), "alice"),
+            Err(TokenError::Unknown)
+        );
+    }
+
+    #[test]
+    fn v0_ids_are_single_use() {
+        let t = Tokens::new(b"key");
+        let id = t.issue_v0();
+        assert_eq!(t.check(id.as_str(), ""), Ok(id.clone()));
+        assert_eq!(t.check(id.as_str(), ""), Err(TokenError::Unknown));
+    }
+
+    #[test]
+    fn negotiate_version_parsing() {
+        assert_eq!(requested_version(""), Ok(0));
+        assert_eq!(requested_version("NegotiateVersion=1"), Ok(1));
+        assert_eq!(requested_version("negotiateVersion=5"), Ok(1));
+        assert!(requested_version("negotiateVersion=x")
+            .unwrap_err()
+            .contains("non-integer"));
+    }
+}

@@ -1,0 +1,434 @@
+//! The runtime of one hub on one node: its registry, its backplane subscriptions, local-first
+//! fan-out, and what to do with messages other nodes publish.
+//!
+//! Sends deliver to matching *local* connections at once (encoding once per protocol through
+//! one shared `PreparedMessage`), then publish to the backplane for the other nodes. A node
+//! ignores its own messages when they come back (`origin`), so local recipients get each
+//! message exactly once and without a backplane round trip. Nothing here awaits a client
+//! socket: delivery is `try_push` into bounded outbound queues.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backplane::channel::{ChannelScheme, ChannelTarget};
+use crate::backplane::{Backplane, BackplaneError, BackplaneMessage, BackplanePayload, Channel};
+use crate::connection::ConnectionHandle;
+use crate::ids::{ConnectionId, GroupName, UserId};
+use crate::metrics::{inc, METRICS};
+use crate::protocol::{HubMessage, Invocation, PreparedMessage, Value};
+
+use super::registry::Registry;
+use super::subscriptions::Subscriptions;
+use super::{HubDefinition, HubError};
+
+/// Who a send addresses (`Clients.X` in ASP.NET).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection of the hub, except some.
+    All {
+        /// Excluded connections.
+        except: Vec<ConnectionId>,
+    },
+    /// Some connections.
+    Connections(Vec<ConnectionId>),
+    /// Every connection of some users.
+    Users(Vec<UserId>),
+    /// Members of some groups, except some connections.
+    Groups {
+        /// The groups.
+        groups: Vec<GroupName>,
+        /// Excluded connections.
+        except: Vec<ConnectionId>,
+    },
+}
+
+/// One hub's runtime on this node.
+pub struct HubLifetime {
+    def: HubDefinition,
+    registry: Registry,
+    subs: Arc<Subscriptions>,
+    backplane: Arc<dyn Backplane>,
+    scheme: ChannelScheme,
+}
+
+impl std::fmt::Debug for HubLifetime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubLifetime")
+            .field("path", &self.def.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubLifetime {
+    /// The runtime for `def` on a node using `backplane`.
+    pub fn new(def: HubDefinition, backplane: Arc<dyn Backplane>) -> Arc<HubLifetime> {
+        let scheme = ChannelScheme::new(&def.path, def.options.user_channels.clone());
+        let subs = Subscriptions::new(backplane.clone(), def.options.unsubscribe_debounce);
+        Arc::new(HubLifetime {
+            def,
+            registry: Registry::new(),
+            subs,
+            backplane,
+            scheme,
+        })
+    }
+
+    /// Subscribes the hub-wide channel. Call once before serving.
+    pub async fn start(&self) -> Result<(), BackplaneError> {
+        self.subs.acquire(&self.scheme.all()).await
+    }
+
+    /// The hub declaration.
+    pub fn definition(&self) -> &HubDefinition {
+        &self.def
+    }
+
+    /// The registry of local connections.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The channel naming of this hub.
+    pub fn scheme(&self) -> &ChannelScheme {
+        &self.scheme
+    }
+
+    /// The backplane.
+    pub fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.backplane
+    }
+
+    /// Registers a connection and subscribes its user's and its own channel; returns once the
+    /// subscriptions are active.
+    pub async fn connect(&self, conn: &ConnectionHandle) -> Result<(), BackplaneError> {
+        self.registry.insert(conn);
+        let mut acquired: Vec<Channel> = Vec::new();
+        let mut channels = vec![self.scheme.connection(&conn.id)];
+        if let Some(user) = conn.user_id() {
+            channels.push(self.scheme.user(user));
+        }
+        for ch in channels {
+            if let Err(e) = self.subs.acquire(&ch).await {
+                // Count was raised even on failure; release what this connection holds.
+                self.subs.release(ch, true);
+                for held in acquired {
+                    self.subs.release(held, true);
+                }
+                self.registry.remove(conn);
+                return Err(e);
+            }
+            acquired.push(ch);
+        }
+        METRICS
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inc(&METRICS.connections_total);
+        Ok(())
+    }
+
+    /// Unregisters a connection: leaves its groups, releases its channels, fails its pending
+    /// client results.
+    pub fn disconnect(&self, conn: &ConnectionHandle) {
+        let groups = std::mem::take(&mut *conn.groups.lock().unwrap_or_else(|p| p.into_inner()));
+        for g in groups {
+            if self.registry.remove_from_group(&g, &conn.id).is_some() {
+                self.subs.release(self.scheme.group(&g), false);
+            }
+        }
+        self.registry.remove(conn);
+        if let Some(user) = conn.user_id() {
+            self.subs.release(self.scheme.user(user), false);
+        }
+        self.subs.release(self.scheme.connection(&conn.id), true);
+        conn.fail_pending_results();
+        conn.aborted.cancel();
+        METRICS
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Invokes `method(args)` on every connection `target` addresses, on every node.
+    pub async fn send(
+        &self,
+        target: &Target,
+        method: &str,
+        args: Vec<Value>,
+    ) -> Result<(), HubError> {
+        let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(
+            method,
+            args.clone(),
+        )));
+        let mut remote: Vec<(Channel, Vec<ConnectionId>)> = Vec::new();
+        match target {
+            Target::All { except } => {
+                self.registry.for_each(|c| {
+                    if !except.contains(&c.id) {
+                        let _ = c.send_prepared(&prepared);
+                    }
+                });
+                remote.push((self.scheme.all(), except.clone()));
+            }
+            Target::Connections(ids) => {
+                for id in ids {
+                    match self.registry.get(id) {
+                        Some(c) => {
+                            let _ = c.send_prepared(&prepared);
+                        }
+                        None => remote.push((self.scheme.connection(id), Vec::new())),
+                    }
+                }
+            }
+            Target::Users(users) => {
+                for u in users {
+                    self.registry.for_each_of_user(u, |c| {
+                        let _ = c.send_prepared(&prepared);
+                    });
+                    remote.push((self.scheme.user(u), Vec::new()));
+                }
+            }
+            Target::Groups { groups, except } => {
+                for g in groups {
+                    self.registry.for_each_in_group(g, |c| {
+                        if !except.contains(&c.id) {
+                            let _ = c.send_prepared(&prepared);
+                        }
+                    });
+                    remote.push((self.scheme.group(g), except.clone()));
+                }
+            }
+        }
+        let mut first_error = None;
+        for (channel, exclude) in remote {
+            let msg = Arc::new(BackplaneMessage {
+                origin: self.backplane.node_id().to_string(),
+                payload: BackplanePayload::Invocation {
+                    target: method.to_string(),
+                    arguments: args.clone(),
+                    exclude,
+                },
+            });
+            if let Err(e) = self.backplane.publish(&channel, msg).await {
+                inc(&METRICS.backplane_errors);
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(HubError::Other {
+                kind: "IOException",
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Adds a connection (on any node) to a group.
+    pub async fn add_to_group(&self, id: &ConnectionId, group: &GroupName) -> Result<(), HubError> {
+        match self.registry.get(id) {
+            Some(conn) => self.add_local_to_group(&conn, group).await,
+            None => self.publish_group_command(id, group, true).await,
+        }
+    }
+
+    /// Removes a connection (on any node) from a group.
+    pub async fn remove_from_group(
+        &self,
+        id: &ConnectionId,
+        group: &GroupName,
+    ) -> Result<(), HubError> {
+        match self.registry.get(id) {
+            Some(conn) => {
+                self.remove_local_from_group(&conn, group);
+                Ok(())
+            }
+            None => self.publish_group_command(id, group, false).await,
+        }
+    }
+
+    async fn add_local_to_group(
+        &self,
+        conn: &ConnectionHandle,
+        group: &GroupName,
+    ) -> Result<(), HubError> {
+        if conn.outbound.is_closing() {
+            return Ok(());
+        }
+        // Every member holds one count on the group channel; the last one out unsubscribes.
+        if self.registry.add_to_group(group, conn).is_some() {
+            conn.groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(group.clone());
+            if let Err(e) = self.subs.acquire(&self.scheme.group(group)).await {
+                self.remove_local_from_group(conn, group);
+                return Err(HubError::Other {
+                    kind: "IOException",
+                    message: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_local_from_group(&self, conn: &ConnectionHandle, group: &GroupName) {
+        if self.registry.remove_from_group(group, &conn.id).is_some() {
+            conn.groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|g| g != group);
+            self.subs.release(self.scheme.group(group), false);
+        }
+    }
+
+    async fn publish_group_command(
+        &self,
+        id: &ConnectionId,
+        group: &GroupName,
+        add: bool,
+    ) -> Result<(), HubError> {
+        let msg = Arc::new(BackplaneMessage {
+            origin: self.backplane.node_id().to_string(),
+            payload: BackplanePayload::Group {
+                connection: id.clone(),
+                group: group.clone(),
+                add,
+            },
+        });
+        self.backplane
+            .publish(&self.scheme.connection(id), msg)
+            .await
+            .map_err(|e| HubError::Other {
+                kind: "IOException",
+                message: e.to_string(),
+            })
+    }
+
+    /// Invokes a client method on one local connection and waits for its result
+    /// (ASP.NET's client results).
+    pub async fn invoke_client(
+        &self,
+        id: &ConnectionId,
+        method: &str,
+        args: Vec<Value>,
+        timeout: Duration,
+    ) -> Result<Value, HubError> {
+        let Some(conn) = self.registry.get(id) else {
+            return Err(HubError::Other {
+                kind: "IOException",
+                message: format!("Connection '{id}' does not exist."),
+            });
+        };
+        let (invocation_id, rx) = conn.register_result();
+        let msg = HubMessage::Invocation(Invocation {
+            invocation_id: Some(invocation_id.clone()),
+            ..Invocation::send(method, args)
+        });
+        if conn.send_prepared(&PreparedMessage::new(msg)).is_err() {
+            conn.forget_result(&invocation_id);
+            return Err(HubError::Other {
+                kind: "IOException",
+                message: format!("Connection '{id}' disconnected."),
+            });
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(e))) => Err(HubError::Hub(e)),
+            Ok(Err(_)) => Err(HubError::Other {
+                kind: "IOException",
+                message: format!("Connection '{id}' disconnected."),
+            }),
+            Err(_) => {
+                conn.forget_result(&invocation_id);
+                Err(HubError::new("Invocation canceled by the server."))
+            }
+        }
+    }
+
+    /// Handles a message another node (or a foreign publisher) sent on one of this hub's
+    /// channels. Never waits.
+    pub fn on_delivery(&self, target: &ChannelTarget, msg: &BackplaneMessage) {
+        if !msg.origin.is_empty() && msg.origin == self.backplane.node_id() {
+            return; // Delivered locally when it was sent.
+        }
+        match &msg.payload {
+            BackplanePayload::Invocation {
+                target: method,
+                arguments,
+                exclude,
+            } => {
+                let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(
+                    method.clone(),
+                    arguments.clone(),
+                )));
+                self.deliver_local(target, &prepared, exclude);
+            }
+            BackplanePayload::RawJson(bytes) => match Value::json_checked(bytes.clone()) {
+                Ok(v) => {
+                    let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(
+                        self.def.options.feed_target.clone(),
+                        vec![v],
+                    )));
+                    self.deliver_local(target, &prepared, &[]);
+                }
+                Err(e) => {
+                    inc(&METRICS.feed_rejected);
+                    tracing::warn!(error = %e, "non-JSON payload on a user channel dropped");
+                }
+            },
+            BackplanePayload::Group {
+                connection,
+                group,
+                add,
+            } => {
+                if let Some(conn) = self.registry.get(connection) {
+                    if *add {
+                        // Subscribing awaits the backplane; run it off the dispatch worker.
+                        let group = group.clone();
+                        let this = self.subs.clone();
+                        let scheme = self.scheme.clone();
+                        if self.registry.add_to_group(&group, &conn).is_some() {
+                            conn.groups
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(group.clone());
+                            tokio::spawn(async move {
+                                if let Err(e) = this.acquire(&scheme.group(&group)).await {
+                                    tracing::warn!(error = %e, "group subscribe failed");
+                                }
+                            });
+                        }
+                    } else {
+                        self.remove_local_from_group(&conn, group);
+                    }
+                }
+            }
+            BackplanePayload::CloseConnection { connection, error } => {
+                if let Some(conn) = self.registry.get(connection) {
+                    conn.close(error.clone(), false);
+                }
+            }
+        }
+    }
+
+    fn deliver_local(
+        &self,
+        target: &ChannelTarget,
+        prepared: &PreparedMessage,
+        exclude: &[ConnectionId],
+    ) {
+        let push = |c: &ConnectionHandle| {
+            if !exclude.contains(&c.id) {
+                let _ = c.send_prepared(prepared);
+            }
+        };
+        match target {
+            ChannelTarget::All => self.registry.for_each(push),
+            ChannelTarget::User(u) => self.registry.for_each_of_user(u, push),
+            ChannelTarget::Group(g) => self.registry.for_each_in_group(g, push),
+            ChannelTarget::Connection(id) => {
+                if let Some(c) = self.registry.get(id) {
+                    push(&c);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Decoding feed events. Pure: no I/O, no logging; the caller counts and logs rejections.
+//!
+//! Two forms are accepted (the public contract):
+//! - a body `{"recipients":["1002","1003"],"payload":{...},"id":"optional"}`;
+//! - a routing key `feed.<userId>` with any JSON body, which is the payload.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::ids::UserId;
+
+/// Most recipients one event may name.
+pub const MAX_RECIPIENTS: usize = 10_000;
+
+/// One feed event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedEvent {
+    /// Optional event id (for client-side deduplication and tracing).
+    pub id: Option<String>,
+    /// Who receives it.
+    pub recipients: Vec<UserId>,
+    /// The payload's raw JSON text.
+    pub payload: Bytes,
+}
+
+/// Why an event was rejected. Every variant is a malformed ("poison") message: retrying it
+/// cannot succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// The body is not JSON.
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    /// `recipients` missing, empty or not an array of strings.
+    #[error("'recipients' must be a non-empty array of user ids")]
+    NoRecipients,
+    /// Too many recipients.
+    #[error("too many recipients (at most {MAX_RECIPIENTS})")]
+    TooManyRecipients,
+    /// A recipient is not a valid user id.
+    #[error("invalid user id {0:?}")]
+    BadUserId(String),
+    /// `payload` missing.
+    #[error("'payload' is required")]
+    NoPayload,
+    /// The routing key is not `feed.<userId>` and the body has no recipients.
+    #[error("routing key {0:?} does not name a user and the body has no recipients")]
+    NoAddress(String),
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    recipients: Option<Vec<serde_json::Value>>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    id: Option<serde_json::Value>,
+}
+
+fn user_id(v: &serde_json::Value) -> Result<UserId, EventError> {
+    let s = match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        other => return Err(EventError::BadUserId(other.to_string())),
+    };
+    UserId::new(&s).map_err(|_| EventError::BadUserId(s))
+}
+
+/// Decodes a `{"recipients":[...],"payload":...}` body.
+pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
+    let parsed: Body<'_> =
+        serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+    let recipients = parsed.recipients.ok_or(EventError::NoRecipients)?;
+    if recipients.is_empty() {
+        return Err(EventError::NoRecipients);
+    }
+    if recipients.len() > MAX_RECIPIENTS {
+        return Err(EventError::TooManyRecipients);
+    }
+    let mut users = Vec::with_capacity(recipients.len());
+    for r in &recipients {
+        let u = user_id(r)?;
+        if !users.contains(&u) {
+            users.push(u);
+        }
+    }
+    let payload = parsed.payload.ok_or(EventError::NoPayload)?;
+    let id = parsed.id.map(|v| match v {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    });
+    Ok(FeedEvent {
+        id,
+        recipients: users,
+        payload: Bytes::copy_from_slice(payload.get().as_bytes()),
+    })
+}
+
+/// Decodes a message by routing key and body: `feed.<userId>` addresses one user with the
+/// whole body as payload; any other key needs a recipients body.
+pub fn decode_message(
+    routing_key: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Result<FeedEvent, EventError> {
+    if let Some(user) = routing_key.strip_prefix("feed.") {
+        if !user.is_empty() {
+            let user = UserId::new(user).map_err(|_| EventError::BadUserId(user.to_string()))?;
+            serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .map_err(|e| EventError::NotJson(e.to_string()))?;
+            let text = std::str::from_utf8(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+            return Ok(FeedEvent {
+                id: message_id.map(str::to_string),
+                recipients: vec![user],
+                payload: Bytes::copy_from_slice(text.trim().as_bytes()),
+            });
+        }
+    }
+    match decode_recipients_body(body) {
+        Ok(mut e) => {
+            if e.id.is_none() {
+                e.id = message_id.map(str::to_string);
+            }
+            Ok(e)
+        }
+        Err(EventError::NoRecipients) => Err(EventError::NoAddress(routing_key.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipients_body() {
+        let e = decode_recipients_body(
+            br#"{"payload":{"a":[1, 2]},"recipients":["1002",1003,"1002"],"id":"e1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            e.recipients.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+            vec!["1002", "1003"]
+        );
+        assert_eq!(&e.payload[..], br#"{"a":[1, 2]}"#);
+        assert_eq!(e.id.as_deref(), Some("e1"));
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert!(matches!(
+            decode_recipients_body(b"nope"),
+            Err(EventError::NotJson(_))
+        ));
+        assert_eq!(
+            decode_recipients_body(br#"{"payload":1}"#),
+            Err(EventError::NoRecipients)
+        );
+        assert_eq!(
+            decode_recipients_body(br#"{"recipients":[],"payload":1}"#),
+            Err(EventError::NoRecipients)
+        );
+        assert_eq!(
+            decode_recipients_body(br#"{"recipients":["a"]}"#),
+            Err(EventError::NoPayload)
+        );
+        assert!(matches!(
+            decode_recipients_body(br#"{"recipients":[""],"payload":1}"#),
+            Err(EventError::BadUserId(_))
+        ));
+        assert!(matches!(
+            decode_recipients_body(br#"{"recipients":[{"x":1}],"payload":1}"#),
+            Err(EventError::BadUserId(_))
+        ));
+    }
+
+    #[test]
+    fn routing_key_form() {
+        let e = decode_message("feed.42", br#" {"text":"hi"} "#, Some("m1")).unwrap();
+        assert_eq!(e.recipients[0].as_str(), "42");
+        assert_eq!(&e.payload[..], br#"{"text":"hi"}"#);
+        assert_eq!(e.id.as_deref(), Some("m1"));
+        assert!(matches!(
+            decode_message("feed.42", b"{oops", None),
+            Err(EventError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode_message("other", br#"{"x":1}"#, None),
+            Err(EventError::NoAddress(_))
+        ));
+        let e = decode_message(
+            "anything",
+            br#"{"recipients":["7"],"payload":"p"}"#,
+            Some("m2"),
+        )
+        .unwrap();
+        assert_eq!(e.id.as_deref(), Some("m2"));
+    }
+}

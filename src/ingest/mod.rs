@@ -1,0 +1,24 @@
+//! Turns external feed events into hub sends: the HTTP publish API (`POST /api/feed`) and,
+//! with `--amqp-url`, the RabbitMQ consumer share one pure decoder ([`event`]) and one
+//! delivery function ([`deliver`]).
+
+pub mod event;
+
+use crate::hub::{HubError, HubLifetime, Target};
+use crate::protocol::Value;
+use event::FeedEvent;
+
+/// Sends `event` to every connection of each recipient, on every node, as
+/// `<feed target>(<payload>)`. The payload's JSON is forwarded as received, never
+/// re-serialized.
+pub async fn deliver(hub: &HubLifetime, event: &FeedEvent) -> Result<(), HubError> {
+    let target = Target::Users(event.recipients.clone());
+    let method = hub.definition().options.feed_target.clone();
+    crate::metrics::inc(&crate::metrics::METRICS.feed_events);
+    hub.send(
+        &target,
+        &method,
+        vec![Value::json_unchecked(event.payload.clone())],
+    )
+    .await
+}

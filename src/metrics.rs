@@ -1,0 +1,185 @@
+//! Process-wide counters and gauges, rendered as Prometheus text at `/metrics`.
+//!
+//! Plain atomics: incrementing one is a single relaxed add on the hot path, and rendering
+//! reads them without locks. Names follow Prometheus conventions (`_total` for counters).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::connection::outbound::PushError;
+
+/// All metrics of the process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Connections currently open (after the handshake).
+    pub connections: AtomicI64,
+    /// Connections opened since start.
+    pub connections_total: AtomicU64,
+    /// Hub messages received from clients.
+    pub messages_in: AtomicU64,
+    /// Hub messages queued to clients.
+    pub messages_out: AtomicU64,
+    /// Messages dropped because a connection's queue was full.
+    pub outbound_dropped: AtomicU64,
+    /// Connections closed by the slow-consumer policy.
+    pub slow_consumer_closes: AtomicU64,
+    /// Protocol errors (malformed frames, handshakes, oversize messages).
+    pub protocol_errors: AtomicU64,
+    /// Hub method invocations that ended in an error.
+    pub invocation_errors: AtomicU64,
+    /// Requests rejected for authentication.
+    pub auth_failures: AtomicU64,
+    /// Backplane messages dropped because a dispatch queue was full.
+    pub backplane_dropped: AtomicU64,
+    /// Messages published to the backplane.
+    pub backplane_published: AtomicU64,
+    /// Messages received from the backplane.
+    pub backplane_received: AtomicU64,
+    /// Backplane publish failures.
+    pub backplane_errors: AtomicU64,
+    /// Feed events accepted (HTTP API or RabbitMQ).
+    pub feed_events: AtomicU64,
+    /// Feed events rejected as malformed.
+    pub feed_rejected: AtomicU64,
+}
+
+/// The process's metrics.
+pub static METRICS: Metrics = Metrics {
+    connections: AtomicI64::new(0),
+    connections_total: AtomicU64::new(0),
+    messages_in: AtomicU64::new(0),
+    messages_out: AtomicU64::new(0),
+    outbound_dropped: AtomicU64::new(0),
+    slow_consumer_closes: AtomicU64::new(0),
+    protocol_errors: AtomicU64::new(0),
+    invocation_errors: AtomicU64::new(0),
+    auth_failures: AtomicU64::new(0),
+    backplane_dropped: AtomicU64::new(0),
+    backplane_published: AtomicU64::new(0),
+    backplane_received: AtomicU64::new(0),
+    backplane_errors: AtomicU64::new(0),
+    feed_events: AtomicU64::new(0),
+    feed_rejected: AtomicU64::new(0),
+};
+
+/// Adds one to a counter.
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Records the outcome of an outbound push.
+    pub fn record_push(&self, result: &Result<(), PushError>) {
+        match result {
+            Ok(()) => inc(&self.messages_out),
+            Err(PushError::Full) => inc(&self.outbound_dropped),
+            Err(PushError::Closed) => {}
+        }
+    }
+
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |out: &mut String, name: &str, help: &str, c: &AtomicU64| {
+            let v = c.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        gauge(
+            &mut out,
+            "feedhub_connections",
+            "Open hub connections.",
+            self.connections.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "feedhub_connections_total",
+            "Hub connections opened.",
+            &self.connections_total,
+        );
+        counter(
+            &mut out,
+            "feedhub_messages_in_total",
+            "Hub messages received from clients.",
+            &self.messages_in,
+        );
+        counter(
+            &mut out,
+            "feedhub_messages_out_total",
+            "Hub messages queued to clients.",
+            &self.messages_out,
+        );
+        counter(
+            &mut out,
+            "feedhub_outbound_dropped_total",
+            "Messages dropped: connection queue full.",
+            &self.outbound_dropped,
+        );
+        counter(
+            &mut out,
+            "feedhub_slow_consumer_closes_total",
+            "Connections closed as slow consumers.",
+            &self.slow_consumer_closes,
+        );
+        counter(
+            &mut out,
+            "feedhub_protocol_errors_total",
+            "Malformed handshakes, frames and messages.",
+            &self.protocol_errors,
+        );
+        counter(
+            &mut out,
+            "feedhub_invocation_errors_total",
+            "Hub invocations that failed.",
+            &self.invocation_errors,
+        );
+        counter(
+            &mut out,
+            "feedhub_auth_failures_total",
+            "Requests rejected with 401.",
+            &self.auth_failures,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_published_total",
+            "Messages published to the backplane.",
+            &self.backplane_published,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_received_total",
+            "Messages received from the backplane.",
+            &self.backplane_received,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_dropped_total",
+            "Backplane messages dropped: dispatch queue full.",
+            &self.backplane_dropped,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_errors_total",
+            "Backplane publish failures.",
+            &self.backplane_errors,
+        );
+        counter(
+            &mut out,
+            "feedhub_feed_events_total",
+            "Feed events accepted.",
+            &self.feed_events,
+        );
+        counter(
+            &mut out,
+            "feedhub_feed_rejected_total",
+            "Feed events rejected as malformed.",
+            &self.feed_rejected,
+        );
+        out
+    }
+}
