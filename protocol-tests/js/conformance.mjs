@@ -159,6 +159,23 @@ test("GetNumRedirects reads the hub URL query string", async (t) => {
     assert.equal(await call(c, "GetNumRedirects"), 7);
 });
 
+test("negotiate v1 response: negotiateVersion 1, connectionToken distinct from connectionId", async (t) => {
+    const response = await withTimeout(fetch(`${TESTHUB}/negotiate?negotiateVersion=1`, { method: "POST" }),
+        T_CALL, "POST negotiate");
+    const text = await response.text();
+    t.log(`negotiate -> ${response.status} ${text}`);
+    assert.equal(response.status, 200);
+    const body = JSON.parse(text);
+    assert.equal(body.negotiateVersion, 1);
+    assert.equal(typeof body.connectionId, "string");
+    assert.equal(typeof body.connectionToken, "string");
+    assert.ok(body.connectionId.length > 0 && body.connectionToken.length > 0);
+    assert.notEqual(body.connectionToken, body.connectionId, "the token must not be the public id");
+    const ws = (body.availableTransports || []).find((x) => x.transport === "WebSockets");
+    assert.ok(ws, "WebSockets offered");
+    assert.deepEqual([...ws.transferFormats].sort(), ["Binary", "Text"]);
+});
+
 // ---------------------------------------------------------------- errors
 
 test("ThrowException rejects with the exact HubException message", async (t) => {
@@ -175,6 +192,16 @@ test("unknown hub method rejects and the connection survives (ASP.NET parity)", 
     const err = await rejectsWith(c.invoke("NoSuchMethod", 1), T_CALL, "NoSuchMethod");
     assert.match(err.message,
         /^(Failed to invoke 'NoSuchMethod' due to an error on the server\. HubException: Method does not exist\.|Unknown hub method 'NoSuchMethod')$/);
+    assert.equal(await call(c, "Echo", "still alive"), "still alive");
+});
+
+test("wrong argument count rejects and the connection survives (ASP.NET parity)", async (t) => {
+    const c = await connect(t);
+    const err = await rejectsWith(c.invoke("Echo"), T_CALL, "Echo without arguments");
+    t.log(`error: ${err.message}`);
+    assert.match(err.message, /^Failed to invoke 'Echo' due to an error on the server\./);
+    const err2 = await rejectsWith(c.invoke("Echo", "a", "b"), T_CALL, "Echo with two arguments");
+    t.log(`error: ${err2.message}`);
     assert.equal(await call(c, "Echo", "still alive"), "still alive");
 });
 

@@ -16,6 +16,8 @@ signalrcore 1.0.2 quirks this exercises (an ASP.NET server copes with all):
   so items of a fast server are dropped ("no callback configured"): the
   script registers its handler first (Connection.stream);
 - stop() hangs until the server sends something (see Connection.stop);
+- with MessagePack its client-to-server stream messages are malformed (see
+  client_stream_without_result, run with JSON only);
 - hub errors (completion with error) go to the global on_error callback, not
   to the invocation's callback; client method handlers are matched by exact
   case and receive the argument list.
@@ -279,6 +281,15 @@ def client_stream_without_result(cleanup):
     # signalrcore's Subject sends the streaming invocation without an
     # invocation id (no completion expected); the server must run it and the
     # connection must stay healthy.
+    #
+    # JSON only: with MessagePack, signalrcore 1.0.2 encodes this invocation
+    # as [1, headers, target, arguments, streamIds] (no invocationId slot) and
+    # the stream completion without a resultKind, which is malformed; ASP.NET
+    # closes the connection ("Invalid MessagePack: Reading 'target' as String
+    # failed.") and so does feedhub.
+    if PROTOCOL == "messagepack":
+        print("    (skipped for messagepack: signalrcore encodes client streams malformed)", flush=True)
+        return
     c = Connection()
     cleanup.append(c.stop)
     c.start()
