@@ -633,6 +633,38 @@ test("Disconnect(true) without automatic reconnect closes the connection", async
     assert.equal(c.state, signalR.HubConnectionState.Disconnected);
 });
 
+test("withStatefulReconnect: a server that does not offer it still connects normally", async (t) => {
+    const c = new signalR.HubConnectionBuilder()
+        .withUrl(TESTHUB, { transport: signalR.HttpTransportType.WebSockets, logger: t.logger, logMessageContent: true })
+        .withHubProtocol(protocol())
+        .withStatefulReconnect()
+        .configureLogging(t.logger)
+        .build();
+    t.defer(() => c.stop());
+    await withTimeout(c.start(), T_START, "start");
+    assert.equal(await call(c, "Echo", "stateful?"), "stateful?");
+    assert.deepEqual(await collect(c, "Stream"), ["a", "b", "c"]);
+});
+
+if (!IS_MSGPACK) {
+    // Slow (about 22 s), so only in the JSON run. ASP.NET pings every 15 s
+    // (KeepAliveInterval); the client gives up after serverTimeoutInMilliseconds
+    // (30 s by default) without any message. Here 20 s: only server pings keep
+    // an idle connection alive.
+    test("an idle connection is kept alive by server pings", async (t) => {
+        const c = build(t);
+        const closed = [];
+        c.onclose((err) => closed.push(err));
+        c.serverTimeoutInMilliseconds = 20000;
+        await withTimeout(c.start(), T_START, "start");
+        assert.equal(await call(c, "Echo", "before idle"), "before idle");
+        await sleep(22000);
+        assert.deepEqual(closed.map((e) => e && e.message), [], "the connection must not time out");
+        assert.equal(c.state, signalR.HubConnectionState.Connected);
+        assert.equal(await call(c, "Echo", "after idle"), "after idle");
+    }, { timeoutMs: 40000 });
+}
+
 // ---------------------------------------------------------------- skipNegotiation
 
 test("skipNegotiation with WebSockets transport works", async (t) => {
