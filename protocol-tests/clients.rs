@@ -10,7 +10,6 @@
 //! `CI=true`, where they fail. `FEEDHUB_ONLY=<substring>` runs only the
 //! matching checks of each script, `FEEDHUB_VERBOSE=1` prints client logs.
 
-#[allow(dead_code)]
 #[path = "support/mod.rs"]
 mod support;
 

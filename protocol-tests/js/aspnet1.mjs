@@ -99,7 +99,7 @@ test("Echo round-trips", async (t) => {
 test("InvokeWithString pushes Message", async (t) => {
     const c = build(t);
     const got = [];
-    c.on("message", (m) => got.push(m));
+    c.on("message", (m) => { got.push(m); });
     await withTimeout(c.start(), T_START, "start()");
     const message = "你好 SignalR！";
     assert.equal(await call(c, "InvokeWithString", message), null);

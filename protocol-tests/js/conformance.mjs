@@ -144,7 +144,7 @@ test("stop() closes cleanly: onclose fires with no error", async (t) => {
 test("can be restarted after stop and handlers stay bound", async (t) => {
     const c = build(t);
     const got = [];
-    c.on("Message", (m) => got.push(m));
+    c.on("Message", (m) => { got.push(m); });
     for (let round = 0; round < 2; round += 1) {
         await withTimeout(c.start(), T_START, `start #${round}`);
         assert.equal(await call(c, "InvokeWithString", `round ${round}`), null);
@@ -157,6 +157,23 @@ test("can be restarted after stop and handlers stay bound", async (t) => {
 test("GetNumRedirects reads the hub URL query string", async (t) => {
     const c = await connect(t, { url: `${TESTHUB}?numRedirects=7` });
     assert.equal(await call(c, "GetNumRedirects"), 7);
+});
+
+test("negotiate v1 response: negotiateVersion 1, connectionToken distinct from connectionId", async (t) => {
+    const response = await withTimeout(fetch(`${TESTHUB}/negotiate?negotiateVersion=1`, { method: "POST" }),
+        T_CALL, "POST negotiate");
+    const text = await response.text();
+    t.log(`negotiate -> ${response.status} ${text}`);
+    assert.equal(response.status, 200);
+    const body = JSON.parse(text);
+    assert.equal(body.negotiateVersion, 1);
+    assert.equal(typeof body.connectionId, "string");
+    assert.equal(typeof body.connectionToken, "string");
+    assert.ok(body.connectionId.length > 0 && body.connectionToken.length > 0);
+    assert.notEqual(body.connectionToken, body.connectionId, "the token must not be the public id");
+    const ws = (body.availableTransports || []).find((x) => x.transport === "WebSockets");
+    assert.ok(ws, "WebSockets offered");
+    assert.deepEqual([...ws.transferFormats].sort(), ["Binary", "Text"]);
 });
 
 // ---------------------------------------------------------------- errors
@@ -175,6 +192,16 @@ test("unknown hub method rejects and the connection survives (ASP.NET parity)", 
     const err = await rejectsWith(c.invoke("NoSuchMethod", 1), T_CALL, "NoSuchMethod");
     assert.match(err.message,
         /^(Failed to invoke 'NoSuchMethod' due to an error on the server\. HubException: Method does not exist\.|Unknown hub method 'NoSuchMethod')$/);
+    assert.equal(await call(c, "Echo", "still alive"), "still alive");
+});
+
+test("wrong argument count rejects and the connection survives (ASP.NET parity)", async (t) => {
+    const c = await connect(t);
+    const err = await rejectsWith(c.invoke("Echo"), T_CALL, "Echo without arguments");
+    t.log(`error: ${err.message}`);
+    assert.match(err.message, /^Failed to invoke 'Echo' due to an error on the server\./);
+    const err2 = await rejectsWith(c.invoke("Echo", "a", "b"), T_CALL, "Echo with two arguments");
+    t.log(`error: ${err2.message}`);
     assert.equal(await call(c, "Echo", "still alive"), "still alive");
 });
 
@@ -202,7 +229,7 @@ test("stream() of a non-streaming method is rejected (ASP.NET parity)", async (t
 test("InvokeWithString pushes Message to the caller (client method names case-insensitive)", async (t) => {
     const c = build(t);
     const got = [];
-    c.on("mEsSaGe", (...args) => got.push(args));
+    c.on("mEsSaGe", (...args) => { got.push(args); });
     await withTimeout(c.start(), T_START, "start");
     const message = "你好 SignalR！";
     assert.equal(await call(c, "InvokeWithString", message), null);
@@ -431,7 +458,7 @@ async function crowd(t) {
     for (const [name, user] of specs) {
         const c = build(t, { token: user === undefined ? undefined : makeJwt(JWT_SECRET, user) });
         const inbox = [];
-        c.on("Send", (...args) => inbox.push(args));
+        c.on("Send", (...args) => { inbox.push(args); });
         await withTimeout(c.start(), T_START, `start ${name}`);
         conns[name] = { name, user, c, inbox, id: c.connectionId };
     }
@@ -559,7 +586,7 @@ test("Disconnect(true) with automatic reconnect: reconnecting, reconnected with 
     c.onreconnected((id) => reconnected.resolve(id));
     c.onclose((err) => closed.push(err));
     const pushes = [];
-    c.on("Message", (m) => pushes.push(m));
+    c.on("Message", (m) => { pushes.push(m); });
     await withTimeout(c.start(), T_START, "start");
     const firstId = c.connectionId;
     assert.equal(await call(c, "GetCallerConnectionId"), firstId);
@@ -605,6 +632,38 @@ test("Disconnect(true) without automatic reconnect closes the connection", async
     await withTimeout(closed.promise, T_CALL, "onclose");
     assert.equal(c.state, signalR.HubConnectionState.Disconnected);
 });
+
+test("withStatefulReconnect: a server that does not offer it still connects normally", async (t) => {
+    const c = new signalR.HubConnectionBuilder()
+        .withUrl(TESTHUB, { transport: signalR.HttpTransportType.WebSockets, logger: t.logger, logMessageContent: true })
+        .withHubProtocol(protocol())
+        .withStatefulReconnect()
+        .configureLogging(t.logger)
+        .build();
+    t.defer(() => c.stop());
+    await withTimeout(c.start(), T_START, "start");
+    assert.equal(await call(c, "Echo", "stateful?"), "stateful?");
+    assert.deepEqual(await collect(c, "Stream"), ["a", "b", "c"]);
+});
+
+if (!IS_MSGPACK) {
+    // Slow (about 22 s), so only in the JSON run. ASP.NET pings every 15 s
+    // (KeepAliveInterval); the client gives up after serverTimeoutInMilliseconds
+    // (30 s by default) without any message. Here 20 s: only server pings keep
+    // an idle connection alive.
+    test("an idle connection is kept alive by server pings", async (t) => {
+        const c = build(t);
+        const closed = [];
+        c.onclose((err) => closed.push(err));
+        c.serverTimeoutInMilliseconds = 20000;
+        await withTimeout(c.start(), T_START, "start");
+        assert.equal(await call(c, "Echo", "before idle"), "before idle");
+        await sleep(22000);
+        assert.deepEqual(closed.map((e) => e && e.message), [], "the connection must not time out");
+        assert.equal(c.state, signalR.HubConnectionState.Connected);
+        assert.equal(await call(c, "Echo", "after idle"), "after idle");
+    }, { timeoutMs: 40000 });
+}
 
 // ---------------------------------------------------------------- skipNegotiation
 

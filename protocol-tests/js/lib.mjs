@@ -211,13 +211,29 @@ const LEVELS = ["trace", "debug", "info", "warn", "error", "critical", "none"];
 
 export function describe(err) {
     if (err instanceof Error) {
-        const extra = err.statusCode !== undefined ? ` (statusCode ${err.statusCode})` : "";
-        return `${err.name}: ${err.message}${extra}\n${(err.stack || "").split("\n").slice(1, 6).join("\n")}`;
+        let extra = err.statusCode !== undefined ? ` (statusCode ${err.statusCode})` : "";
+        if (err.code === "ERR_ASSERTION" && !err.message.includes("actual - expected")) {
+            // A custom assertion message hides the values: show them.
+            extra += `\n  actual:   ${show(err.actual)}\n  expected: ${show(err.expected)}`;
+        }
+        const frames = (err.stack || "").split("\n").filter((l) => /^\s+at /.test(l)).slice(0, 5);
+        return `${err.name}: ${err.message}${extra}\n${frames.join("\n")}`;
     }
     try {
         return JSON.stringify(err);
     } catch {
         return String(err);
+    }
+}
+
+function show(value) {
+    if (value instanceof Uint8Array) {
+        return `${value.constructor.name}[${Array.from(value).join(",")}]`;
+    }
+    try {
+        return JSON.stringify(value, (_, v) => (v instanceof Uint8Array ? `${v.constructor.name}[${Array.from(v).join(",")}]` : v));
+    } catch {
+        return String(value);
     }
 }
 

@@ -12,6 +12,12 @@ signalrcore 1.0.2 quirks this exercises (an ASP.NET server copes with all):
 - its hand-written WebSocket client sends "Host: 127.0.0.1" without the port,
   puts the token in an Authorization header, and every hub message it sends
   carries a "headers" map;
+- hub.stream() sends the StreamInvocation before the caller can subscribe,
+  so items of a fast server are dropped ("no callback configured"): the
+  script registers its handler first (Connection.stream);
+- stop() hangs until the server sends something (see Connection.stop);
+- with MessagePack its client-to-server stream messages are malformed (see
+  client_stream_without_result, run with JSON only);
 - hub errors (completion with error) go to the global on_error callback, not
   to the invocation's callback; client method handlers are matched by exact
   case and receive the argument list.
@@ -28,8 +34,11 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 
+from signalrcore.hub.handlers import StreamHandler
 from signalrcore.hub_connection_builder import HubConnectionBuilder
+from signalrcore.messages.stream_invocation_message import StreamInvocationMessage
 from signalrcore.protocol.json_hub_protocol import JsonHubProtocol
 from signalrcore.protocol.messagepack_protocol import MessagePackHubProtocol
 from signalrcore.subject import Subject
@@ -138,11 +147,45 @@ class Connection:
                     raise HubError(err.error)
         raise AssertionError(f"no completion for {method} within {T_CALL} s")
 
-    def stop(self):
+    def stream(self, method, args, callbacks):
+        """Like hub.stream(method, args).subscribe(callbacks), but subscribed
+        before the StreamInvocation is sent (hub.stream() races the server)."""
+        invocation_id = str(uuid.uuid4())
+        handler = StreamHandler(method, invocation_id)
+        handler.subscribe(callbacks)
+        self.hub.stream_handlers[invocation_id].append(handler)
+        self.hub.transport.send(
+            StreamInvocationMessage(invocation_id, method, args, headers=self.hub.headers))
+        return handler
+
+    def stop(self, timeout=T_CALL):
+        """Stops the connection; returns True when on_close fired in time.
+
+        signalrcore 1.0.2's stop() only closes its socket, which does not wake
+        its own receive thread blocked in recv(): stop() then hangs until the
+        server sends something (ASP.NET's next keep-alive ping, up to 15 s).
+        So first send a WebSocket close frame (status 1000), as a browser
+        would; the server answers it and closes the TCP connection, which ends
+        the receive thread. Then stop() returns at once.
+        """
+        client = getattr(self.hub.transport, "_client", None)
+        if client is not None and not client.is_connection_closed():
+            try:
+                client.send(b"\x03\xe8", opcode=0x8)
+            except Exception as exc:  # noqa: BLE001 - best effort
+                CAPTURE.lines.append(f"close frame not sent: {exc!r}")
+        stopper = threading.Thread(target=self._stop_quietly, daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            CAPTURE.lines.append(f"stop() still blocked after {timeout} s")
+        return self.closed.wait(0.5 if stopper.is_alive() else timeout)
+
+    def _stop_quietly(self):
         try:
             self.hub.stop()
-        except Exception:  # noqa: BLE001 - cleanup only
-            pass
+        except Exception as exc:  # noqa: BLE001 - cleanup only
+            CAPTURE.lines.append(f"stop() raised {exc!r}")
 
 
 class HubError(Exception):
@@ -198,7 +241,7 @@ def stream_yields_items(cleanup):
     c.start()
     items = []
     complete = threading.Event()
-    c.hub.stream("Stream", []).subscribe({
+    c.stream("Stream", [], {
         "next": items.append,
         "complete": lambda _msg: complete.set(),
         "error": lambda err: items.append(("error", err)),
@@ -238,6 +281,15 @@ def client_stream_without_result(cleanup):
     # signalrcore's Subject sends the streaming invocation without an
     # invocation id (no completion expected); the server must run it and the
     # connection must stay healthy.
+    #
+    # JSON only: with MessagePack, signalrcore 1.0.2 encodes this invocation
+    # as [1, headers, target, arguments, streamIds] (no invocationId slot) and
+    # the stream completion without a resultKind, which is malformed; ASP.NET
+    # closes the connection ("Invalid MessagePack: Reading 'target' as String
+    # failed.") and so does feedhub.
+    if PROTOCOL == "messagepack":
+        print("    (skipped for messagepack: signalrcore encodes client streams malformed)", flush=True)
+        return
     c = Connection()
     cleanup.append(c.stop)
     c.start()
@@ -256,8 +308,7 @@ def stop_closes(cleanup):
     cleanup.append(c.stop)
     c.start()
     assert c.invoke("Echo", ["bye"]) == "bye"
-    c.hub.stop()
-    assert c.closed.wait(T_CALL), "on_close did not fire after stop()"
+    assert c.stop(), "on_close did not fire after a WebSocket close + stop()"
 
 
 def main():
