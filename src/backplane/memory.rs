@@ -15,8 +15,11 @@ use super::{Backplane, BackplaneError, BackplaneMessage, Channel, Delivery, Inbo
 /// The shared bus. Clone it to give several nodes the same bus.
 #[derive(Clone, Default, Debug)]
 pub struct MemoryBus {
-    subscribers: Arc<Mutex<HashMap<Channel, Vec<(String, Inbox)>>>>,
+    subscribers: Arc<Mutex<Subscribers>>,
 }
+
+/// Channel → the (node id, inbox) pairs subscribed to it.
+type Subscribers = HashMap<Channel, Vec<(String, Inbox)>>;
 
 impl MemoryBus {
     /// A new, empty bus.
@@ -78,8 +81,15 @@ impl Backplane for MemoryBackplane {
                 .subscribers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            // The origin node already delivered to its local connections (local-first
+            // fan-out), so it is skipped here instead of dropping its own message later.
             subs.get(channel)
-                .map(|v| v.iter().map(|(_, inbox)| inbox.clone()).collect())
+                .map(|v| {
+                    v.iter()
+                        .filter(|(node, _)| message.origin.is_empty() || *node != message.origin)
+                        .map(|(_, inbox)| inbox.clone())
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         for inbox in targets {

@@ -328,6 +328,7 @@ fn connect(
             }
         };
         let (source, sink) = crate::transport::websocket::accept(TokioIo::new(upgraded), max).await;
+        let ended_id = connection_id.clone();
         session::run(
             source,
             sink,
@@ -341,6 +342,7 @@ fn connect(
             },
         )
         .await;
+        state2.tokens.mark_ended(&ended_id);
     });
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -38,6 +38,9 @@ pub enum TokenError {
 pub struct Tokens {
     key: Vec<u8>,
     v0: Mutex<HashMap<String, Instant>>,
+    /// Connections that ended while their token was still valid, so the token cannot open
+    /// a second connection with the same id (ASP.NET forgets a disposed connection's token).
+    ended: Mutex<HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -52,6 +55,19 @@ impl Tokens {
         Tokens {
             key: key.to_vec(),
             v0: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records that connection `id` ended: its token is refused from now on.
+    pub fn mark_ended(&self, id: &ConnectionId) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if ended.len() >= MAX_V0_PENDING {
+            ended.retain(|_, t| now.duration_since(*t) < TOKEN_TTL);
+        }
+        if ended.len() < MAX_V0_PENDING {
+            ended.insert(id.as_str().to_string(), now);
         }
     }
 
@@ -137,6 +153,11 @@ impl Tokens {
             return Err(TokenError::Unknown);
         }
         let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.contains_key(&id) {
+            return Err(TokenError::Unknown);
+        }
+        drop(ended);
         ConnectionId::new(&id).map_err(|_| TokenError::Unknown)
     }
 }

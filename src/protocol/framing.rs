@@ -25,15 +25,17 @@ pub const MAX_VARINT_BYTES: usize = 5;
 /// Takes the next 0x1E-terminated record off the front of `buf`; the separator is consumed
 /// and not returned.
 ///
-/// The record (without separator) may be at most `max_message_size` bytes long. Only the
-/// first `max_message_size + 1` bytes are ever scanned, so a slow drip of a huge record
-/// costs at most that much per call and is rejected with [`ProtocolError::TooLarge`] as
-/// soon as more than `max_message_size` bytes are buffered with no separator.
+/// The framed record (with its separator) may be at most `max_message_size` bytes long:
+/// ASP.NET parses within a window of `MaximumReceiveMessageSize` bytes, so the separator
+/// counts. Only the first `max_message_size` bytes are ever scanned, so a slow drip of a
+/// huge record costs at most that much per call and is rejected with
+/// [`ProtocolError::TooLarge`] as soon as `max_message_size` bytes are buffered with no
+/// separator.
 pub fn split_text(
     buf: &mut BytesMut,
     max_message_size: usize,
 ) -> Result<Option<Bytes>, ProtocolError> {
-    let window = buf.len().min(max_message_size.saturating_add(1));
+    let window = buf.len().min(max_message_size);
     let Some(window_bytes) = buf.get(..window) else {
         return Ok(None);
     };
@@ -44,7 +46,7 @@ pub fn split_text(
             record.truncate(end);
             Ok(Some(record.freeze()))
         }
-        None if buf.len() > max_message_size => Err(ProtocolError::TooLarge {
+        None if buf.len() >= max_message_size => Err(ProtocolError::TooLarge {
             limit: max_message_size,
         }),
         None => Ok(None),
@@ -106,8 +108,9 @@ pub fn read_varint(input: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError
 /// Takes the next VarInt-length-prefixed record off the front of `buf`; the prefix is
 /// consumed and not returned.
 ///
-/// A declared length above `max_message_size` is [`ProtocolError::TooLarge`] at once,
-/// before the body arrives. Nothing is consumed when `Ok(None)` is returned.
+/// A framed length (prefix plus body) above `max_message_size` is
+/// [`ProtocolError::TooLarge`] at once, before the body arrives (the prefix counts, as in
+/// ASP.NET's parsing window). Nothing is consumed when `Ok(None)` is returned.
 pub fn split_binary(
     buf: &mut BytesMut,
     max_message_size: usize,
@@ -115,7 +118,7 @@ pub fn split_binary(
     let Some((len, prefix_len)) = read_varint(buf)? else {
         return Ok(None);
     };
-    if len > max_message_size {
+    if len.saturating_add(prefix_len) > max_message_size {
         return Err(ProtocolError::TooLarge {
             limit: max_message_size,
         });
@@ -224,23 +227,23 @@ mod tests {
 
     #[test]
     fn split_text_limit() {
-        // Exactly at the limit is fine.
-        let mut buf = BytesMut::from(&b"abcd\x1e"[..]);
-        assert_eq!(split_text(&mut buf, 4).unwrap().unwrap(), &b"abcd"[..]);
+        // Exactly at the limit (separator included) is fine.
+        let mut buf = BytesMut::from(&b"abc\x1e"[..]);
+        assert_eq!(split_text(&mut buf, 4).unwrap().unwrap(), &b"abc"[..]);
         // One more byte than the limit with the separator after it.
-        let mut buf = BytesMut::from(&b"abcde\x1e"[..]);
+        let mut buf = BytesMut::from(&b"abcd\x1e"[..]);
         assert!(matches!(
             split_text(&mut buf, 4),
             Err(ProtocolError::TooLarge { limit: 4 })
         ));
-        // More than the limit buffered, no separator yet: rejected without waiting.
-        let mut buf = BytesMut::from(&b"abcde"[..]);
-        assert!(matches!(
-            split_text(&mut buf, 4),
-            Err(ProtocolError::TooLarge { limit: 4 })
-        ));
-        // At the limit without separator: wait.
+        // The limit buffered, no separator yet: rejected without waiting.
         let mut buf = BytesMut::from(&b"abcd"[..]);
+        assert!(matches!(
+            split_text(&mut buf, 4),
+            Err(ProtocolError::TooLarge { limit: 4 })
+        ));
+        // Below the limit without separator: wait.
+        let mut buf = BytesMut::from(&b"abc"[..]);
         assert_eq!(split_text(&mut buf, 4).unwrap(), None);
         // Unlimited.
         let mut buf = BytesMut::from(&b"abcd\x1e"[..]);
@@ -321,7 +324,7 @@ mod tests {
         fn text_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200), max in 0usize..64) {
             let mut buf = BytesMut::from(&data[..]);
             while let Ok(Some(record)) = split_text(&mut buf, max) {
-                prop_assert!(record.len() <= max);
+                prop_assert!(record.len() < max);
             }
         }
 
@@ -335,7 +338,7 @@ mod tests {
         fn binary_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200), max in 0usize..64) {
             let mut buf = BytesMut::from(&data[..]);
             while let Ok(Some(record)) = split_binary(&mut buf, max) {
-                prop_assert!(record.len() <= max);
+                prop_assert!(record.len() < max);
             }
         }
     }

@@ -890,11 +890,12 @@ mod tests {
     fn too_large() {
         let mut buf = BytesMut::from(&b"{\"type\":6}\x1e"[..]);
         assert!(matches!(
-            decode(&mut buf, 9),
-            Err(ProtocolError::TooLarge { limit: 9 })
+            decode(&mut buf, 10),
+            Err(ProtocolError::TooLarge { limit: 10 })
         ));
+        // The separator counts toward the limit, as in ASP.NET.
         let mut buf = BytesMut::from(&b"{\"type\":6}\x1e"[..]);
-        assert_eq!(decode(&mut buf, 10).unwrap(), Some(HubMessage::Ping));
+        assert_eq!(decode(&mut buf, 11).unwrap(), Some(HubMessage::Ping));
         let mut buf =
             BytesMut::from(&b"{\"type\":1,\"target\":\"x\",\"arguments\":[\"aaaaaaaa"[..]);
         assert!(matches!(

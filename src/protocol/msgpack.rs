@@ -719,7 +719,9 @@ mod tests {
             Err(ProtocolError::TooLarge { limit: 10 })
         ));
         let mut buf = BytesMut::from(&framed[..]);
-        assert!(decode(&mut buf, framed.len() - 1).unwrap().is_some());
+        // The length prefix counts toward the limit, as in ASP.NET.
+        assert!(decode(&mut buf.clone(), framed.len() - 1).is_err());
+        assert!(decode(&mut buf, framed.len()).unwrap().is_some());
     }
 
     #[test]

@@ -348,9 +348,11 @@ impl Loop {
     async fn finish<Snk: FrameSink>(&mut self, sink: &mut Snk, end: End) -> End {
         match end {
             End::ServerClose(error) => {
+                // ASP.NET keeps allowReconnect true unless the app aborted, the client closed
+                // or OnConnected failed: a protocol error lets the client start over.
                 let close = Close {
                     error: error.clone(),
-                    allow_reconnect: false,
+                    allow_reconnect: true,
                 };
                 let mut out = Vec::new();
                 if self
