@@ -1,0 +1,126 @@
+//! Connection life cycle with short timers: handshake deadline, server keep-alive pings,
+//! client timeout after the first ping, slow consumers, and graceful shutdown sending Close
+//! with `allowReconnect: true` to every client.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use feedhub::hub::{HubBuilder, HubContext, HubError};
+use feedhub::protocol::{Close, HubMessage, ProtocolKind};
+use feedhub::{Server, ServerBuilder, ServerConfig};
+use support::*;
+
+async fn server_with(f: impl FnOnce(&mut feedhub::hub::HubOptions)) -> Server {
+    let hub = HubBuilder::new("/short")
+        .configure(f)
+        .method("Echo", |_c: HubContext, (s,): (String,)| async move {
+            Ok::<_, HubError>(s)
+        })
+        .build();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServerConfig::default()
+    };
+    ServerBuilder::new(config).hub(hub).start().await.unwrap()
+}
+
+fn url(s: &Server) -> String {
+    format!("ws://{}/short", s.local_addr())
+}
+
+#[tokio::test]
+async fn a_silent_client_gets_the_handshake_canceled_after_the_deadline() {
+    let s = server_with(|o| o.handshake_timeout = Duration::from_millis(300)).await;
+    let mut c = RawClient::open(&url(&s)).await;
+    let started = std::time::Instant::now();
+    let resp = c.recv_raw().await.expect("an error response");
+    assert_eq!(resp, b"{\"error\":\"Handshake was canceled.\"}\x1e");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn the_server_pings_an_idle_connection_at_the_keep_alive_interval() {
+    let s = server_with(|o| o.keep_alive_interval = Duration::from_millis(200)).await;
+    for p in ProtocolKind::ALL {
+        let mut c = RawClient::connect(&url(&s), p).await;
+        let started = std::time::Instant::now();
+        let frame = c.recv_raw().await.expect("a ping");
+        let mut expected = Vec::new();
+        p.encode(&HubMessage::Ping, &mut expected).unwrap();
+        assert_eq!(frame, expected, "{p:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_after_its_first_ping_is_closed_after_the_client_timeout() {
+    let s = server_with(|o| {
+        o.client_timeout = Duration::from_millis(400);
+        o.keep_alive_interval = Duration::from_millis(100);
+    })
+    .await;
+    // A client that never pings is never timed out (ASP.NET starts the timer on the first Ping).
+    let mut quiet = RawClient::connect(&url(&s), ProtocolKind::Json).await;
+    let mut c = RawClient::connect(&url(&s), ProtocolKind::Json).await;
+    c.send(&HubMessage::Ping).await;
+    let close = loop {
+        match c.recv().await {
+            Some(HubMessage::Close(close)) => break close,
+            Some(_) => continue,
+            None => panic!("socket closed without a Close message"),
+        }
+    };
+    assert!(close.allow_reconnect);
+    assert!(close.error.unwrap().contains("ClientTimeoutInterval"));
+    c.expect_closed().await;
+    // The quiet one is still served.
+    quiet
+        .send_text(
+            "{\"type\":1,\"invocationId\":\"1\",\"target\":\"echo\",\"arguments\":[\"x\"]}\u{1e}",
+        )
+        .await;
+    loop {
+        match quiet.recv().await.expect("still open") {
+            HubMessage::Completion(done) => {
+                assert_eq!(done.invocation_id, "1");
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn graceful_shutdown_sends_close_with_allow_reconnect_to_every_client() {
+    let s = server_with(|_| {}).await;
+    let mut clients = Vec::new();
+    for p in [
+        ProtocolKind::Json,
+        ProtocolKind::MessagePack,
+        ProtocolKind::Json,
+    ] {
+        clients.push(RawClient::connect(&url(&s), p).await);
+    }
+    let shutdown = tokio::spawn(s.shutdown());
+    for c in &mut clients {
+        let close = loop {
+            match c.recv().await {
+                Some(HubMessage::Close(close)) => break close,
+                Some(_) => continue,
+                None => panic!("closed without a Close message"),
+            }
+        };
+        assert_eq!(
+            close,
+            Close {
+                error: None,
+                allow_reconnect: true
+            }
+        );
+        c.expect_closed().await;
+    }
+    within("shutdown to finish", shutdown).await.unwrap();
+}
