@@ -27,15 +27,20 @@ impl MemoryBus {
         MemoryBus::default()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+        // A poisoned lock only means a panic elsewhere; the map itself is still consistent.
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// How many nodes are subscribed to `channel` (Redis's `PUBSUB NUMSUB`).
     pub fn subscriber_count(&self, channel: &Channel) -> usize {
-        let subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        let subs = self.lock();
         subs.get(channel).map_or(0, Vec::len)
     }
 
     /// Every channel with at least one subscriber.
     pub fn channels(&self) -> Vec<Channel> {
-        let subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        let subs = self.lock();
         subs.keys().cloned().collect()
     }
 }
@@ -76,11 +81,7 @@ impl Backplane for MemoryBackplane {
     ) -> Result<(), BackplaneError> {
         crate::metrics::inc(&crate::metrics::METRICS.backplane_published);
         let targets: Vec<Inbox> = {
-            let subs = self
-                .bus
-                .subscribers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let subs = self.bus.lock();
             // The origin node already delivered to its local connections (local-first
             // fan-out), so it is skipped here instead of dropping its own message later.
             subs.get(channel)
@@ -102,11 +103,7 @@ impl Backplane for MemoryBackplane {
     }
 
     async fn subscribe(&self, channels: &[Channel]) -> Result<(), BackplaneError> {
-        let mut subs = self
-            .bus
-            .subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut subs = self.bus.lock();
         for ch in channels {
             let list = subs.entry(ch.clone()).or_default();
             if !list.iter().any(|(n, _)| n == &self.node_id) {
@@ -117,11 +114,7 @@ impl Backplane for MemoryBackplane {
     }
 
     async fn unsubscribe(&self, channels: &[Channel]) -> Result<(), BackplaneError> {
-        let mut subs = self
-            .bus
-            .subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut subs = self.bus.lock();
         for ch in channels {
             if let Some(list) = subs.get_mut(ch) {
                 list.retain(|(n, _)| n != &self.node_id);
