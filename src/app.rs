@@ -26,7 +26,7 @@ use crate::backplane::memory::{MemoryBackplane, MemoryBus};
 use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, Inbox};
 use crate::http::negotiate::Tokens;
-use crate::hub::{Clients, HubDefinition, HubLifetime};
+use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -333,6 +333,11 @@ impl Server {
     /// `IHubContext`: send to a hub's clients from outside any connection.
     pub fn clients(&self, hub_path: &str) -> Option<Clients> {
         self.hub(hub_path).map(|h| Clients::new(h, None))
+    }
+
+    /// `IHubContext.Groups`: add or remove any connection (on any node) to or from groups.
+    pub fn groups(&self, hub_path: &str) -> Option<Groups> {
+        self.hub(hub_path).map(Groups::new)
     }
 
     /// A hub's runtime.
