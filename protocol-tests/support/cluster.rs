@@ -202,11 +202,34 @@ pub async fn redis_cluster_at(url: &str, n: usize, name: &str) -> Cluster {
     start_cluster(Kind::Redis(url.to_string()), n, name, inspect).await
 }
 
+/// Starts one feed server on the Redis at `url` without waiting for it to connect.
+pub async fn redis_cluster_unready(url: &str, name: &str) -> Cluster {
+    start_cluster_with(Kind::Redis(url.to_string()), 1, name, None, false).await
+}
+
+/// A connection to the Redis at `url`; panics when it is unreachable.
+pub async fn redis_url_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).expect("redis url");
+    within("redis connect", client.get_multiplexed_async_connection())
+        .await
+        .expect("redis connect")
+}
+
 async fn start_cluster(
     kind: Kind,
     n: usize,
     name: &str,
     inspect: Option<redis::aio::MultiplexedConnection>,
+) -> Cluster {
+    start_cluster_with(kind, n, name, inspect, true).await
+}
+
+async fn start_cluster_with(
+    kind: Kind,
+    n: usize,
+    name: &str,
+    inspect: Option<redis::aio::MultiplexedConnection>,
+    wait_ready: bool,
 ) -> Cluster {
     let prefix = super::unique_prefix(name);
     let mut nodes = Vec::new();
@@ -236,7 +259,7 @@ async fn start_cluster(
                 let server = b.start().await.expect("feed server");
                 let bp = slot.lock().expect("slot").clone().expect("backplane built");
                 assert!(
-                    bp.wait_ready(Duration::from_secs(10)).await,
+                    !wait_ready || bp.wait_ready(Duration::from_secs(10)).await,
                     "Redis backplane did not connect"
                 );
                 redis.push(bp);

@@ -60,7 +60,8 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// First reconnect delay; doubles up to `backoff_max` (default 50 ms).
     pub backoff_min: Duration,
-    /// Largest reconnect delay (default 2 s).
+    /// Largest reconnect delay (default 1 s, so delivery resumes within about a second of
+    /// Redis coming back).
     pub backoff_max: Duration,
     /// Channels per SUBSCRIBE/UNSUBSCRIBE command (default 500).
     pub batch_size: usize,
@@ -101,7 +102,7 @@ impl RedisConfig {
             op_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(50),
-            backoff_max: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(1),
             batch_size: 500,
             ping_interval: Duration::from_secs(5),
             max_message_bytes: 1024 * 1024,
