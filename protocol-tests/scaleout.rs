@@ -475,3 +475,51 @@ async fn official_clients_across_instances() {
     drop(c);
     run.assert_success();
 }
+
+/// Garbage on a user channel (a broken envelope, non-JSON, a message over the size limit)
+/// is dropped and counted; the connection, the instance and later messages are unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_publishes_are_dropped() {
+    let Some(mut c) = cluster::redis_cluster(1, "hostile").await else {
+        return;
+    };
+    let x = c.user("x");
+    let mut client = c.connect(0, &x, ProtocolKind::MessagePack).await;
+    let ch = Cluster::user_channel(&x);
+    let mut redis = c.inspect.take().expect("redis");
+    let mut broken = feedhub::backplane::envelope::MAGIC.to_vec();
+    broken.extend_from_slice(&[
+        0x95, 0xa1, b'n', 0x00, 0xa1, b'T', 0xdd, 0xff, 0xff, 0xff, 0xff,
+    ]);
+    let huge = format!("\"{}\"", "x".repeat(2 * 1024 * 1024));
+    for payload in [
+        broken,
+        b"{not json".to_vec(),
+        huge.into_bytes(),
+        vec![0xff; 3],
+    ] {
+        let n: usize = within(
+            "PUBLISH",
+            redis::cmd("PUBLISH")
+                .arg(&ch)
+                .arg(payload)
+                .query_async(&mut redis),
+        )
+        .await
+        .expect("PUBLISH");
+        assert_eq!(n, 1);
+    }
+    cluster::publish(&mut redis, &ch, r#"{"fine":true}"#).await;
+    let (target, arg) = within("FeedUpdated", client.next_invocation()).await;
+    assert_eq!(
+        (target.as_str(), arg.as_str()),
+        ("FeedUpdated", r#"{"fine":true}"#)
+    );
+    client.expect_nothing(QUIET).await;
+    assert_eq!(cluster::readyz(&c.nodes[0]).await, 200);
+    assert_eq!(
+        c.redis[0].stats().reconnects,
+        0,
+        "garbage must not cost the connection"
+    );
+}
