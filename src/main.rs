@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use feedhub::ingest::amqp::{self, AmqpConfig, AmqpIngest};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
 /// A SignalR-compatible hub server for live feeds.
@@ -16,9 +17,19 @@ struct Args {
     /// Redis URL: use Redis as the backplane (default: in-memory, single instance).
     #[arg(long, env = "FEEDHUB_REDIS_URL")]
     redis_url: Option<String>,
-    /// RabbitMQ URL: consume feed events from the FeedUpdate exchange.
-    #[arg(long, env = "FEEDHUB_AMQP_URL")]
+    /// RabbitMQ URL (`amqp://guest:guest@127.0.0.1:5672/%2f`): consume feed events.
+    #[arg(long, env = "FEEDHUB_AMQP_URL", hide_env_values = true)]
     amqp_url: Option<String>,
+    /// RabbitMQ topic exchange feed events are published to.
+    #[arg(long, env = "FEEDHUB_AMQP_EXCHANGE", default_value = amqp::DEFAULT_EXCHANGE)]
+    amqp_exchange: String,
+    /// RabbitMQ queue shared by all instances (its dead letters go to `<queue>.dlx`).
+    #[arg(long, env = "FEEDHUB_AMQP_QUEUE", default_value = amqp::DEFAULT_QUEUE)]
+    amqp_queue: String,
+    /// RabbitMQ prefetch (unacked deliveries in flight per instance).
+    #[arg(long, env = "FEEDHUB_AMQP_PREFETCH", default_value_t = amqp::DEFAULT_PREFETCH,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    amqp_prefetch: u16,
     /// HS256 secret for client JWTs (without it: development mode).
     #[arg(long, env = "FEEDHUB_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -41,8 +52,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if args.redis_url.is_some() || args.amqp_url.is_some() {
-        anyhow::bail!("--redis-url and --amqp-url are not available in this build yet");
+    if args.redis_url.is_some() {
+        anyhow::bail!("--redis-url is not available in this build yet");
     }
     let development = args.jwt_secret.is_none();
     let config = ServerConfig {
@@ -54,15 +65,38 @@ async fn main() -> anyhow::Result<()> {
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
         ..ServerConfig::default()
     };
-    let server = ServerBuilder::new(config)
-        .hub(feed::feed_hub())
-        .start()
-        .await?;
+    let max_publish_body = config.max_publish_body;
+    let ingest = args.amqp_url.map(|url| {
+        AmqpIngest::new(AmqpConfig {
+            exchange: args.amqp_exchange,
+            queue: args.amqp_queue,
+            prefetch: args.amqp_prefetch,
+            max_message_size: max_publish_body,
+            ..AmqpConfig::new(url)
+        })
+    });
+    let mut builder = ServerBuilder::new(config).hub(feed::feed_hub());
+    if let Some(ingest) = &ingest {
+        builder = builder.ready_check(ingest.ready_check());
+    }
+    let server = builder.start().await?;
     tracing::info!(
         "feed hub at http://{}{}",
         server.local_addr(),
         feed::FEED_HUB_PATH
     );
-    server.run_until_signal().await;
+    if let Some(ingest) = &ingest {
+        let hub = server
+            .hub(feed::FEED_HUB_PATH)
+            .ok_or_else(|| anyhow::anyhow!("feed hub missing"))?;
+        ingest.start(hub);
+    }
+    feedhub::app::wait_for_signal().await;
+    tracing::info!("shutting down");
+    // Stop consuming first: unacked events go back to the queue for the other instances.
+    if let Some(ingest) = &ingest {
+        ingest.stop().await;
+    }
+    server.shutdown().await;
     Ok(())
 }
