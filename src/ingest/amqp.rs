@@ -16,7 +16,9 @@
 //! message published to the exchange is consumed by exactly one instance.
 //!
 //! Per message: decode ([`super::event::decode_message`]; body size limit first); deliver;
-//! **ack** only after every backplane publish succeeded. A backplane failure **nacks with
+//! **ack** only after every backplane publish succeeded (acks of consecutive delivered events
+//! are batched into one `multiple` ack, sent at the latest when no further delivery is
+//! buffered or after 64 events). A backplane failure **nacks with
 //! requeue**, closes the channel (so every prefetched message is requeued too, in order),
 //! backs off (100 ms doubling to 5 s) and resumes. A malformed message (too large, not JSON,
 //! no recipients, bad user id, no payload, no address) is **dead-lettered**: republished to
@@ -43,7 +45,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+use lapin::acker::Acker;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -263,6 +266,7 @@ impl AmqpMetrics {
 struct Status {
     consuming: AtomicBool,
     consumed: AtomicU64,
+    acked: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -308,6 +312,11 @@ impl AmqpIngest {
     /// Deliveries this consumer received (all outcomes).
     pub fn consumed(&self) -> u64 {
         self.status.consumed.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries this consumer acked after delivering them.
+    pub fn acked(&self) -> u64 {
+        self.status.acked.load(Ordering::Relaxed)
     }
 
     /// A readiness condition for `ServerBuilder::ready_check`: Err while not consuming.
@@ -387,6 +396,8 @@ struct Consumer {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Most delivered events acknowledged by one `multiple` ack.
+const ACK_BATCH: u64 = 64;
 
 impl Consumer {
     fn set_consuming(&self, on: bool, error: Option<String>) {
@@ -498,6 +509,7 @@ impl Consumer {
             Err(e) => return Ended::Lost(format!("channel: {e}")),
         };
         let tag = format!("feedhub-{}", crate::ids::random_token());
+        let mut pending: Option<(Acker, u64)> = None;
         let mut consumer = match channel
             .basic_consume(
                 &self.config.queue,
@@ -523,12 +535,23 @@ impl Consumer {
             "RabbitMQ consumer started"
         );
         loop {
-            let next = tokio::select! {
-                _ = self.cancel.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), channel.close(200, "shutting down")).await;
-                    return Ended::Cancelled;
+            // Take what is already buffered without waiting; before waiting, ack what
+            // was delivered so far (one `multiple` ack per burst instead of one per event).
+            let next = match consumer.next().now_or_never() {
+                Some(n) => n,
+                None => {
+                    if let Err(why) = self.flush(&mut pending).await {
+                        return Ended::Lost(why);
+                    }
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => {
+                            let _ = self.flush(&mut pending).await;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), channel.close(200, "shutting down")).await;
+                            return Ended::Cancelled;
+                        }
+                        n = consumer.next() => n,
+                    }
                 }
-                n = consumer.next() => n,
             };
             let delivery = match next {
                 None => return Ended::Lost("consumer cancelled by the broker".to_string()),
@@ -538,10 +561,24 @@ impl Consumer {
             inc(&AMQP_METRICS.consumed);
             inc(&self.status.consumed);
             match self.handle(&delivery, dlx_channel.as_ref()).await {
-                Ok(()) => st.retry = MIN_BACKOFF,
+                Ok(Handled::Delivered) => {
+                    st.retry = MIN_BACKOFF;
+                    let count = pending.as_ref().map_or(0, |p| p.1) + 1;
+                    pending = Some((delivery.acker, count));
+                    if count >= ACK_BATCH {
+                        if let Err(why) = self.flush(&mut pending).await {
+                            return Ended::Lost(why);
+                        }
+                    }
+                }
+                Ok(Handled::DeadLettered) => {}
                 Err(HandleError::Backplane(why)) => {
                     inc(&AMQP_METRICS.nacked);
                     tracing::warn!(error = %why, "backplane publish failed; message requeued, backing off");
+                    // Earlier events were delivered: ack them, then requeue this one.
+                    if let Err(why) = self.flush(&mut pending).await {
+                        return Ended::Lost(why);
+                    }
                     let _ = delivery
                         .acker
                         .nack(BasicNackOptions {
@@ -564,6 +601,20 @@ impl Consumer {
                 Err(HandleError::Amqp(why)) => return Ended::Lost(why),
             }
         }
+    }
+
+    /// Acks every delivered event up to the last one (`multiple`).
+    async fn flush(&self, pending: &mut Option<(Acker, u64)>) -> Result<(), String> {
+        let Some((acker, count)) = pending.take() else {
+            return Ok(());
+        };
+        acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map_err(|e| format!("ack: {e}"))?;
+        AMQP_METRICS.acked.fetch_add(count, Ordering::Relaxed);
+        self.status.acked.fetch_add(count, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn open(&self, conn: &Connection) -> Result<Channel, String> {
@@ -644,7 +695,7 @@ impl Consumer {
         &self,
         d: &lapin::message::Delivery,
         dlx: Option<&Channel>,
-    ) -> Result<(), HandleError> {
+    ) -> Result<Handled, HandleError> {
         let routing_key = d.routing_key.as_str();
         let decoded = if d.data.len() > self.config.max_message_size {
             Err((
@@ -662,17 +713,14 @@ impl Consumer {
         };
         let event = match decoded {
             Ok(e) => e,
-            Err((reason, text)) => return self.dead_letter(d, dlx, reason, &text).await,
+            Err((reason, text)) => {
+                self.dead_letter(d, dlx, reason, &text).await?;
+                return Ok(Handled::DeadLettered);
+            }
         };
         match super::deliver(&self.hub, &event).await {
-            Ok(()) => {
-                d.acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(|e| HandleError::Amqp(format!("ack: {e}")))?;
-                inc(&AMQP_METRICS.acked);
-                Ok(())
-            }
+            // Acked by the caller, batched.
+            Ok(()) => Ok(Handled::Delivered),
             Err(e) => Err(HandleError::Backplane(e.to_string())),
         }
     }
@@ -746,6 +794,14 @@ struct Backoffs {
     retry: Duration,
     /// Whether a session ever consumed (so the next one counts as a reconnect).
     was_connected: bool,
+}
+
+/// What became of a delivery that did not fail.
+enum Handled {
+    /// Delivered to the hub; to be acked.
+    Delivered,
+    /// Dead-lettered (already acked or rejected).
+    DeadLettered,
 }
 
 enum HandleError {
