@@ -390,17 +390,15 @@ fn memory(bus: &MemoryBus) -> BackplaneFactory {
 
 /// The next FeedUpdated argument (as JSON) a client receives.
 async fn next_feed(c: &mut RawClient) -> serde_json::Value {
-    loop {
-        match c.recv().await {
-            Some(HubMessage::Invocation(inv)) if inv.target == "FeedUpdated" => {
-                assert_eq!(inv.arguments.len(), 1, "FeedUpdated has one argument");
-                return inv.arguments[0]
-                    .decode::<serde_json::Value>()
-                    .expect("argument is JSON");
-            }
-            Some(other) => panic!("unexpected message {other:?}"),
-            None => panic!("connection closed while waiting for FeedUpdated"),
+    match c.recv().await {
+        Some(HubMessage::Invocation(inv)) if inv.target == "FeedUpdated" => {
+            assert_eq!(inv.arguments.len(), 1, "FeedUpdated has one argument");
+            inv.arguments[0]
+                .decode::<serde_json::Value>()
+                .expect("argument is JSON")
         }
+        Some(other) => panic!("unexpected message {other:?}"),
+        None => panic!("connection closed while waiting for FeedUpdated"),
     }
 }
 
