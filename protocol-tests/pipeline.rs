@@ -1062,3 +1062,54 @@ async fn delivery_rate_one_instance() {
 async fn delivery_rate_two_instances_share_the_queue() {
     measure(2).await;
 }
+
+/// An existing queue declared with other arguments (no dead-letter exchange) is not used
+/// silently: `/readyz` answers 503 naming the conflict, and the consumer keeps retrying.
+/// An unreachable broker is reported the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfigured_or_unreachable_broker_is_reported_not_ready() {
+    let Some(url) = rabbitmq().await else { return };
+    let topo = Topo::new(&url, "conflict").await;
+    topo.ch
+        .queue_declare(
+            &topo.queue,
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare a conflicting queue");
+    let n = start_node(Some(topo.config(&url)), None).await;
+    let deadline = Instant::now() + support::WAIT;
+    let text = loop {
+        let text = http_text(&n.server.base_url, "/readyz").await;
+        if text.contains("x-dead-letter-exchange") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("x-dead-letter-exchange"), "{text}");
+    assert!(!n.ingest.is_consuming());
+
+    // Nothing listens on this port.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let m = start_node(Some(topo.config(&proxied_url(&url, addr))), None).await;
+    let deadline = Instant::now() + support::WAIT;
+    let text = loop {
+        let text = http_text(&m.server.base_url, "/readyz").await;
+        if text.contains("connect") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.contains("RabbitMQ consumer not connected: connect"),
+        "{text}"
+    );
+}
