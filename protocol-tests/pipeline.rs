@@ -985,16 +985,15 @@ fn events(prefix: &str, users: usize, range: std::ops::Range<usize>) -> Vec<(Str
 /// Two measurements with 100 connected users: **drain** (20,000 events wait in the queue,
 /// then the consumers start: feedhub's own consume-and-deliver rate) and **live** (20,000
 /// more published while consuming: end to end, bounded by the test publisher).
-async fn measure(instances: usize) {
+async fn measure(instances: usize, label: &str, backplane: impl Fn() -> BackplaneFactory) {
     let Some(url) = rabbitmq().await else { return };
     const USERS: usize = 100;
     const EVENTS: usize = 20_000;
     let topo = Topo::new(&url, &format!("rate{instances}")).await;
     topo.declare_queue().await;
-    let bus = MemoryBus::new();
     let mut nodes = Vec::new();
     for _ in 0..instances {
-        nodes.push(start_idle_node(Some(topo.config(&url)), Some(memory(&bus))).await);
+        nodes.push(start_idle_node(Some(topo.config(&url)), Some(backplane())).await);
     }
     let prefix = unique_prefix("u");
     let total = Arc::new(AtomicU64::new(0));
@@ -1030,11 +1029,11 @@ async fn measure(instances: usize) {
     }
     let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
     println!(
-        "DELIVERY RATE drain ({instances} instance(s), memory bus): {EVENTS} queued events to {USERS} users in {drain:?} = {:.0} events/s",
+        "DELIVERY RATE drain ({instances} instance(s), {label}): {EVENTS} queued events to {USERS} users in {drain:?} = {:.0} events/s",
         rate(drain)
     );
     println!(
-        "DELIVERY RATE live ({instances} instance(s), memory bus): {EVENTS} events to {USERS} users in {live:?} = {:.0} events/s (the test publisher needed {published:?})",
+        "DELIVERY RATE live ({instances} instance(s), {label}): {EVENTS} events to {USERS} users in {live:?} = {:.0} events/s (the test publisher needed {published:?})",
         rate(live)
     );
     for (i, n) in nodes.iter().enumerate() {
@@ -1053,14 +1052,16 @@ async fn measure(instances: usize) {
 /// per-user order holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_rate_one_instance() {
-    measure(1).await;
+    let bus = MemoryBus::new();
+    measure(1, "memory bus", || memory(&bus)).await;
 }
 
 /// The same with two instances sharing the queue (in-memory bus between them): both
 /// consume, events reach users on either instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_rate_two_instances_share_the_queue() {
-    measure(2).await;
+    let bus = MemoryBus::new();
+    measure(2, "memory bus", || memory(&bus)).await;
 }
 
 /// An existing queue declared with other arguments (no dead-letter exchange) is not used
