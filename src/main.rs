@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use feedhub::backplane::redis::RedisConfig;
 use feedhub::ingest::amqp::{self, AmqpConfig, AmqpIngest};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
@@ -17,6 +18,10 @@ struct Args {
     /// Redis URL: use Redis as the backplane (default: in-memory, single instance).
     #[arg(long, env = "FEEDHUB_REDIS_URL")]
     redis_url: Option<String>,
+    /// Prefix of the non-user backplane channels (`<prefix>:/hubs/feed:all`, …); give each
+    /// deployment sharing one Redis its own.
+    #[arg(long, env = "FEEDHUB_CHANNEL_PREFIX", default_value = "feedhub")]
+    channel_prefix: String,
     /// RabbitMQ URL (`amqp://guest:guest@127.0.0.1:5672/%2f`): consume feed events.
     #[arg(long, env = "FEEDHUB_AMQP_URL", hide_env_values = true)]
     amqp_url: Option<String>,
@@ -52,9 +57,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if args.redis_url.is_some() {
-        anyhow::bail!("--redis-url is not available in this build yet");
-    }
+    // A malformed URL is a startup error; an unreachable Redis is not (the server starts
+    // not ready and keeps reconnecting).
+    let redis = match &args.redis_url {
+        Some(url) => {
+            Some(RedisConfig::from_url(url).map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?)
+        }
+        None => None,
+    };
     let development = args.jwt_secret.is_none();
     let config = ServerConfig {
         listen: args.listen,
@@ -63,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         cors_origins: args.cors_origin,
         dev_identities: development || args.dev_identities,
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
+        channel_prefix: Some(args.channel_prefix),
         ..ServerConfig::default()
     };
     let max_publish_body = config.max_publish_body;
@@ -78,6 +89,10 @@ async fn main() -> anyhow::Result<()> {
     let mut builder = ServerBuilder::new(config).hub(feed::feed_hub());
     if let Some(ingest) = &ingest {
         builder = builder.ready_check(ingest.ready_check());
+    }
+    if let Some(redis) = redis {
+        tracing::info!(redis = %redis.address(), "using the Redis backplane");
+        builder = builder.redis(redis);
     }
     let server = builder.start().await?;
     tracing::info!(
