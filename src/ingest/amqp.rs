@@ -267,6 +267,7 @@ struct Status {
     consuming: AtomicBool,
     consumed: AtomicU64,
     acked: AtomicU64,
+    nacked: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -317,6 +318,11 @@ impl AmqpIngest {
     /// Deliveries this consumer acked after delivering them.
     pub fn acked(&self) -> u64 {
         self.status.acked.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries this consumer nacked for a retry (backplane failures).
+    pub fn nacked(&self) -> u64 {
+        self.status.nacked.load(Ordering::Relaxed)
     }
 
     /// A readiness condition for `ServerBuilder::ready_check`: Err while not consuming.
@@ -574,6 +580,7 @@ impl Consumer {
                 Ok(Handled::DeadLettered) => {}
                 Err(HandleError::Backplane(why)) => {
                     inc(&AMQP_METRICS.nacked);
+                    inc(&self.status.nacked);
                     tracing::warn!(error = %why, "backplane publish failed; message requeued, backing off");
                     // Earlier events were delivered: ack them, then requeue this one.
                     if let Err(why) = self.flush(&mut pending).await {
@@ -718,6 +725,15 @@ impl Consumer {
                 return Ok(Handled::DeadLettered);
             }
         };
+        // While the backplane is known to be down, do not even deliver locally: the message
+        // is requeued anyway, and local recipients would get it again on every retry.
+        let backplane = self.hub.backplane();
+        if !backplane.is_ready() {
+            return Err(HandleError::Backplane(format!(
+                "backplane '{}' not connected",
+                backplane.name()
+            )));
+        }
         match super::deliver(&self.hub, &event).await {
             // Acked by the caller, batched.
             Ok(()) => Ok(Handled::Delivered),
