@@ -13,6 +13,10 @@
 //! 5. a Close message when the server ends the connection, then the transport close;
 //! 6. the `on_disconnected` hook and unregistration.
 //!
+//! The session does not own a socket: [`spawn`] runs it as its own task behind a
+//! [`Link`] (an inbound channel and an outbound wire), and the WebSocket pump, an SSE
+//! response or a long poll serve that link while they last.
+//!
 //! Hub methods run inside this task (a `FuturesUnordered`), not in spawned tasks: an idle
 //! connection costs one task, and a slow method only delays its own connection. Unary
 //! invocations take one of `max_parallel_invocations` slots (ASP.NET's
@@ -41,6 +45,7 @@ use crate::hub::{HubContext, HubLifetime};
 use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{Close, CompletionResult, HubMessage, ProtocolKind};
+use crate::transport::link::Link;
 use crate::transport::{FrameSink, FrameSource, TransportError};
 
 use invoke::{Dispatcher, TaskDone};
@@ -51,6 +56,9 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// How long a single write may take before the connection is considered dead
 /// (ASP.NET's `TransportSendTimeout`).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A keep-alive interval that never fires within a connection's life (Long Polling).
+const NO_PINGS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The generic text of a Close caused by an error, as ASP.NET words it.
 pub const CLOSE_ERROR_TEXT: &str = "Connection closed with an error.";
@@ -81,7 +89,28 @@ enum End {
     ServerClose(Option<String>),
 }
 
-/// Runs one connection to completion.
+/// Starts a session as its own task on `tracker`, detached from any socket or request, and
+/// returns its [`Link`]: transports feed `link.inbound` and drain `link.wire`, and report
+/// their end with [`Link::transport_gone`]. `on_end` runs after the session has finished
+/// (OnDisconnected done, connection unregistered).
+pub fn spawn(
+    params: SessionParams,
+    tracker: &tokio_util::task::TaskTracker,
+    on_end: impl FnOnce() + Send + 'static,
+) -> Link {
+    let (link, source) = Link::new();
+    let sink = link.sink();
+    let wire = link.wire.clone();
+    tracker.spawn(async move {
+        run(source, sink, params).await;
+        // Whatever way the session ended, drainers see the end after what is queued.
+        wire.end(1000, "");
+        on_end();
+    });
+    link
+}
+
+/// Runs one connection to completion over any source and sink.
 pub async fn run<Src: FrameSource, Snk: FrameSink>(
     mut source: Src,
     mut sink: Snk,
@@ -222,10 +251,17 @@ impl Loop {
         // Encoding a Ping cannot fail; an empty frame would only be a wasted write.
         let _ = protocol.encode(&HubMessage::Ping, &mut ping);
         let now = Instant::now();
+        // Long Polling has inherent keep-alive (every poll is one): ASP.NET sends no pings
+        // there, and the client arms no server timeout.
+        let keep_alive = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            options.keep_alive_interval
+        };
         Loop {
             protocol,
             dispatcher: Dispatcher::new(ctx, hub.clone()),
-            keep_alive: options.keep_alive_interval,
+            keep_alive,
             client_timeout: options.client_timeout,
             max_message_size: options.max_message_size,
             ping: Bytes::from(ping),
