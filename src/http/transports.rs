@@ -36,12 +36,14 @@ use crate::connection::{RequestInfo, TransportKind};
 use crate::hub::HubLifetime;
 use crate::ids::ConnectionId;
 use crate::session::{self, SessionParams};
-use crate::transport::link::WireItem;
+use crate::transport::link::{Link, WireItem};
 
 /// What an `id=` value refers to on this node.
 pub(crate) enum Lookup {
-    /// A connection with a running transport.
+    /// A connection bound to a transport.
     Live(Arc<HttpConnection>),
+    /// A connection that has received POSTs but no transport request yet.
+    Pending(Arc<HttpConnection>),
     /// A valid token whose connection has not started yet (`v0`: negotiate v0 id).
     New(ConnectionId, bool),
     /// Nothing: 404.
@@ -50,6 +52,13 @@ pub(crate) enum Lookup {
 
 /// Resolves `token` for a request of `user`.
 pub(crate) fn lookup(state: &AppState, token: &str, user: &str) -> Lookup {
+    match find(state, token, user) {
+        Lookup::Live(c) if c.transport().is_none() => Lookup::Pending(c),
+        other => other,
+    }
+}
+
+fn find(state: &AppState, token: &str, user: &str) -> Lookup {
     if let Some(id) = state.tokens.id_of(token, user) {
         if let Some(c) = state.connections.get(&id) {
             if !c.v0 {
@@ -130,49 +139,106 @@ fn no_cache(resp: &mut Response<Body>) {
 /// Everything needed to start a session for a request.
 pub(crate) struct Start {
     pub hub: Arc<HubLifetime>,
-    pub id: ConnectionId,
-    pub v0: bool,
     pub identity: Identity,
     pub request: RequestInfo,
     pub kind: TransportKind,
 }
 
-/// Starts the session task and registers the connection. `Err` if the id is already live
-/// (a concurrent start with the same token).
-pub(crate) fn start_session(
+/// Registers a connection that has no transport yet (its link is ready, its session not
+/// started). `Err` if the id is already registered (a concurrent start with the same token).
+pub(crate) fn register(
     state: &Arc<AppState>,
-    start: Start,
+    id: ConnectionId,
+    v0: bool,
+    user: &str,
+    disconnect_timeout: Duration,
 ) -> Result<Arc<HttpConnection>, Arc<HttpConnection>> {
-    let user = start
-        .identity
-        .user_id
-        .as_ref()
-        .map_or(String::new(), |u| u.as_str().to_string());
-    if let Some(existing) = state.connections.get(&start.id) {
-        return Err(existing);
-    }
+    let (link, source) = Link::new();
+    let conn = Arc::new(HttpConnection::new(id, user.to_string(), v0, link, source));
+    state.connections.insert(conn.clone())?;
+    // Ends the connection if no transport binds, or a Long Polling client stops polling.
+    spawn_watchdog(state.clone(), conn.clone(), disconnect_timeout);
+    Ok(conn)
+}
+
+/// Binds `conn` to a transport and starts its session task. `Err(response)` if it already
+/// has one.
+pub(crate) fn bind(
+    state: &Arc<AppState>,
+    conn: &Arc<HttpConnection>,
+    start: Start,
+) -> Result<(), Box<Response<Body>>> {
+    let Some(source) = conn.bind(start.kind) else {
+        return Err(Box::new(if conn.transport() == Some(start.kind) {
+            already_active()
+        } else {
+            cannot_change()
+        }));
+    };
     let state2 = state.clone();
-    let ended_id = start.id.clone();
-    let link = session::spawn(
+    let ended_id = conn.id.clone();
+    session::spawn(
         SessionParams {
             hub: start.hub,
-            connection_id: start.id.clone(),
+            connection_id: conn.id.clone(),
             identity: start.identity,
             request: start.request,
             transport: start.kind,
             shutdown: state.shutdown.clone(),
         },
+        &conn.link,
+        source,
         &state.tracker,
         move || state2.tokens.mark_ended(&ended_id),
     );
-    let conn = Arc::new(HttpConnection::new(
-        start.id, start.kind, user, start.v0, link,
-    ));
-    if let Err(existing) = state.connections.insert(conn.clone()) {
-        conn.link.transport_gone(None);
-        return Err(existing);
+    Ok(())
+}
+
+/// Resolves the connection a transport request (GET) starts or continues: `Ok((conn,
+/// started))` where `started` says the session was started by this request.
+fn open(
+    state: &Arc<AppState>,
+    token: Option<&str>,
+    start: Start,
+) -> Result<(Arc<HttpConnection>, bool), Box<Response<Body>>> {
+    let user = start
+        .identity
+        .user_id
+        .as_ref()
+        .map_or(String::new(), |u| u.as_str().to_string());
+    let options = start.hub.definition().options.clone();
+    let found = match token {
+        None => None,
+        Some(token) => match lookup(state, token, &user) {
+            Lookup::Unknown => return Err(Box::new(not_found())),
+            Lookup::Live(c) => {
+                if c.transport() == Some(start.kind) {
+                    return Ok((c, false));
+                }
+                return Err(Box::new(cannot_change()));
+            }
+            other => Some(other),
+        },
+    };
+    if !options.transports.allows(start.kind) {
+        return Err(Box::new(not_supported(start.kind)));
     }
-    Ok(conn)
+    let conn = match found {
+        // skipNegotiation (WebSockets only): a fresh connection.
+        None => register(
+            state,
+            ConnectionId::random(),
+            false,
+            &user,
+            options.disconnect_timeout,
+        ),
+        Some(Lookup::Pending(c)) => Ok(c),
+        Some(Lookup::New(id, v0)) => register(state, id, v0, &user, options.disconnect_timeout),
+        Some(Lookup::Live(_) | Lookup::Unknown) => return Err(Box::new(not_found())),
+    }
+    .map_err(|_| Box::new(already_active()))?;
+    bind(state, &conn, start)?;
+    Ok((conn, true))
 }
 
 /// Ends a connection's transport for good and forgets it.
@@ -190,38 +256,23 @@ pub(crate) fn server_sent_events(
     identity: Identity,
     request: RequestInfo,
 ) -> Response<Body> {
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let (id, v0) = match lookup(state, token, user) {
-        Lookup::Unknown => return not_found(),
-        Lookup::Live(c) if c.transport == TransportKind::ServerSentEvents => {
-            return already_active()
-        }
-        Lookup::Live(_) => return cannot_change(),
-        Lookup::New(id, v0) => (id, v0),
+    let keep_alive = hub.definition().options.sse_keep_alive;
+    let start = Start {
+        hub,
+        identity,
+        request,
+        kind: TransportKind::ServerSentEvents,
     };
-    let options = hub.definition().options.clone();
-    if !options.transports.server_sent_events {
-        return not_supported(TransportKind::ServerSentEvents);
-    }
-    let conn = match start_session(
-        state,
-        Start {
-            hub,
-            id,
-            v0,
-            identity,
-            request,
-            kind: TransportKind::ServerSentEvents,
-        },
-    ) {
-        Ok(c) => c,
-        Err(_) => return already_active(),
+    let conn = match open(state, Some(token), start) {
+        Ok((c, true)) => c,
+        // A second stream for a connection that has one.
+        Ok((_, false)) => return already_active(),
+        Err(r) => return *r,
     };
     let guard = SseGuard {
         state: state.clone(),
         conn,
     };
-    let keep_alive = options.sse_keep_alive;
     // The first write is a comment, flushed at once: browsers fire `open` only on data.
     let first = futures_util::stream::once(async {
         Ok::<_, Infallible>(Frame::data(Bytes::from_static(b":\r\n")))
@@ -295,32 +346,17 @@ pub(crate) async fn long_poll(
     identity: Identity,
     request: RequestInfo,
 ) -> Response<Body> {
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let options = hub.definition().options.clone();
-    let conn = match lookup(state, token, user) {
-        Lookup::Unknown => return not_found(),
-        Lookup::Live(c) if c.transport == TransportKind::LongPolling => c,
-        Lookup::Live(_) => return cannot_change(),
-        Lookup::New(id, v0) => {
-            if !options.transports.long_polling {
-                return not_supported(TransportKind::LongPolling);
-            }
-            // First poll: start the connection and answer at once.
-            let conn = match start_session(
-                state,
-                Start {
-                    hub,
-                    id,
-                    v0,
-                    identity,
-                    request,
-                    kind: TransportKind::LongPolling,
-                },
-            ) {
-                Ok(c) => c,
-                Err(_) => return already_active(),
-            };
-            spawn_watchdog(state.clone(), conn, options.disconnect_timeout);
+    let poll_timeout = hub.definition().options.long_poll_timeout;
+    let start = Start {
+        hub,
+        identity,
+        request,
+        kind: TransportKind::LongPolling,
+    };
+    let conn = match open(state, Some(token), start) {
+        Ok((c, false)) => c,
+        Ok((_, true)) => {
+            // First poll: the connection started; answer at once.
             let mut r = text(StatusCode::OK, "");
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -328,6 +364,10 @@ pub(crate) async fn long_poll(
             );
             no_cache(&mut r);
             return r;
+        }
+        Err(mut r) => {
+            no_cache(&mut r);
+            return *r;
         }
     };
     let ticket = conn.begin_poll();
@@ -351,7 +391,7 @@ pub(crate) async fn long_poll(
             }
         },
         _ = ticket.cancelled.cancelled() => text(StatusCode::NO_CONTENT, ""),
-        _ = tokio::time::sleep(options.long_poll_timeout) => text(StatusCode::OK, ""),
+        _ = tokio::time::sleep(poll_timeout) => text(StatusCode::OK, ""),
     };
     no_cache(&mut r);
     r
@@ -369,7 +409,8 @@ impl Drop for PollEnd {
     }
 }
 
-/// Ends a Long Polling connection that has gone `timeout` without a poll.
+/// Ends a connection no transport has bound to within `timeout` (an unused negotiation that
+/// only POSTed), or a Long Polling connection that has gone `timeout` without a poll.
 fn spawn_watchdog(state: Arc<AppState>, conn: Arc<HttpConnection>, timeout: Duration) {
     let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let gone = conn.link.gone_token();
@@ -378,6 +419,11 @@ fn spawn_watchdog(state: Arc<AppState>, conn: Arc<HttpConnection>, timeout: Dura
             tokio::select! {
                 _ = gone.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
+            }
+            match conn.transport() {
+                None | Some(TransportKind::LongPolling) => {}
+                // Persistent transports end with their request or socket.
+                Some(_) => return,
             }
             if conn.idle_for().is_some_and(|idle| idle >= timeout) {
                 tracing::debug!(conn_id = %conn.id, "no poll within the disconnect timeout");
@@ -397,10 +443,19 @@ pub(crate) async fn send(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let conn = match lookup(state, token, user) {
-        Lookup::Live(c) => c,
-        Lookup::Unknown | Lookup::New(..) => return not_found(),
+        Lookup::Live(c) | Lookup::Pending(c) => c,
+        // A send before the first transport request (signalrcore sends its handshake before
+        // its first poll): ASP.NET buffers it in the negotiated connection, so do we.
+        Lookup::New(id, v0) => {
+            let timeout = hub.definition().options.disconnect_timeout;
+            match register(state, id, v0, user, timeout) {
+                Ok(c) => c,
+                Err(existing) => existing,
+            }
+        }
+        Lookup::Unknown => return not_found(),
     };
-    if conn.transport == TransportKind::WebSockets {
+    if conn.transport() == Some(TransportKind::WebSockets) {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
             "POST requests are not allowed for WebSocket connections.",
@@ -438,10 +493,10 @@ pub(crate) async fn send(
 /// `DELETE {hub}?id=T`: ends a Long Polling connection (202; a waiting poll answers 204).
 pub(crate) fn delete(state: &AppState, token: &str, user: &str) -> Response<Body> {
     let conn = match lookup(state, token, user) {
-        Lookup::Live(c) => c,
+        Lookup::Live(c) | Lookup::Pending(c) => c,
         Lookup::Unknown | Lookup::New(..) => return not_found(),
     };
-    if conn.transport != TransportKind::LongPolling {
+    if conn.transport() != Some(TransportKind::LongPolling) {
         return text(
             StatusCode::BAD_REQUEST,
             "Cannot terminate this connection using the DELETE endpoint.",
@@ -460,20 +515,6 @@ pub(crate) fn websocket(
     identity: Identity,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let (id, v0) = match token {
-        // skipNegotiation: no id; the connection gets a fresh one.
-        None => (ConnectionId::random(), false),
-        Some(token) => match lookup(state, token, user) {
-            Lookup::Unknown => return not_found(),
-            Lookup::Live(c) if c.transport == TransportKind::WebSockets => return already_active(),
-            Lookup::Live(_) => return cannot_change(),
-            Lookup::New(id, v0) => (id, v0),
-        },
-    };
-    if !hub.definition().options.transports.websockets {
-        return not_supported(TransportKind::WebSockets);
-    }
     let version_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -497,19 +538,17 @@ pub(crate) fn websocket(
         headers: req.headers().clone(),
     };
     let max = hub.definition().options.max_message_size;
-    let conn = match start_session(
-        state,
-        Start {
-            hub,
-            id,
-            v0,
-            identity,
-            request,
-            kind: TransportKind::WebSockets,
-        },
-    ) {
-        Ok(c) => c,
-        Err(_) => return already_active(),
+    let start = Start {
+        hub,
+        identity,
+        request,
+        kind: TransportKind::WebSockets,
+    };
+    let conn = match open(state, token, start) {
+        Ok((c, true)) => c,
+        // Two WebSockets on one connection: 409 (stateful reconnect will replace instead).
+        Ok((_, false)) => return already_active(),
+        Err(r) => return *r,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state2 = state.clone();

@@ -45,7 +45,7 @@ use crate::hub::{HubContext, HubLifetime};
 use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{Close, CompletionResult, HubMessage, ProtocolKind};
-use crate::transport::link::Link;
+use crate::transport::link::{Link, LinkSource};
 use crate::transport::{FrameSink, FrameSource, TransportError};
 
 use invoke::{Dispatcher, TaskDone};
@@ -89,16 +89,17 @@ enum End {
     ServerClose(Option<String>),
 }
 
-/// Starts a session as its own task on `tracker`, detached from any socket or request, and
-/// returns its [`Link`]: transports feed `link.inbound` and drain `link.wire`, and report
-/// their end with [`Link::transport_gone`]. `on_end` runs after the session has finished
-/// (OnDisconnected done, connection unregistered).
+/// Starts a session as its own task on `tracker`, detached from any socket or request,
+/// reading `source` and writing `link` (from [`Link::new`]): transports feed `link.inbound`
+/// and drain `link.wire`, and report their end with [`Link::transport_gone`]. `on_end` runs
+/// after the session has finished (OnDisconnected done, connection unregistered).
 pub fn spawn(
     params: SessionParams,
+    link: &Link,
+    source: LinkSource,
     tracker: &tokio_util::task::TaskTracker,
     on_end: impl FnOnce() + Send + 'static,
-) -> Link {
-    let (link, source) = Link::new();
+) {
     let sink = link.sink();
     let wire = link.wire.clone();
     tracker.spawn(async move {
@@ -107,7 +108,6 @@ pub fn spawn(
         wire.end(1000, "");
         on_end();
     });
-    link
 }
 
 /// Runs one connection to completion over any source and sink.
@@ -350,7 +350,9 @@ impl Loop {
                     self.dispatcher.on_task_done(done);
                 }
                 chunk = source.recv(), if can_read => match chunk {
-                    None => return End::TransportGone("transport closed by the client".into()),
+                    // A clean end of the transport (WebSocket close frame, SSE stream closed,
+                    // Long Polling DELETE): OnDisconnected gets no error, as in ASP.NET.
+                    None => return End::ClientClose(None),
                     Some(Err(TransportError::TooLarge)) => {
                         let error = crate::protocol::ProtocolError::TooLarge { limit: self.max_message_size }.to_string();
                         return self.finish(sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}")))).await;
