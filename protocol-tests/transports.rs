@@ -91,6 +91,21 @@ async fn start() -> Fixture {
             Ok::<_, HubError>(m)
         })
         .build();
+    let small = HubBuilder::new("/small")
+        .configure(|o| {
+            o.outbound = OutboundLimits {
+                max_messages: 64,
+                max_bytes: 64 * 1024,
+            };
+        })
+        .method("Flood", |c: HubContext, (n,): (u32,)| async move {
+            for i in 0..n {
+                // A full queue closes the connection (slow-consumer policy); keep going.
+                let _ = c.clients().caller().send("Item", (i,)).await;
+            }
+            Ok::<_, HubError>(n)
+        })
+        .build();
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some(TEST_SECRET.to_string()),
@@ -99,6 +114,7 @@ async fn start() -> Fixture {
     let server = ServerBuilder::new(config)
         .hub(hub)
         .hub(ws_only)
+        .hub(small)
         .start()
         .await
         .expect("server");
@@ -873,6 +889,48 @@ async fn oversize_message_in_a_post_closes_with_the_limit() {
         p.text()
     );
     assert_eq!(f.get(&format!("/t?id={token}")).await.status, 204);
+}
+
+/// The outbound queue bound and slow-consumer policy hold on Long Polling: a client that
+/// does not poll while the server floods it (64-message queue here, 128 KiB wire) is closed
+/// with the slow-consumer reason; its next polls get what was queued, the Close, then 204.
+#[tokio::test]
+async fn long_polling_slow_consumer_is_closed() {
+    let f = start().await;
+    let (_, token) = f.negotiate("/small", None).await;
+    assert_eq!(f.get(&format!("/small?id={token}")).await.status, 200);
+    f.post(
+        &format!("/small?id={token}"),
+        format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        f.post(
+            &format!("/small?id={token}"),
+            &invocation("f", "Flood", "[20000]")
+        )
+        .await
+        .status,
+        200
+    );
+    // Let the flood fill the wire and the queue with no poll draining them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = String::new();
+    let status = loop {
+        let p = f.get(&format!("/small?id={token}")).await;
+        if p.status != 200 {
+            break p.status;
+        }
+        got.push_str(&p.text());
+    };
+    assert_eq!(status, 204);
+    let items = count(&got, "\"target\":\"Item\"");
+    assert!(items < 20000, "the queue is bounded: {items} items arrived");
+    assert!(
+        got.contains("Slow consumer: outbound queue full."),
+        "Close with the slow-consumer reason: {}",
+        &got[got.len().saturating_sub(300)..]
+    );
 }
 
 // ---------------------------------------------------------------------------------------

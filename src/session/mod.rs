@@ -57,7 +57,8 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// (ASP.NET's `TransportSendTimeout`).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A keep-alive interval that never fires within a connection's life (Long Polling).
+/// A duration that never elapses within a connection's life (Long Polling's keep-alive and
+/// send timeout).
 const NO_PINGS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The generic text of a Close caused by an error, as ASP.NET words it.
@@ -227,6 +228,8 @@ async fn write_close<Snk: FrameSink>(sink: &mut Snk, protocol: ProtocolKind, clo
 /// The state of the main loop.
 struct Loop {
     conn: ConnectionHandle,
+    /// How long one write onto the link may wait for room.
+    send_timeout: Duration,
     protocol: ProtocolKind,
     dispatcher: Dispatcher,
     keep_alive: Duration,
@@ -258,7 +261,16 @@ impl Loop {
         } else {
             options.keep_alive_interval
         };
+        // Between polls nothing drains the wire, and that is normal: a Long Polling session
+        // waits for the next poll (the disconnect timeout ends it if none comes) instead of
+        // timing out its write. Other transports' writes are bounded by `SEND_TIMEOUT`.
+        let send_timeout = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            SEND_TIMEOUT
+        };
         Loop {
+            send_timeout,
             protocol,
             dispatcher: Dispatcher::new(ctx, hub.clone()),
             keep_alive,
@@ -288,7 +300,7 @@ impl Loop {
     ) -> Result<(), TransportError> {
         self.last_sent = Instant::now();
         match tokio::time::timeout(
-            SEND_TIMEOUT,
+            self.send_timeout,
             sink.send(data, self.protocol.transfer_format()),
         )
         .await
