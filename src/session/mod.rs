@@ -14,6 +14,10 @@
 //! 5. a Close message when the server ends the connection, then the transport close;
 //! 6. the `on_disconnected` hook and unregistration.
 //!
+//! The session does not own a socket: [`spawn`] runs it as its own task behind a
+//! [`Link`] (an inbound channel and an outbound wire), and the WebSocket pump, an SSE
+//! response or a long poll serve that link while they last.
+//!
 //! Hub methods run inside this task (a `FuturesUnordered`), not in spawned tasks: an idle
 //! connection costs one task, and a slow method only delays its own connection. Unary
 //! invocations take one of `max_parallel_invocations` slots (ASP.NET's
@@ -42,6 +46,7 @@ use crate::hub::{HubContext, HubLifetime};
 use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{Close, CompletionResult, HubMessage, ProtocolKind};
+use crate::transport::link::{Link, LinkSource};
 use crate::transport::{FrameSink, FrameSource, TransportError};
 
 use invoke::{Dispatcher, TaskDone};
@@ -52,6 +57,10 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// How long a single write may take before the connection is considered dead
 /// (ASP.NET's `TransportSendTimeout`).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A duration that never elapses within a connection's life (Long Polling's keep-alive and
+/// send timeout).
+const NO_PINGS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The generic text of a Close caused by an error, as ASP.NET words it.
 pub const CLOSE_ERROR_TEXT: &str = "Connection closed with an error.";
@@ -82,7 +91,28 @@ enum End {
     ServerClose(Option<String>),
 }
 
-/// Runs one connection to completion.
+/// Starts a session as its own task on `tracker`, detached from any socket or request,
+/// reading `source` and writing `link` (from [`Link::new`]): transports feed `link.inbound`
+/// and drain `link.wire`, and report their end with [`Link::transport_gone`]. `on_end` runs
+/// after the session has finished (OnDisconnected done, connection unregistered).
+pub fn spawn(
+    params: SessionParams,
+    link: &Link,
+    source: LinkSource,
+    tracker: &tokio_util::task::TaskTracker,
+    on_end: impl FnOnce() + Send + 'static,
+) {
+    let sink = link.sink();
+    let wire = link.wire.clone();
+    tracker.spawn(async move {
+        run(source, sink, params).await;
+        // Whatever way the session ended, drainers see the end after what is queued.
+        wire.end(1000, "");
+        on_end();
+    });
+}
+
+/// Runs one connection to completion over any source and sink.
 pub async fn run<Src: FrameSource, Snk: FrameSink>(
     mut source: Src,
     mut sink: Snk,
@@ -202,6 +232,8 @@ async fn write_close<Snk: FrameSink>(sink: &mut Snk, protocol: ProtocolKind, clo
 /// The state of the main loop.
 struct Loop {
     conn: ConnectionHandle,
+    /// How long one write onto the link may wait for room.
+    send_timeout: Duration,
     protocol: ProtocolKind,
     dispatcher: Dispatcher,
     keep_alive: Duration,
@@ -226,10 +258,26 @@ impl Loop {
         // Encoding a Ping cannot fail; an empty frame would only be a wasted write.
         let _ = protocol.encode(&HubMessage::Ping, &mut ping);
         let now = Instant::now();
+        // Long Polling has inherent keep-alive (every poll is one): ASP.NET sends no pings
+        // there, and the client arms no server timeout.
+        let keep_alive = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            options.keep_alive_interval
+        };
+        // Between polls nothing drains the wire, and that is normal: a Long Polling session
+        // waits for the next poll (the disconnect timeout ends it if none comes) instead of
+        // timing out its write. Other transports' writes are bounded by `SEND_TIMEOUT`.
+        let send_timeout = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            SEND_TIMEOUT
+        };
         Loop {
+            send_timeout,
             protocol,
             dispatcher: Dispatcher::new(ctx, hub.clone()),
-            keep_alive: options.keep_alive_interval,
+            keep_alive,
             client_timeout: options.client_timeout,
             max_message_size: options.max_message_size,
             ping: Bytes::from(ping),
@@ -256,7 +304,7 @@ impl Loop {
     ) -> Result<(), TransportError> {
         self.last_sent = Instant::now();
         match tokio::time::timeout(
-            SEND_TIMEOUT,
+            self.send_timeout,
             sink.send(data, self.protocol.transfer_format()),
         )
         .await
@@ -318,7 +366,9 @@ impl Loop {
                     self.dispatcher.on_task_done(done);
                 }
                 chunk = source.recv(), if can_read => match chunk {
-                    None => return End::TransportGone("transport closed by the client".into()),
+                    // A clean end of the transport (WebSocket close frame, SSE stream closed,
+                    // Long Polling DELETE): OnDisconnected gets no error, as in ASP.NET.
+                    None => return End::ClientClose(None),
                     Some(Err(TransportError::TooLarge)) => {
                         let error = crate::protocol::ProtocolError::TooLarge { limit: self.max_message_size }.to_string();
                         return self.finish(sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}")))).await;
