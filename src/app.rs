@@ -86,6 +86,9 @@ pub struct AppState {
     pub(crate) ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
     pub(crate) feed_hub: Option<Arc<HubLifetime>>,
     pub(crate) demo_page: String,
+    /// Live stateful-reconnect connections of this node: where a returning client's new
+    /// WebSocket is handed over (see `session::Resume`).
+    pub(crate) resumable: dashmap::DashMap<crate::ids::ConnectionId, crate::http::ResumeSender>,
 }
 
 /// Builds a [`Server`].
@@ -204,6 +207,7 @@ impl ServerBuilder {
             ready,
             feed_hub,
             demo_page: self.demo_page,
+            resumable: dashmap::DashMap::new(),
         });
         if state.auth.is_development() {
             tracing::warn!(

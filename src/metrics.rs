@@ -41,6 +41,10 @@ pub struct Metrics {
     pub feed_events: AtomicU64,
     /// Feed events rejected as malformed.
     pub feed_rejected: AtomicU64,
+    /// Stateful connections resumed on a new transport.
+    pub stateful_resumes: AtomicU64,
+    /// Messages written again after a stateful resume.
+    pub stateful_resent: AtomicU64,
 }
 
 /// The process's metrics.
@@ -60,6 +64,8 @@ pub static METRICS: Metrics = Metrics {
     backplane_errors: AtomicU64::new(0),
     feed_events: AtomicU64::new(0),
     feed_rejected: AtomicU64::new(0),
+    stateful_resumes: AtomicU64::new(0),
+    stateful_resent: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -125,6 +131,18 @@ impl Metrics {
             "feedhub_slow_consumer_closes_total",
             "Connections closed as slow consumers.",
             &self.slow_consumer_closes,
+        );
+        counter(
+            &mut out,
+            "feedhub_stateful_resumes_total",
+            "Stateful connections resumed on a new transport.",
+            &self.stateful_resumes,
+        );
+        counter(
+            &mut out,
+            "feedhub_stateful_resent_total",
+            "Messages resent after a stateful resume.",
+            &self.stateful_resent,
         );
         counter(
             &mut out,

@@ -30,7 +30,18 @@ use crate::hub::HubLifetime;
 use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
 use crate::session::{self, SessionParams};
-use negotiate::{requested_version, AvailableTransport, NegotiateResponse, TokenError};
+use negotiate::{
+    requested_version, wants_stateful_reconnect, AvailableTransport, NegotiateResponse, TokenError,
+};
+
+/// An upgraded server WebSocket, split.
+pub(crate) type WsPair = (
+    crate::transport::websocket::WsSource<TokioIo<hyper::upgrade::Upgraded>>,
+    crate::transport::websocket::WsSink<TokioIo<hyper::upgrade::Upgraded>>,
+);
+
+/// Hands a returning client's WebSocket to its stateful session.
+pub(crate) type ResumeSender = tokio::sync::mpsc::Sender<WsPair>;
 
 /// Response body type.
 pub type Body = Full<Bytes>;
@@ -211,8 +222,13 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         }
     };
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
+    // Stateful reconnect needs a token (v1) and a hub that allows it (ASP.NET's
+    // `AllowStatefulReconnects`); the flag travels signed inside the token.
+    let stateful = version >= 1
+        && hub.definition().options.stateful_reconnect
+        && wants_stateful_reconnect(req.uri().query().unwrap_or(""));
     let (connection_id, connection_token) = if version >= 1 {
-        let (id, token) = state.tokens.issue(user);
+        let (id, token) = state.tokens.issue_with(user, stateful);
         (id, Some(token))
     } else {
         (state.tokens.issue_v0(), None)
@@ -225,6 +241,7 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
             transport: "WebSockets",
             transfer_formats: vec!["Text", "Binary"],
         }],
+        use_stateful_reconnect: stateful,
     };
     json(
         StatusCode::OK,
@@ -278,11 +295,26 @@ fn connect(
         Err(r) => return *r,
     };
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let connection_id = match id_param {
+    let (connection_id, stateful) = match id_param {
         // skipNegotiation: no id; the connection gets a fresh one.
-        None => ConnectionId::random(),
-        Some(token) => match state.tokens.check(&token, user) {
-            Ok(id) => id,
+        None => (ConnectionId::random(), false),
+        Some(token) => match state.tokens.inspect(&token, user) {
+            Ok(info) => {
+                // A live stateful connection of this node: hand the new socket over (an
+                // expired connect deadline does not matter once the connection exists).
+                if info.stateful {
+                    if let Some(tx) = state.resumable.get(&info.id).map(|t| t.clone()) {
+                        return resume(state, &hub, req, tx);
+                    }
+                }
+                if info.expired {
+                    return text(StatusCode::NOT_FOUND, "No Connection with that ID");
+                }
+                (
+                    info.id,
+                    info.stateful && hub.definition().options.stateful_reconnect,
+                )
+            }
             Err(TokenError::Unknown) => {
                 return text(StatusCode::NOT_FOUND, "No Connection with that ID")
             }
@@ -319,11 +351,21 @@ fn connect(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state2 = state.clone();
     let max = hub.definition().options.max_message_size;
+    // Registered before the 101 goes out, so a client that drops and comes back at once
+    // finds its connection.
+    let resume_rx = if stateful {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        state.resumable.insert(connection_id.clone(), tx);
+        Some(rx)
+    } else {
+        None
+    };
     state.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
+                state2.resumable.remove(&connection_id);
                 return;
             }
         };
@@ -339,10 +381,15 @@ fn connect(
                 request: request_info,
                 transport: TransportKind::WebSockets,
                 shutdown: state2.shutdown.clone(),
+                stateful,
             },
+            resume_rx,
         )
         .await;
+        // Refuse the token first, then forget the session: a reconnect racing with the end
+        // gets a 404 rather than a fresh connection under the same id.
         state2.tokens.mark_ended(&ended_id);
+        state2.resumable.remove(&ended_id);
     });
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -353,6 +400,78 @@ fn connect(
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
+}
+
+/// Checks a WebSocket upgrade request and answers it; `None` when it is acceptable.
+fn check_upgrade(req: &Request<Incoming>) -> Result<HeaderValue, Response<Body>> {
+    if req.method() != Method::GET {
+        return Err(text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"));
+    }
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return Err(text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key"));
+    };
+    if !version_ok {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "Unsupported WebSocket version",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    Ok(key)
+}
+
+fn switching_protocols(key: &HeaderValue) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// A stateful-reconnect client came back with its token: upgrade and hand the new socket
+/// to the waiting session (no handshake: the client's first message is its Sequence).
+fn resume(
+    state: &Arc<AppState>,
+    hub: &HubLifetime,
+    mut req: Request<Incoming>,
+    tx: ResumeSender,
+) -> Response<Body> {
+    let key = match check_upgrade(&req) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    if tx.is_closed() {
+        // The session ended between the lookup and now.
+        return text(StatusCode::NOT_FOUND, "No Connection with that ID");
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let max = hub.definition().options.max_message_size;
+    state.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let pair = crate::transport::websocket::accept(TokioIo::new(upgraded), max).await;
+        // Bounded wait: the session takes it at once unless it is ending; a pair it never
+        // takes is dropped, which closes the socket and the client gives up.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tx.send(pair)).await;
+    });
+    switching_protocols(&key)
 }
 
 /// `POST /api/feed`: the HTTP publish API. Same path as RabbitMQ events.

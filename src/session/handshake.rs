@@ -43,16 +43,16 @@ pub fn select_protocol(
     Ok(kind)
 }
 
-/// Runs the handshake. `Some(protocol)` on success (the OK response has been sent); `None`
-/// if the session must end (an error response has been sent where there was one to send).
-/// Bytes after the handshake stay in `inbuf`.
+/// Runs the handshake. `Some((protocol, requested version))` on success (the OK response
+/// has been sent); `None` if the session must end (an error response has been sent where
+/// there was one to send). Bytes after the handshake stay in `inbuf`.
 pub async fn perform<Src: FrameSource, Snk: FrameSink>(
     source: &mut Src,
     sink: &mut Snk,
     inbuf: &mut BytesMut,
     options: &HubOptions,
     transport: TransportKind,
-) -> Option<ProtocolKind> {
+) -> Option<(ProtocolKind, u32)> {
     let deadline = tokio::time::Instant::now() + options.handshake_timeout;
     let request = loop {
         match handshake::parse_request(inbuf, options.max_message_size) {
@@ -74,12 +74,12 @@ pub async fn perform<Src: FrameSource, Snk: FrameSink>(
             Ok(Some(Ok(bytes))) => inbuf.extend_from_slice(&bytes),
         }
     };
-    let result = request.and_then(|r| select_protocol(&r, transport));
+    let result = request.and_then(|r| select_protocol(&r, transport).map(|k| (k, r.version)));
     match result {
-        Ok(kind) => {
+        Ok((kind, version)) => {
             let ok = Bytes::from_static(handshake::OK_RESPONSE);
             sink.send(ok, kind.transfer_format()).await.ok()?;
-            Some(kind)
+            Some((kind, version))
         }
         Err(text) => {
             inc(&METRICS.protocol_errors);
