@@ -6,7 +6,8 @@
 //! - `Record(i)` / `Recorded()`: the client's messages as the server processed them (to
 //!   check that resent client messages are processed exactly once).
 //! - `Counters()`: `[OnConnected runs, OnDisconnected runs]`.
-//! - `Resumes()`: `[stateful resumes, messages resent]` of this process (metrics).
+//! - `Resumes()`: `[stateful resumes, messages resent, relays opened]` of this process.
+//! - `Echo(v)`: returns `v` (latency probes). `Cut()`: runs the cut hook now.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +57,7 @@ pub fn state_hub(
         state.cut.clone(),
     );
     let (c2, d2) = (state.connected.clone(), state.disconnected.clone());
+    let cut2 = state.cut.clone();
     HubBuilder::new(STATE_HUB)
         .configure(|o| {
             o.stateful_reconnect = true;
@@ -120,7 +122,21 @@ pub fn state_hub(
             Ok::<_, HubError>(vec![
                 METRICS.stateful_resumes.load(Ordering::Relaxed) as i64,
                 METRICS.stateful_resent.load(Ordering::Relaxed) as i64,
+                METRICS.relays_opened.load(Ordering::Relaxed) as i64,
             ])
+        })
+        .method(
+            "Echo",
+            |_c: HubContext, (v,): (feedhub::protocol::Value,)| async move { Ok::<_, HubError>(v) },
+        )
+        .method("Cut", move |_c: HubContext, (): ()| {
+            let cut = cut2.clone();
+            async move {
+                if let Some(f) = cut.lock().unwrap().as_ref() {
+                    f();
+                }
+                Ok::<_, HubError>(())
+            }
         })
         .method("ConnectionId", |c: HubContext, (): ()| async move {
             Ok::<_, HubError>(c.connection_id().to_string())

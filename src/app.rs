@@ -86,9 +86,9 @@ pub struct AppState {
     pub(crate) ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
     pub(crate) feed_hub: Option<Arc<HubLifetime>>,
     pub(crate) demo_page: String,
-    /// Live stateful-reconnect connections of this node: where a returning client's new
-    /// WebSocket is handed over (see `session::Resume`).
-    pub(crate) resumable: dashmap::DashMap<crate::ids::ConnectionId, crate::http::ResumeSender>,
+    /// Resume slots of this node's stateful connections and relayed transports
+    /// (no sticky sessions, see `http::relay`).
+    pub(crate) router: Arc<crate::http::relay::Router>,
 }
 
 /// Builds a [`Server`].
@@ -165,9 +165,14 @@ impl ServerBuilder {
             hubs.insert(lifetime.definition().path.clone(), lifetime);
         }
         let hub_list: Arc<Vec<Arc<HubLifetime>>> = Arc::new(hubs.values().cloned().collect());
+        let router = crate::http::relay::Router::new(config.node_id.clone(), backplane.clone());
         for rx in receivers {
-            tokio::spawn(dispatch_worker(rx, hub_list.clone()));
+            tokio::spawn(dispatch_worker(rx, hub_list.clone(), router.clone()));
         }
+        backplane
+            .subscribe(&[router.channel()])
+            .await
+            .map_err(|e| anyhow::anyhow!("node channel subscribe: {e}"))?;
 
         let feed_hub = config.feed_hub.as_ref().and_then(|p| hubs.get(p).cloned());
         let token_key = match &config.jwt_secret {
@@ -207,7 +212,7 @@ impl ServerBuilder {
             ready,
             feed_hub,
             demo_page: self.demo_page,
-            resumable: dashmap::DashMap::new(),
+            router: router.clone(),
         });
         if state.auth.is_development() {
             tracing::warn!(
@@ -226,8 +231,16 @@ impl ServerBuilder {
     }
 }
 
-async fn dispatch_worker(mut rx: mpsc::Receiver<Delivery>, hubs: Arc<Vec<Arc<HubLifetime>>>) {
+async fn dispatch_worker(
+    mut rx: mpsc::Receiver<Delivery>,
+    hubs: Arc<Vec<Arc<HubLifetime>>>,
+    router: Arc<crate::http::relay::Router>,
+) {
     while let Some(d) = rx.recv().await {
+        if let crate::backplane::BackplanePayload::Relay(frame) = &d.message.payload {
+            router.on_frame(frame);
+            continue;
+        }
         for hub in hubs.iter() {
             if let Some(target) = hub.scheme().parse(&d.channel) {
                 hub.on_delivery(&target, &d.message);

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub stateful_resumes: AtomicU64,
     /// Messages written again after a stateful resume.
     pub stateful_resent: AtomicU64,
+    /// Transports relayed to the owning node (requests that landed on another node).
+    pub relays_opened: AtomicU64,
 }
 
 /// The process's metrics.
@@ -66,6 +68,7 @@ pub static METRICS: Metrics = Metrics {
     feed_rejected: AtomicU64::new(0),
     stateful_resumes: AtomicU64::new(0),
     stateful_resent: AtomicU64::new(0),
+    relays_opened: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -143,6 +146,12 @@ impl Metrics {
             "feedhub_stateful_resent_total",
             "Messages resent after a stateful resume.",
             &self.stateful_resent,
+        );
+        counter(
+            &mut out,
+            "feedhub_relays_opened_total",
+            "Transports relayed to the owning node (no sticky sessions).",
+            &self.relays_opened,
         );
         counter(
             &mut out,

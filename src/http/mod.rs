@@ -12,6 +12,7 @@
 //! | `GET /` | the demo page |
 
 pub mod negotiate;
+pub mod relay;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -34,14 +35,10 @@ use negotiate::{
     requested_version, wants_stateful_reconnect, AvailableTransport, NegotiateResponse, TokenError,
 };
 
-/// An upgraded server WebSocket, split.
-pub(crate) type WsPair = (
-    crate::transport::websocket::WsSource<TokioIo<hyper::upgrade::Upgraded>>,
-    crate::transport::websocket::WsSink<TokioIo<hyper::upgrade::Upgraded>>,
-);
-
-/// Hands a returning client's WebSocket to its stateful session.
-pub(crate) type ResumeSender = tokio::sync::mpsc::Sender<WsPair>;
+use crate::transport::websocket;
+use crate::transport::FrameSink as _;
+use crate::transport::FrameSource as _;
+use relay::ResumeSender;
 
 /// Response body type.
 pub type Body = Full<Bytes>;
@@ -174,7 +171,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         }
     }
     if let Some(hub) = state.hubs.get(path.as_str()).cloned() {
-        return connect(state, hub, req);
+        return connect(state, hub, req).await;
     }
     text(StatusCode::NOT_FOUND, "Not Found")
 }
@@ -261,7 +258,21 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }
 
-fn connect(
+/// What a connect request turned out to be.
+enum Plan {
+    /// A new connection on this node.
+    Fresh,
+    /// A new socket for a stateful connection living on this node.
+    ResumeLocal(ResumeSender),
+    /// A stateful token whose connection is not here: maybe a first connect (the client
+    /// then sends a handshake), maybe a resume of a connection on another node (it sends
+    /// `Sequence`). The first frame decides.
+    FreshOrRelay,
+    /// An expired stateful token: only a resume on another node is possible.
+    Relay(relay::Landing),
+}
+
+async fn connect(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
     mut req: Request<Incoming>,
@@ -295,67 +306,108 @@ fn connect(
         Err(r) => return *r,
     };
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let (connection_id, stateful) = match id_param {
+    let allow_stateful = hub.definition().options.stateful_reconnect;
+    let (connection_id, stateful, plan) = match id_param {
         // skipNegotiation: no id; the connection gets a fresh one.
-        None => (ConnectionId::random(), false),
+        None => (ConnectionId::random(), false, Plan::Fresh),
         Some(token) => match state.tokens.inspect(&token, user) {
             Ok(info) => {
+                let stateful = info.stateful && allow_stateful;
                 // A live stateful connection of this node: hand the new socket over (an
                 // expired connect deadline does not matter once the connection exists).
-                if info.stateful {
-                    if let Some(tx) = state.resumable.get(&info.id).map(|t| t.clone()) {
-                        return resume(state, &hub, req, tx);
+                let local = stateful
+                    .then(|| state.router.resumable.get(&info.id).map(|t| t.clone()))
+                    .flatten();
+                let plan = match local {
+                    Some(tx) => Plan::ResumeLocal(tx),
+                    None if stateful && hub.registry().get(&info.id).is_none() => {
+                        if info.expired {
+                            match relay::Landing::open(
+                                &state.router,
+                                &info.id,
+                                hub.scheme().connection(&info.id),
+                            )
+                            .await
+                            {
+                                Some(l) => Plan::Relay(l),
+                                None => {
+                                    return text(
+                                        StatusCode::NOT_FOUND,
+                                        "No Connection with that ID",
+                                    )
+                                }
+                            }
+                        } else {
+                            Plan::FreshOrRelay
+                        }
                     }
-                }
-                if info.expired {
-                    return text(StatusCode::NOT_FOUND, "No Connection with that ID");
-                }
-                (
-                    info.id,
-                    info.stateful && hub.definition().options.stateful_reconnect,
-                )
+                    None if info.expired => {
+                        return text(StatusCode::NOT_FOUND, "No Connection with that ID")
+                    }
+                    None => Plan::Fresh,
+                };
+                (info.id, stateful, plan)
             }
             Err(TokenError::Unknown) => {
                 return text(StatusCode::NOT_FOUND, "No Connection with that ID")
             }
         },
     };
+    let key = match check_upgrade(&req) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let max = hub.definition().options.max_message_size;
+    match plan {
+        Plan::ResumeLocal(tx) => {
+            if tx.is_closed() {
+                // The session ended between the lookup and now.
+                return text(StatusCode::NOT_FOUND, "No Connection with that ID");
+            }
+            state.tracker.spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let (src, snk) = websocket::accept(TokioIo::new(upgraded), max).await;
+                // Bounded wait: the session takes it at once unless it is ending; a pair it
+                // never takes is dropped, which closes the socket and the client gives up.
+                let pair = (relay::AnySource::Ws(src, None), relay::AnySink::Ws(snk));
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), tx.send(pair)).await;
+            });
+            return switching_protocols(&key);
+        }
+        Plan::Relay(landing) => {
+            state.tracker.spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let (src, snk) = websocket::accept(TokioIo::new(upgraded), max).await;
+                landing.run(src, snk, None).await;
+            });
+            return switching_protocols(&key);
+        }
+        Plan::Fresh | Plan::FreshOrRelay => {}
+    }
     if hub.registry().get(&connection_id).is_some() {
         return text(
             StatusCode::CONFLICT,
             "Connection already has an active transport.",
         );
     }
-    let version_ok = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v.as_bytes() == b"13");
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key");
-    };
-    if !version_ok {
-        let mut r = text(
-            StatusCode::UPGRADE_REQUIRED,
-            "Unsupported WebSocket version",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return r;
-    }
     let request_info = RequestInfo {
         query,
         headers: req.headers().clone(),
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let state2 = state.clone();
-    let max = hub.definition().options.max_message_size;
-    // Registered before the 101 goes out, so a client that drops and comes back at once
-    // finds its connection.
-    let resume_rx = if stateful {
+    let peek = matches!(plan, Plan::FreshOrRelay);
+    // A fresh stateful connection registers its resume slot before the 101 goes out, so a
+    // client that drops and comes back at once finds it (after peeking: once the handshake
+    // arrived, which is before the client can drop and resume).
+    let resume_rx = if stateful && !peek {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        state.resumable.insert(connection_id.clone(), tx);
+        state.router.resumable.insert(connection_id.clone(), tx);
         Some(rx)
     } else {
         None
@@ -365,15 +417,60 @@ fn connect(
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
-                state2.resumable.remove(&connection_id);
+                state2.router.resumable.remove(&connection_id);
                 return;
             }
         };
-        let (source, sink) = crate::transport::websocket::accept(TokioIo::new(upgraded), max).await;
+        let (mut source, sink) = websocket::accept(TokioIo::new(upgraded), max).await;
+        let mut first = None;
+        if peek {
+            // A handshake starts a connection here; anything else is a stateful client
+            // resuming a connection that lives on another node.
+            let frame =
+                tokio::time::timeout(hub.definition().options.handshake_timeout, source.recv())
+                    .await;
+            let Ok(Some(Ok(frame))) = frame else { return };
+            let mut probe = bytes::BytesMut::from(&frame[..]);
+            let is_handshake = matches!(
+                crate::protocol::handshake::parse_request(&mut probe, max),
+                Ok(Some(_))
+            );
+            if !is_handshake {
+                match relay::Landing::open(
+                    &state2.router,
+                    &connection_id,
+                    hub.scheme().connection(&connection_id),
+                )
+                .await
+                {
+                    Some(landing) => landing.run(source, sink, Some(frame)).await,
+                    None => {
+                        let mut sink = sink;
+                        sink.close(1008, "No Connection with that ID").await;
+                    }
+                }
+                return;
+            }
+            first = Some(frame);
+        }
+        let resume_rx = if peek {
+            // A fresh stateful connection found by peeking: register its slot now, unless
+            // another socket took this id meanwhile.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            match state2.router.resumable.entry(connection_id.clone()) {
+                dashmap::Entry::Occupied(_) => return,
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(tx);
+                }
+            }
+            Some(rx)
+        } else {
+            resume_rx
+        };
         let ended_id = connection_id.clone();
         session::run(
-            source,
-            sink,
+            relay::AnySource::Ws(source, first),
+            relay::AnySink::Ws(sink),
             SessionParams {
                 hub,
                 connection_id,
@@ -389,17 +486,9 @@ fn connect(
         // Refuse the token first, then forget the session: a reconnect racing with the end
         // gets a 404 rather than a fresh connection under the same id.
         state2.tokens.mark_ended(&ended_id);
-        state2.resumable.remove(&ended_id);
+        state2.router.resumable.remove(&ended_id);
     });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    r
+    switching_protocols(&key)
 }
 
 /// Checks a WebSocket upgrade request and answers it; `None` when it is acceptable.
@@ -438,40 +527,6 @@ fn switching_protocols(key: &HeaderValue) -> Response<Body> {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
-}
-
-/// A stateful-reconnect client came back with its token: upgrade and hand the new socket
-/// to the waiting session (no handshake: the client's first message is its Sequence).
-fn resume(
-    state: &Arc<AppState>,
-    hub: &HubLifetime,
-    mut req: Request<Incoming>,
-    tx: ResumeSender,
-) -> Response<Body> {
-    let key = match check_upgrade(&req) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    if tx.is_closed() {
-        // The session ended between the lookup and now.
-        return text(StatusCode::NOT_FOUND, "No Connection with that ID");
-    }
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let max = hub.definition().options.max_message_size;
-    state.tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return;
-            }
-        };
-        let pair = crate::transport::websocket::accept(TokioIo::new(upgraded), max).await;
-        // Bounded wait: the session takes it at once unless it is ending; a pair it never
-        // takes is dropped, which closes the socket and the client gives up.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tx.send(pair)).await;
-    });
-    switching_protocols(&key)
 }
 
 /// `POST /api/feed`: the HTTP publish API. Same path as RabbitMQ events.
