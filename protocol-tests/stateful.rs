@@ -412,6 +412,30 @@ async fn window_expiry_runs_on_disconnected_and_the_token_is_then_refused() {
 }
 
 #[tokio::test]
+async fn client_timeout_detaches_a_stateful_connection_instead_of_ending_it() {
+    let state = HubState::default();
+    let s = start(&state, |o| o.client_timeout = Duration::from_millis(400)).await;
+    let (mut c, id, token) = connect(&s, 2).await;
+    c.send(&HubMessage::Ping).await; // arms the client timeout
+                                     // Silent (a half-open connection): the server drops the transport, keeps the connection.
+    c.expect_closed().await;
+    assert_eq!(state.disconnected.load(Ordering::SeqCst), 0);
+    let mut c2 = reopen(&s, &token).await;
+    c2.send(&HubMessage::Sequence(Sequence { sequence_id: 1 }))
+        .await;
+    let mut acks = Vec::new();
+    assert!(matches!(
+        next(&mut c2, &mut acks).await,
+        HubMessage::Sequence(_)
+    ));
+    assert_eq!(
+        call(&mut c2, "i", "ConnectionId").await,
+        format!("done:\"{id}\"")
+    );
+    assert_eq!(state.disconnected.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
 async fn version_1_handshake_is_not_stateful() {
     let state = HubState::default();
     let s = start(&state, |_| {}).await;

@@ -355,7 +355,7 @@ async fn connect(
     };
     let key = match check_upgrade(&req) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let max = hub.definition().options.max_message_size;
@@ -491,17 +491,23 @@ async fn connect(
     switching_protocols(&key)
 }
 
-/// Checks a WebSocket upgrade request and answers it; `None` when it is acceptable.
-fn check_upgrade(req: &Request<Incoming>) -> Result<HeaderValue, Response<Body>> {
+/// Checks a WebSocket upgrade request: its `Sec-WebSocket-Key`, or the error response.
+fn check_upgrade(req: &Request<Incoming>) -> Result<HeaderValue, Box<Response<Body>>> {
     if req.method() != Method::GET {
-        return Err(text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"));
+        return Err(Box::new(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+        )));
     }
     let version_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v.as_bytes() == b"13");
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return Err(text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key"));
+        return Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "Missing Sec-WebSocket-Key",
+        )));
     };
     if !version_ok {
         let mut r = text(
@@ -512,7 +518,7 @@ fn check_upgrade(req: &Request<Incoming>) -> Result<HeaderValue, Response<Body>>
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
-        return Err(r);
+        return Err(Box::new(r));
     }
     Ok(key)
 }

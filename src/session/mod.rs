@@ -563,6 +563,12 @@ impl Loop {
                     }
                     if self.client_timeout_armed && now >= self.last_received + self.client_timeout {
                         tracing::debug!("client timeout");
+                        if self.stateful.is_some() {
+                            // A silent transport (half-open TCP, a dead relay node) is a lost
+                            // transport: the client may still come back within the window.
+                            self.client_timeout_armed = false;
+                            lost!("client timeout".to_string());
+                        }
                         self.conn.close(Some(format!("{CLOSE_ERROR_TEXT} Client hasn't sent a message/ping within the configured ClientTimeoutInterval.")), true);
                         continue;
                     }
