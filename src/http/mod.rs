@@ -1,50 +1,55 @@
 //! The HTTP face of the server, on hyper 1: routing, negotiate, the WebSocket upgrade,
 //! health and metrics, the publish API, CORS. It parses requests and hands upgraded sockets
-//! to `session::run`; it holds no hub state of its own.
+//! to the transports; the only state it keeps is the table of live transports
+//! ([`connections`]).
 //!
 //! | route | what |
 //! |---|---|
 //! | `POST {hub}/negotiate` | [`negotiate`]: connection id and token, transports |
 //! | `GET {hub}` + `Upgrade: websocket` | the WebSocket transport (with `id=`, or without negotiate: `skipNegotiation`) |
+//! | `GET {hub}?id=` + `Accept: text/event-stream` | Server-Sent Events ([`transports`]) |
+//! | `GET`, `POST`, `DELETE {hub}?id=` | long polls, sends, Long Polling end ([`transports`]) |
 //! | `POST /api/feed` | publish a feed event (`Authorization: Bearer <api key>`) |
 //! | `POST /dev/token?user=ID` | development mode only: a token for a demo user |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness (backplane and ingest connected), Prometheus text |
 //! | `GET /` | the demo page |
 
+pub mod connections;
 pub mod negotiate;
 pub mod relay;
+pub mod transports;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::app::AppState;
 use crate::auth::{token_from_request, AuthError, Identity};
-use crate::connection::{RequestInfo, TransportKind};
+use crate::connection::RequestInfo;
 use crate::hub::HubLifetime;
-use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
-use crate::session::{self, SessionParams};
 use negotiate::{
-    requested_version, wants_stateful_reconnect, AvailableTransport, NegotiateResponse, TokenError,
+    requested_version, wants_stateful_reconnect, AvailableTransport, NegotiateResponse,
 };
 
-use crate::transport::websocket;
-use crate::transport::FrameSink as _;
-use crate::transport::FrameSource as _;
-use relay::ResumeSender;
+/// Response body type: whole bodies, or a stream (Server-Sent Events).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Response body type.
-pub type Body = Full<Bytes>;
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(msg.into())));
+    let mut r = Response::new(full(msg.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -54,7 +59,7 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
 }
 
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(
@@ -234,16 +239,37 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         negotiate_version: version,
         connection_id: connection_id.to_string(),
         connection_token,
-        available_transports: vec![AvailableTransport {
-            transport: "WebSockets",
-            transfer_formats: vec!["Text", "Binary"],
-        }],
+        available_transports: available_transports(&hub.definition().options.transports),
         use_stateful_reconnect: stateful,
     };
     json(
         StatusCode::OK,
         serde_json::to_vec(&body).unwrap_or_default(),
     )
+}
+
+/// The transports negotiate lists, in ASP.NET's order (the client tries them in order).
+fn available_transports(allowed: &crate::hub::Transports) -> Vec<AvailableTransport> {
+    let mut out = Vec::with_capacity(3);
+    if allowed.websockets {
+        out.push(AvailableTransport {
+            transport: "WebSockets",
+            transfer_formats: vec!["Text", "Binary"],
+        });
+    }
+    if allowed.server_sent_events {
+        out.push(AvailableTransport {
+            transport: "ServerSentEvents",
+            transfer_formats: vec!["Text"],
+        });
+    }
+    if allowed.long_polling {
+        out.push(AvailableTransport {
+            transport: "LongPolling",
+            transfer_formats: vec!["Text", "Binary"],
+        });
+    }
+    out
 }
 
 fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
@@ -258,281 +284,55 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }
 
-/// What a connect request turned out to be.
-enum Plan {
-    /// A new connection on this node.
-    Fresh,
-    /// A new socket for a stateful connection living on this node.
-    ResumeLocal(ResumeSender),
-    /// A stateful token whose connection is not here: maybe a first connect (the client
-    /// then sends a handshake), maybe a resume of a connection on another node (it sends
-    /// `Sequence`). The first frame decides.
-    FreshOrRelay,
-    /// An expired stateful token: only a resume on another node is possible.
-    Relay(relay::Landing),
-}
-
+/// A request on the hub path: one of the three transports, a send, or a delete
+/// (see [`transports`]). Every request is authenticated, and a token only works for the
+/// user it was issued to.
 async fn connect(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_string();
     let id_param = form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "id")
-        .map(|(_, v)| v.into_owned());
-    if !is_websocket_upgrade(&req) {
-        return match (req.method().clone(), id_param) {
-            (_, None) => text(StatusCode::BAD_REQUEST, "Connection ID required"),
-            (Method::POST, Some(_)) => text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "POST requests are not allowed for WebSocket connections.",
-            ),
-            (Method::DELETE, Some(_)) => text(
-                StatusCode::BAD_REQUEST,
-                "Cannot terminate this connection using the DELETE endpoint.",
-            ),
-            (_, Some(_)) => text(
-                StatusCode::BAD_REQUEST,
-                "This server offers only the WebSockets transport; use a WebSocket upgrade.",
-            ),
-        };
-    }
-    if req.method() != Method::GET {
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty());
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::POST && method != Method::DELETE {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
     let identity = match authenticate(state, &hub, &req) {
         Ok(i) => i,
         Err(r) => return *r,
     };
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let allow_stateful = hub.definition().options.stateful_reconnect;
-    let (connection_id, stateful, plan) = match id_param {
-        // skipNegotiation: no id; the connection gets a fresh one.
-        None => (ConnectionId::random(), false, Plan::Fresh),
-        Some(token) => match state.tokens.inspect(&token, user) {
-            Ok(info) => {
-                let stateful = info.stateful && allow_stateful;
-                // A live stateful connection of this node: hand the new socket over (an
-                // expired connect deadline does not matter once the connection exists).
-                let local = stateful
-                    .then(|| state.router.resumable.get(&info.id).map(|t| t.clone()))
-                    .flatten();
-                let plan = match local {
-                    Some(tx) => Plan::ResumeLocal(tx),
-                    None if stateful && hub.registry().get(&info.id).is_none() => {
-                        if info.expired {
-                            match relay::Landing::open(
-                                &state.router,
-                                &info.id,
-                                hub.scheme().connection(&info.id),
-                            )
-                            .await
-                            {
-                                Some(l) => Plan::Relay(l),
-                                None => {
-                                    return text(
-                                        StatusCode::NOT_FOUND,
-                                        "No Connection with that ID",
-                                    )
-                                }
-                            }
-                        } else {
-                            Plan::FreshOrRelay
-                        }
-                    }
-                    None if info.expired => {
-                        return text(StatusCode::NOT_FOUND, "No Connection with that ID")
-                    }
-                    None => Plan::Fresh,
-                };
-                (info.id, stateful, plan)
-            }
-            Err(TokenError::Unknown) => {
-                return text(StatusCode::NOT_FOUND, "No Connection with that ID")
-            }
-        },
-    };
-    let key = match check_upgrade(&req) {
-        Ok(k) => k,
-        Err(r) => return *r,
-    };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let max = hub.definition().options.max_message_size;
-    match plan {
-        Plan::ResumeLocal(tx) => {
-            if tx.is_closed() {
-                // The session ended between the lookup and now.
-                return text(StatusCode::NOT_FOUND, "No Connection with that ID");
-            }
-            state.tracker.spawn(async move {
-                let Ok(upgraded) = on_upgrade.await else {
-                    return;
-                };
-                let (src, snk) = websocket::accept(TokioIo::new(upgraded), max).await;
-                // Bounded wait: the session takes it at once unless it is ending; a pair it
-                // never takes is dropped, which closes the socket and the client gives up.
-                let pair = (relay::AnySource::Ws(src, None), relay::AnySink::Ws(snk));
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(5), tx.send(pair)).await;
-            });
-            return switching_protocols(&key);
+    let is_ws = method == Method::GET && is_websocket_upgrade(&req);
+    let Some(token) = id_param else {
+        if is_ws {
+            return transports::websocket(state, hub, None, identity, req).await;
         }
-        Plan::Relay(landing) => {
-            state.tracker.spawn(async move {
-                let Ok(upgraded) = on_upgrade.await else {
-                    return;
-                };
-                let (src, snk) = websocket::accept(TokioIo::new(upgraded), max).await;
-                landing.run(src, snk, None).await;
-            });
-            return switching_protocols(&key);
-        }
-        Plan::Fresh | Plan::FreshOrRelay => {}
+        return text(StatusCode::BAD_REQUEST, "Connection ID required");
+    };
+    let user = identity
+        .user_id
+        .as_ref()
+        .map_or(String::new(), |u| u.as_str().to_string());
+    if method == Method::POST {
+        return transports::send(state, &hub, &token, &user, req).await;
     }
-    if hub.registry().get(&connection_id).is_some() {
-        return text(
-            StatusCode::CONFLICT,
-            "Connection already has an active transport.",
-        );
+    if method == Method::DELETE {
+        return transports::delete(state, &token, &user);
     }
-    let request_info = RequestInfo {
+    if is_ws {
+        return transports::websocket(state, hub, Some(&token), identity, req).await;
+    }
+    let request = RequestInfo {
         query,
         headers: req.headers().clone(),
     };
-    let state2 = state.clone();
-    let peek = matches!(plan, Plan::FreshOrRelay);
-    // A fresh stateful connection registers its resume slot before the 101 goes out, so a
-    // client that drops and comes back at once finds it (after peeking: once the handshake
-    // arrived, which is before the client can drop and resume).
-    let resume_rx = if stateful && !peek {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        state.router.resumable.insert(connection_id.clone(), tx);
-        Some(rx)
-    } else {
-        None
-    };
-    state.tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                state2.router.resumable.remove(&connection_id);
-                return;
-            }
-        };
-        let (mut source, sink) = websocket::accept(TokioIo::new(upgraded), max).await;
-        let mut first = None;
-        if peek {
-            // A handshake starts a connection here; anything else is a stateful client
-            // resuming a connection that lives on another node.
-            let frame =
-                tokio::time::timeout(hub.definition().options.handshake_timeout, source.recv())
-                    .await;
-            let Ok(Some(Ok(frame))) = frame else { return };
-            let mut probe = bytes::BytesMut::from(&frame[..]);
-            let is_handshake = matches!(
-                crate::protocol::handshake::parse_request(&mut probe, max),
-                Ok(Some(_))
-            );
-            if !is_handshake {
-                match relay::Landing::open(
-                    &state2.router,
-                    &connection_id,
-                    hub.scheme().connection(&connection_id),
-                )
-                .await
-                {
-                    Some(landing) => landing.run(source, sink, Some(frame)).await,
-                    None => {
-                        let mut sink = sink;
-                        sink.close(1008, "No Connection with that ID").await;
-                    }
-                }
-                return;
-            }
-            first = Some(frame);
-        }
-        let resume_rx = if peek {
-            // A fresh stateful connection found by peeking: register its slot now, unless
-            // another socket took this id meanwhile.
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            match state2.router.resumable.entry(connection_id.clone()) {
-                dashmap::Entry::Occupied(_) => return,
-                dashmap::Entry::Vacant(v) => {
-                    v.insert(tx);
-                }
-            }
-            Some(rx)
-        } else {
-            resume_rx
-        };
-        let ended_id = connection_id.clone();
-        session::run(
-            relay::AnySource::Ws(source, first),
-            relay::AnySink::Ws(sink),
-            SessionParams {
-                hub,
-                connection_id,
-                identity,
-                request: request_info,
-                transport: TransportKind::WebSockets,
-                shutdown: state2.shutdown.clone(),
-                stateful,
-            },
-            resume_rx,
-        )
-        .await;
-        // Refuse the token first, then forget the session: a reconnect racing with the end
-        // gets a 404 rather than a fresh connection under the same id.
-        state2.tokens.mark_ended(&ended_id);
-        state2.router.resumable.remove(&ended_id);
-    });
-    switching_protocols(&key)
-}
-
-/// Checks a WebSocket upgrade request: its `Sec-WebSocket-Key`, or the error response.
-fn check_upgrade(req: &Request<Incoming>) -> Result<HeaderValue, Box<Response<Body>>> {
-    if req.method() != Method::GET {
-        return Err(Box::new(text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Method Not Allowed",
-        )));
+    if transports::accepts_event_stream(&req) {
+        return transports::server_sent_events(state, hub, &token, identity, request);
     }
-    let version_ok = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v.as_bytes() == b"13");
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return Err(Box::new(text(
-            StatusCode::BAD_REQUEST,
-            "Missing Sec-WebSocket-Key",
-        )));
-    };
-    if !version_ok {
-        let mut r = text(
-            StatusCode::UPGRADE_REQUIRED,
-            "Unsupported WebSocket version",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return Err(Box::new(r));
-    }
-    Ok(key)
-}
-
-fn switching_protocols(key: &HeaderValue) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    r
+    transports::long_poll(state, hub, &token, identity, request).await
 }
 
 /// `POST /api/feed`: the HTTP publish API. Same path as RabbitMQ events.

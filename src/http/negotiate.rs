@@ -141,33 +141,9 @@ impl Tokens {
         id
     }
 
-    /// Checks the `id=` value of a connect request and returns the connection id.
-    pub fn check(&self, token: &str, user: &str) -> Result<ConnectionId, TokenError> {
-        match self.inspect(token, user)? {
-            TokenInfo { expired: true, .. } => Err(TokenError::Unknown),
-            info => Ok(info.id),
-        }
-    }
-
-    /// Checks the signature and the ended list of an `id=` value and reports what it says,
-    /// including whether it expired (the caller decides: a live stateful connection may
-    /// resume with an expired token, nothing else may).
-    pub fn inspect(&self, token: &str, user: &str) -> Result<TokenInfo, TokenError> {
-        {
-            let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(t) = v0.remove(token) {
-                if t.elapsed() < TOKEN_TTL {
-                    return ConnectionId::new(token)
-                        .map(|id| TokenInfo {
-                            id,
-                            stateful: false,
-                            expired: false,
-                        })
-                        .map_err(|_| TokenError::Unknown);
-                }
-                return Err(TokenError::Unknown);
-            }
-        }
+    /// Decodes a v1 token and checks its MAC for `user`: the connection id and the raw
+    /// signed expiry (with the stateful flag bit).
+    fn open(&self, token: &str, user: &str) -> Result<(ConnectionId, u64), TokenError> {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Unknown)?;
@@ -179,34 +155,64 @@ impl Tokens {
         let mut exp_arr = [0u8; 8];
         exp_arr.copy_from_slice(exp);
         let expiry = u64::from_be_bytes(exp_arr);
-        let ok_for = |u: &str| {
-            let expected = self.mac(raw, expiry, u);
-            // Constant-time comparison: the MAC must not leak through timing.
-            expected
-                .iter()
-                .zip(mac)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        };
-        if !ok_for(user) {
+        let expected = self.mac(raw, expiry, user);
+        // Constant-time comparison: the MAC must not leak through timing.
+        let ok = expected
+            .iter()
+            .zip(mac)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        if !ok {
             // Forged, corrupted, or issued to another user: all look the same from here.
             return Err(TokenError::Unknown);
         }
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let id = ConnectionId::new(&id).map_err(|_| TokenError::Unknown)?;
+        Ok((id, expiry))
+    }
+
+    /// The connection id a genuine v1 token of `user` names, expired or not. For requests
+    /// on a connection that is already running (polls and sends outlive the token's TTL,
+    /// which only bounds how long a negotiation may wait for its transport).
+    pub fn id_of(&self, token: &str, user: &str) -> Option<ConnectionId> {
+        self.open(token, user).ok().map(|(id, _)| id)
+    }
+
+    /// Checks the `id=` value of a request that starts a connection and returns the
+    /// connection id.
+    pub fn check(&self, token: &str, user: &str) -> Result<ConnectionId, TokenError> {
+        {
+            let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = v0.remove(token) {
+                if t.elapsed() < TOKEN_TTL {
+                    return ConnectionId::new(token).map_err(|_| TokenError::Unknown);
+                }
+                return Err(TokenError::Unknown);
+            }
+        }
+        match self.inspect(token, user)? {
+            TokenInfo { expired: true, .. } => Err(TokenError::Unknown),
+            info => Ok(info.id),
+        }
+    }
+
+    /// Checks a v1 token's signature and the ended list and reports what it says, including
+    /// whether it expired (the caller decides: a live stateful connection may resume with an
+    /// expired token, nothing else may).
+    pub fn inspect(&self, token: &str, user: &str) -> Result<TokenInfo, TokenError> {
+        let (id, expiry) = self.open(token, user)?;
         let stateful = expiry & STATEFUL_BIT != 0;
         let expired = (expiry & !STATEFUL_BIT) < unix_now();
-        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
         let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.contains_key(&id) {
+        if ended.contains_key(id.as_str()) {
             return Err(TokenError::Unknown);
         }
         drop(ended);
-        ConnectionId::new(&id)
-            .map(|id| TokenInfo {
-                id,
-                stateful,
-                expired,
-            })
-            .map_err(|_| TokenError::Unknown)
+        Ok(TokenInfo {
+            id,
+            stateful,
+            expired,
+        })
     }
 }
 

@@ -12,8 +12,8 @@
 //!    registers it, and publishes `Relay(Open { connection, reply_node })` on the
 //!    connection's channel.
 //! 2. The owner's [`Router`] (fed by the backplane dispatch workers, never waiting) finds
-//!    the connection's resume slot and hands the session a [`RemoteSource`]/[`RemoteSink`]
-//!    pair, exactly as it would hand over a local WebSocket; it answers `Opened { owner }`
+//!    the connection's resume slot and hands the session a fresh link, served by a relay
+//!    pump instead of a WebSocket pump; it answers `Opened { owner }`
 //!    on the landing node's channel (`feedhub:node:<id>`), or `Opened { owner: "" }` when
 //!    the connection is not there.
 //! 3. The landing node answers the upgrade only after a positive answer: no answer within
@@ -41,6 +41,7 @@ use crate::backplane::{
 };
 use crate::ids::ConnectionId;
 use crate::protocol::TransferFormat;
+use crate::transport::link::{Link, LinkSink, LinkSource, WireItem};
 use crate::transport::websocket::{WsSink, WsSource};
 use crate::transport::{FrameSink, FrameSource, TransportError};
 
@@ -52,8 +53,8 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
 
 type Upg = TokioIo<Upgraded>;
 
-/// Hands a returning client's transport to its stateful session.
-pub type ResumeSender = mpsc::Sender<(AnySource, AnySink)>;
+/// Hands a returning client's transport (a fresh link's halves) to its stateful session.
+pub type ResumeSender = mpsc::Sender<(LinkSource, LinkSink)>;
 
 /// Inbound events of one relay.
 #[derive(Debug)]
@@ -146,15 +147,17 @@ impl Router {
                 if let Some(tx) = slot {
                     let (in_tx, in_rx) = mpsc::channel(RELAY_QUEUE);
                     self.relays.insert(relay, in_tx);
-                    let pair = (
-                        AnySource::Remote(self.source(relay, in_rx)),
-                        AnySink::Remote(self.sink(relay, reply_node)),
-                    );
-                    match tx.try_send(pair) {
-                        Ok(()) => owner = self.node_id.clone(),
-                        Err(e) => {
-                            // The pair is dropped; its Drop cleans up (and sends Close).
-                            drop(e);
+                    let (link, source) = Link::new();
+                    match tx.try_send((source, link.sink())) {
+                        Ok(()) => {
+                            owner = self.node_id.clone();
+                            tokio::spawn(owner_pump(
+                                link,
+                                self.source(relay, in_rx),
+                                self.sink(relay, reply_node),
+                            ));
+                        }
+                        Err(_) => {
                             self.relays.remove(&relay);
                         }
                     }
@@ -233,6 +236,42 @@ impl Router {
             }
         }
     }
+}
+
+/// Owner side of a relay: serves the session's link from the relayed bytes, as the
+/// WebSocket pump serves it from a socket.
+async fn owner_pump(link: Link, mut from_client: RemoteSource, mut to_client: RemoteSink) {
+    let reader = async {
+        while let Some((bytes, _)) = from_client.recv_with_format().await {
+            if link.feed(bytes).await.is_err() {
+                return None;
+            }
+        }
+        Some("relay closed".to_string())
+    };
+    let writer = async {
+        loop {
+            match link.wire.next().await {
+                WireItem::Unit(data, format) => {
+                    if let Err(e) = to_client.send(data, format).await {
+                        return Some(e.to_string());
+                    }
+                }
+                WireItem::End(code, reason) => {
+                    to_client.close(code, &reason).await;
+                    return None;
+                }
+            }
+        }
+    };
+    let gone = link.gone_token();
+    let reason = tokio::select! {
+        r = reader => r,
+        r = writer => r,
+        _ = gone.cancelled() => None,
+    };
+    to_client.close(1000, "").await;
+    link.transport_gone(reason);
 }
 
 /// Landing side of a relay, prepared before the upgrade is answered.
@@ -412,50 +451,6 @@ impl FrameSink for RemoteSink {
             self.closed = true;
             let msg = self.message(RelayKind::Close);
             let _ = self.router.backplane.publish(&self.channel, msg).await;
-        }
-    }
-}
-
-/// A session's inbound side: a local WebSocket or a relayed one.
-pub enum AnySource {
-    /// A WebSocket on this node, with a frame already read from it (returned first).
-    Ws(WsSource<Upg>, Option<Bytes>),
-    /// Relayed from another node.
-    Remote(RemoteSource),
-}
-
-/// A session's outbound side: a local WebSocket or a relayed one.
-pub enum AnySink {
-    /// A WebSocket on this node.
-    Ws(WsSink<Upg>),
-    /// Relayed to another node.
-    Remote(RemoteSink),
-}
-
-impl FrameSource for AnySource {
-    async fn recv(&mut self) -> Option<Result<Bytes, TransportError>> {
-        match self {
-            AnySource::Ws(s, first) => match first.take() {
-                Some(f) => Some(Ok(f)),
-                None => s.recv().await,
-            },
-            AnySource::Remote(s) => s.recv().await,
-        }
-    }
-}
-
-impl FrameSink for AnySink {
-    async fn send(&mut self, data: Bytes, format: TransferFormat) -> Result<(), TransportError> {
-        match self {
-            AnySink::Ws(s) => s.send(data, format).await,
-            AnySink::Remote(s) => s.send(data, format).await,
-        }
-    }
-
-    async fn close(&mut self, code: u16, reason: &str) {
-        match self {
-            AnySink::Ws(s) => s.close(code, reason).await,
-            AnySink::Remote(s) => s.close(code, reason).await,
         }
     }
 }

@@ -16,9 +16,12 @@
 //! With stateful reconnect (negotiated, hub protocol version 2, WebSockets; see [`replay`])
 //! a transport that drops does not end the session: the hub connection stays registered for
 //! `reconnect_window` while the loop waits for a new WebSocket carrying the same connection
-//! token (handed over through the [`Resume`] channel by the HTTP layer). Then it writes
+//! token (a fresh link handed over through the [`Resume`] channel by the HTTP layer). Then it writes
 //! `Sequence` and every unacknowledged message again, and carries on; OnDisconnected and
 //! OnConnected do not run. Window expiry ends the session as a normal disconnect.
+//! The session does not own a socket: [`spawn`] runs it as its own task behind a
+//! [`Link`] (an inbound channel and an outbound wire), and the WebSocket pump, an SSE
+//! response or a long poll serve that link while they last.
 //!
 //! Hub methods run inside this task (a `FuturesUnordered`), not in spawned tasks: an idle
 //! connection costs one task, and a slow method only delays its own connection. Unary
@@ -49,13 +52,14 @@ use crate::hub::{HubContext, HubLifetime};
 use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{Ack, Close, CompletionResult, HubMessage, ProtocolKind, Sequence};
+use crate::transport::link::{Link, LinkSink, LinkSource};
 use crate::transport::{FrameSink, FrameSource, TransportError};
 
 use invoke::{Dispatcher, TaskDone};
 use replay::{InboundSeq, Received, ReplayBuffer};
 
-/// New transports for a stateful connection, sent by the HTTP layer when a client comes back
-/// with the connection's token. Capacity 1; a pair the session does not take is dropped
+/// New transports for a stateful connection (a fresh [`Link`]'s halves), sent by the HTTP
+/// layer when a client comes back with the connection's token. Capacity 1; a pair the session does not take is dropped
 /// (which closes that socket).
 pub type Resume<Src, Snk> = mpsc::Receiver<(Src, Snk)>;
 
@@ -65,6 +69,9 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// How long a single write may take before the connection is considered dead
 /// (ASP.NET's `TransportSendTimeout`).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A keep-alive interval that never fires within a connection's life (Long Polling).
+const NO_PINGS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The generic text of a Close caused by an error, as ASP.NET words it.
 pub const CLOSE_ERROR_TEXT: &str = "Connection closed with an error.";
@@ -98,7 +105,29 @@ enum End {
     ServerClose(Option<String>),
 }
 
-/// Runs one connection to completion.
+/// Starts a session as its own task on `tracker`, detached from any socket or request, and
+/// returns its [`Link`]: transports feed `link.inbound` and drain `link.wire`, and report
+/// their end with [`Link::transport_gone`]. `on_end` runs after the session has finished
+/// (OnDisconnected done, connection unregistered).
+pub fn spawn(
+    params: SessionParams,
+    tracker: &tokio_util::task::TaskTracker,
+    resume: Option<Resume<LinkSource, LinkSink>>,
+    on_end: impl FnOnce() + Send + 'static,
+) -> Link {
+    let (link, source) = Link::new();
+    let sink = link.sink();
+    let wire = link.wire.clone();
+    tracker.spawn(async move {
+        run(source, sink, params, resume).await;
+        // Whatever way the session ended, drainers see the end after what is queued.
+        wire.end(1000, "");
+        on_end();
+    });
+    link
+}
+
+/// Runs one connection to completion over any source and sink.
 pub async fn run<Src: FrameSource, Snk: FrameSink>(
     mut source: Src,
     mut sink: Snk,
@@ -290,10 +319,17 @@ impl Loop {
         // Encoding a Ping cannot fail; an empty frame would only be a wasted write.
         let _ = protocol.encode(&HubMessage::Ping, &mut ping);
         let now = Instant::now();
+        // Long Polling has inherent keep-alive (every poll is one): ASP.NET sends no pings
+        // there, and the client arms no server timeout.
+        let keep_alive = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            options.keep_alive_interval
+        };
         Loop {
             protocol,
             dispatcher: Dispatcher::new(ctx, hub.clone()),
-            keep_alive: options.keep_alive_interval,
+            keep_alive,
             client_timeout: options.client_timeout,
             max_message_size: options.max_message_size,
             ping: Bytes::from(ping),
@@ -450,7 +486,15 @@ impl Loop {
         }
 
         macro_rules! lost {
-            ($reason:expr) => {
+            ($reason:expr) => {{
+                if self.stateful.is_some() && !shutting_down {
+                    // End the old transport for good (a half-open socket, a silent relay):
+                    // the client resumes on a new one.
+                    if let Some(mut old) = sink.take() {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), old.close(1000, "")).await;
+                    }
+                }
                 match self.lost($reason, &mut source, &mut sink, shutting_down) {
                     Some(end) => return (end, sink),
                     None => {
@@ -458,7 +502,7 @@ impl Loop {
                         continue;
                     }
                 }
-            };
+            }};
         }
 
         loop {
