@@ -15,15 +15,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::TransportKind;
 use crate::ids::ConnectionId;
-use crate::transport::link::Link;
+use crate::transport::link::{Link, LinkSource};
 
 /// One connection's HTTP-level state.
 #[derive(Debug)]
 pub struct HttpConnection {
     /// The connection id.
     pub id: ConnectionId,
-    /// The transport the token is bound to.
-    pub transport: TransportKind,
+    /// The transport the token is bound to (unset while only POSTs have arrived: a client
+    /// may send its handshake before its first poll, as signalrcore does).
+    transport: std::sync::OnceLock<TransportKind>,
+    /// The session's reading half until a transport binds and the session starts.
+    pending: Mutex<Option<LinkSource>>,
     /// The user of the request that started it ("" when anonymous).
     pub user: String,
     /// Negotiate v0: the `id=` value is the connection id itself.
@@ -57,14 +60,15 @@ impl HttpConnection {
     /// A new entry.
     pub fn new(
         id: ConnectionId,
-        transport: TransportKind,
         user: String,
         v0: bool,
         link: Link,
+        source: LinkSource,
     ) -> HttpConnection {
         HttpConnection {
             id,
-            transport,
+            transport: std::sync::OnceLock::new(),
+            pending: Mutex::new(Some(source)),
             user,
             v0,
             link,
@@ -75,6 +79,27 @@ impl HttpConnection {
             }),
             next_poll: AtomicU64::new(1),
         }
+    }
+
+    /// The transport, once bound.
+    pub fn transport(&self) -> Option<TransportKind> {
+        self.transport.get().copied()
+    }
+
+    /// Binds the connection to `kind` and hands out the session's reading half; `None` if
+    /// a transport was already bound.
+    pub fn bind(&self, kind: TransportKind) -> Option<LinkSource> {
+        self.transport.set(kind).ok()?;
+        self.touch();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Restarts the inactivity clock.
+    pub fn touch(&self) {
+        self.poll_state().last_seen = Instant::now();
     }
 
     fn poll_state(&self) -> std::sync::MutexGuard<'_, PollState> {
@@ -164,14 +189,11 @@ mod tests {
 
     #[test]
     fn newer_poll_cancels_older_and_idle_clock_runs_between_polls() {
-        let (link, _src) = Link::new();
-        let c = HttpConnection::new(
-            ConnectionId::random(),
-            TransportKind::LongPolling,
-            String::new(),
-            false,
-            link,
-        );
+        let (link, src) = Link::new();
+        let c = HttpConnection::new(ConnectionId::random(), String::new(), false, link, src);
+        assert!(c.transport().is_none());
+        assert!(c.bind(TransportKind::LongPolling).is_some());
+        assert!(c.bind(TransportKind::LongPolling).is_none());
         let first = c.begin_poll();
         assert!(c.idle_for().is_none());
         let second = c.begin_poll();

@@ -37,14 +37,15 @@ use crate::connection::{RequestInfo, TransportKind};
 use crate::hub::HubLifetime;
 use crate::ids::ConnectionId;
 use crate::session::{self, SessionParams};
-use crate::transport::link::Link;
-use crate::transport::link::WireItem;
+use crate::transport::link::{Link, WireItem};
 use crate::transport::{FrameSink as _, FrameSource as _};
 
 /// What an `id=` value refers to on this node.
 pub(crate) enum Lookup {
-    /// A connection with a running transport.
+    /// A connection bound to a transport.
     Live(Arc<HttpConnection>),
+    /// A connection that has received POSTs but no transport request yet.
+    Pending(Arc<HttpConnection>),
     /// A valid token whose connection has not started yet (`v0`: negotiate v0 id).
     New(ConnectionId, bool),
     /// Nothing: 404.
@@ -53,6 +54,13 @@ pub(crate) enum Lookup {
 
 /// Resolves `token` for a request of `user`.
 pub(crate) fn lookup(state: &AppState, token: &str, user: &str) -> Lookup {
+    match find(state, token, user) {
+        Lookup::Live(c) if c.transport().is_none() => Lookup::Pending(c),
+        other => other,
+    }
+}
+
+fn find(state: &AppState, token: &str, user: &str) -> Lookup {
     if let Some(id) = state.tokens.id_of(token, user) {
         if let Some(c) = state.connections.get(&id) {
             if !c.v0 {
@@ -133,8 +141,6 @@ fn no_cache(resp: &mut Response<Body>) {
 /// Everything needed to start a session for a request.
 pub(crate) struct Start {
     pub hub: Arc<HubLifetime>,
-    pub id: ConnectionId,
-    pub v0: bool,
     pub identity: Identity,
     pub request: RequestInfo,
     pub kind: TransportKind,
@@ -142,32 +148,45 @@ pub(crate) struct Start {
     pub stateful: bool,
 }
 
-/// Starts the session task and registers the connection. `Err` if the id is already live
-/// (a concurrent start with the same token).
-pub(crate) fn start_session(
+/// Registers a connection that has no transport yet (its link is ready, its session not
+/// started). `Err` if the id is already registered (a concurrent start with the same token).
+pub(crate) fn register(
     state: &Arc<AppState>,
-    start: Start,
+    id: ConnectionId,
+    v0: bool,
+    user: &str,
+    disconnect_timeout: Duration,
 ) -> Result<Arc<HttpConnection>, Arc<HttpConnection>> {
-    let user = start
-        .identity
-        .user_id
-        .as_ref()
-        .map_or(String::new(), |u| u.as_str().to_string());
-    if let Some(existing) = state.connections.get(&start.id) {
-        return Err(existing);
-    }
+    let (link, source) = Link::new();
+    let conn = Arc::new(HttpConnection::new(id, user.to_string(), v0, link, source));
+    state.connections.insert(conn.clone())?;
+    // Ends the connection if no transport binds, or a Long Polling client stops polling.
+    spawn_watchdog(state.clone(), conn.clone(), disconnect_timeout);
+    Ok(conn)
+}
+
+/// Binds `conn` to a transport and starts its session task. `Err(response)` if it already
+/// has one.
+pub(crate) fn bind(
+    state: &Arc<AppState>,
+    conn: &Arc<HttpConnection>,
+    start: Start,
+) -> Result<(), Box<Response<Body>>> {
+    let Some(source) = conn.bind(start.kind) else {
+        return Err(Box::new(if conn.transport() == Some(start.kind) {
+            already_active()
+        } else {
+            cannot_change()
+        }));
+    };
     let state2 = state.clone();
-    let ended_id = start.id.clone();
+    let ended_id = conn.id.clone();
     // A stateful connection's resume slot: where a returning client's new transport (a
     // local WebSocket or a relay from another node) is handed to the session.
     let resume = if start.stateful {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        match state.router.resumable.entry(start.id.clone()) {
-            dashmap::Entry::Occupied(_) => {
-                if let Some(existing) = state.connections.get(&start.id) {
-                    return Err(existing);
-                }
-            }
+        match state.router.resumable.entry(conn.id.clone()) {
+            dashmap::Entry::Occupied(_) => return Err(Box::new(already_active())),
             dashmap::Entry::Vacant(v) => {
                 v.insert(tx);
             }
@@ -176,16 +195,18 @@ pub(crate) fn start_session(
     } else {
         None
     };
-    let link = session::spawn(
+    session::spawn(
         SessionParams {
             hub: start.hub,
-            connection_id: start.id.clone(),
+            connection_id: conn.id.clone(),
             identity: start.identity,
             request: start.request,
             transport: start.kind,
             shutdown: state.shutdown.clone(),
             stateful: start.stateful,
         },
+        &conn.link,
+        source,
         &state.tracker,
         resume,
         move || {
@@ -195,14 +216,54 @@ pub(crate) fn start_session(
             state2.router.resumable.remove(&ended_id);
         },
     );
-    let conn = Arc::new(HttpConnection::new(
-        start.id, start.kind, user, start.v0, link,
-    ));
-    if let Err(existing) = state.connections.insert(conn.clone()) {
-        conn.link.transport_gone(None);
-        return Err(existing);
+    Ok(())
+}
+
+/// Resolves the connection a transport request (GET) starts or continues: `Ok((conn,
+/// started))` where `started` says the session was started by this request.
+fn open(
+    state: &Arc<AppState>,
+    token: Option<&str>,
+    start: Start,
+) -> Result<(Arc<HttpConnection>, bool), Box<Response<Body>>> {
+    let user = start
+        .identity
+        .user_id
+        .as_ref()
+        .map_or(String::new(), |u| u.as_str().to_string());
+    let options = start.hub.definition().options.clone();
+    let found = match token {
+        None => None,
+        Some(token) => match lookup(state, token, &user) {
+            Lookup::Unknown => return Err(Box::new(not_found())),
+            Lookup::Live(c) => {
+                if c.transport() == Some(start.kind) {
+                    return Ok((c, false));
+                }
+                return Err(Box::new(cannot_change()));
+            }
+            other => Some(other),
+        },
+    };
+    if !options.transports.allows(start.kind) {
+        return Err(Box::new(not_supported(start.kind)));
     }
-    Ok(conn)
+    let conn = match found {
+        // skipNegotiation (WebSockets only): a fresh connection.
+        None => register(
+            state,
+            ConnectionId::random(),
+            false,
+            &user,
+            options.disconnect_timeout,
+        ),
+        Some(Lookup::Pending(c)) => Ok(c),
+        Some(Lookup::New(id, v0)) => register(state, id, v0, &user, options.disconnect_timeout),
+        Some(Lookup::Live(_) | Lookup::Unknown) => return Err(Box::new(not_found())),
+    }
+    .map_err(|_| Box::new(already_active()))?;
+    bind(state, &conn, start)?;
+    Ok((conn, true))
 }
 
 /// Ends a connection's transport for good and forgets it.
@@ -220,39 +281,24 @@ pub(crate) fn server_sent_events(
     identity: Identity,
     request: RequestInfo,
 ) -> Response<Body> {
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let (id, v0) = match lookup(state, token, user) {
-        Lookup::Unknown => return not_found(),
-        Lookup::Live(c) if c.transport == TransportKind::ServerSentEvents => {
-            return already_active()
-        }
-        Lookup::Live(_) => return cannot_change(),
-        Lookup::New(id, v0) => (id, v0),
+    let keep_alive = hub.definition().options.sse_keep_alive;
+    let start = Start {
+        hub,
+        identity,
+        request,
+        kind: TransportKind::ServerSentEvents,
+        stateful: false,
     };
-    let options = hub.definition().options.clone();
-    if !options.transports.server_sent_events {
-        return not_supported(TransportKind::ServerSentEvents);
-    }
-    let conn = match start_session(
-        state,
-        Start {
-            hub,
-            id,
-            v0,
-            identity,
-            request,
-            kind: TransportKind::ServerSentEvents,
-            stateful: false,
-        },
-    ) {
-        Ok(c) => c,
-        Err(_) => return already_active(),
+    let conn = match open(state, Some(token), start) {
+        Ok((c, true)) => c,
+        // A second stream for a connection that has one.
+        Ok((_, false)) => return already_active(),
+        Err(r) => return *r,
     };
     let guard = SseGuard {
         state: state.clone(),
         conn,
     };
-    let keep_alive = options.sse_keep_alive;
     // The first write is a comment, flushed at once: browsers fire `open` only on data.
     let first = futures_util::stream::once(async {
         Ok::<_, Infallible>(Frame::data(Bytes::from_static(b":\r\n")))
@@ -326,33 +372,18 @@ pub(crate) async fn long_poll(
     identity: Identity,
     request: RequestInfo,
 ) -> Response<Body> {
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let options = hub.definition().options.clone();
-    let conn = match lookup(state, token, user) {
-        Lookup::Unknown => return not_found(),
-        Lookup::Live(c) if c.transport == TransportKind::LongPolling => c,
-        Lookup::Live(_) => return cannot_change(),
-        Lookup::New(id, v0) => {
-            if !options.transports.long_polling {
-                return not_supported(TransportKind::LongPolling);
-            }
-            // First poll: start the connection and answer at once.
-            let conn = match start_session(
-                state,
-                Start {
-                    hub,
-                    id,
-                    v0,
-                    identity,
-                    request,
-                    kind: TransportKind::LongPolling,
-                    stateful: false,
-                },
-            ) {
-                Ok(c) => c,
-                Err(_) => return already_active(),
-            };
-            spawn_watchdog(state.clone(), conn, options.disconnect_timeout);
+    let poll_timeout = hub.definition().options.long_poll_timeout;
+    let start = Start {
+        hub,
+        identity,
+        request,
+        kind: TransportKind::LongPolling,
+        stateful: false,
+    };
+    let conn = match open(state, Some(token), start) {
+        Ok((c, false)) => c,
+        Ok((_, true)) => {
+            // First poll: the connection started; answer at once.
             let mut r = text(StatusCode::OK, "");
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -360,6 +391,10 @@ pub(crate) async fn long_poll(
             );
             no_cache(&mut r);
             return r;
+        }
+        Err(mut r) => {
+            no_cache(&mut r);
+            return *r;
         }
     };
     let ticket = conn.begin_poll();
@@ -383,7 +418,7 @@ pub(crate) async fn long_poll(
             }
         },
         _ = ticket.cancelled.cancelled() => text(StatusCode::NO_CONTENT, ""),
-        _ = tokio::time::sleep(options.long_poll_timeout) => text(StatusCode::OK, ""),
+        _ = tokio::time::sleep(poll_timeout) => text(StatusCode::OK, ""),
     };
     no_cache(&mut r);
     r
@@ -401,7 +436,8 @@ impl Drop for PollEnd {
     }
 }
 
-/// Ends a Long Polling connection that has gone `timeout` without a poll.
+/// Ends a connection no transport has bound to within `timeout` (an unused negotiation that
+/// only POSTed), or a Long Polling connection that has gone `timeout` without a poll.
 fn spawn_watchdog(state: Arc<AppState>, conn: Arc<HttpConnection>, timeout: Duration) {
     let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let gone = conn.link.gone_token();
@@ -410,6 +446,11 @@ fn spawn_watchdog(state: Arc<AppState>, conn: Arc<HttpConnection>, timeout: Dura
             tokio::select! {
                 _ = gone.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
+            }
+            match conn.transport() {
+                None | Some(TransportKind::LongPolling) => {}
+                // Persistent transports end with their request or socket.
+                Some(_) => return,
             }
             if conn.idle_for().is_some_and(|idle| idle >= timeout) {
                 tracing::debug!(conn_id = %conn.id, "no poll within the disconnect timeout");
@@ -429,10 +470,19 @@ pub(crate) async fn send(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let conn = match lookup(state, token, user) {
-        Lookup::Live(c) => c,
-        Lookup::Unknown | Lookup::New(..) => return not_found(),
+        Lookup::Live(c) | Lookup::Pending(c) => c,
+        // A send before the first transport request (signalrcore sends its handshake before
+        // its first poll): ASP.NET buffers it in the negotiated connection, so do we.
+        Lookup::New(id, v0) => {
+            let timeout = hub.definition().options.disconnect_timeout;
+            match register(state, id, v0, user, timeout) {
+                Ok(c) => c,
+                Err(existing) => existing,
+            }
+        }
+        Lookup::Unknown => return not_found(),
     };
-    if conn.transport == TransportKind::WebSockets {
+    if conn.transport() == Some(TransportKind::WebSockets) {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
             "POST requests are not allowed for WebSocket connections.",
@@ -470,10 +520,10 @@ pub(crate) async fn send(
 /// `DELETE {hub}?id=T`: ends a Long Polling connection (202; a waiting poll answers 204).
 pub(crate) fn delete(state: &AppState, token: &str, user: &str) -> Response<Body> {
     let conn = match lookup(state, token, user) {
-        Lookup::Live(c) => c,
+        Lookup::Live(c) | Lookup::Pending(c) => c,
         Lookup::Unknown | Lookup::New(..) => return not_found(),
     };
-    if conn.transport != TransportKind::LongPolling {
+    if conn.transport() != Some(TransportKind::LongPolling) {
         return text(
             StatusCode::BAD_REQUEST,
             "Cannot terminate this connection using the DELETE endpoint.",
@@ -571,7 +621,8 @@ async fn stateful_plan(
 }
 
 /// `GET` + `Upgrade: websocket`: validates, starts the session, answers 101 and pumps the
-/// upgraded socket in a task.
+/// upgraded socket in a task. Stateful-reconnect tokens may instead resume a connection of
+/// this node, or be relayed to the node that owns it.
 pub(crate) async fn websocket(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
@@ -579,32 +630,24 @@ pub(crate) async fn websocket(
     identity: Identity,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    if !hub.definition().options.transports.websockets {
-        return not_supported(TransportKind::WebSockets);
-    }
-    let plan = match token {
-        Some(t) => match stateful_plan(state, &hub, t, user).await {
-            Some(Ok(p)) => Some(p),
-            Some(Err(r)) => return r,
-            None => None,
-        },
-        None => None,
-    };
-    let (id, v0) = match (&plan, token) {
-        (Some(_), _) => (ConnectionId::random(), false),
-        // skipNegotiation: no id; the connection gets a fresh one.
-        (None, None) => (ConnectionId::random(), false),
-        (None, Some(token)) => match lookup(state, token, user) {
-            Lookup::Unknown => return not_found(),
-            Lookup::Live(c) if c.transport == TransportKind::WebSockets => return already_active(),
-            Lookup::Live(_) => return cannot_change(),
-            Lookup::New(id, v0) => (id, v0),
-        },
-    };
     let key = match upgrade_key(&req) {
         Ok(k) => k,
         Err(r) => return *r,
+    };
+    let user = identity
+        .user_id
+        .as_ref()
+        .map_or("", |u| u.as_str())
+        .to_string();
+    let plan = match token {
+        Some(t) if hub.definition().options.transports.websockets => {
+            match stateful_plan(state, &hub, t, &user).await {
+                Some(Ok(p)) => Some(p),
+                Some(Err(r)) => return r,
+                None => None,
+            }
+        }
+        _ => None,
     };
     let request = RequestInfo {
         query: req.uri().query().unwrap_or("").to_string(),
@@ -648,6 +691,7 @@ pub(crate) async fn websocket(
         }
         Some(StatefulPlan::FreshOrRelay(id)) => {
             let timeout = hub.definition().options.handshake_timeout;
+            let token = token.unwrap_or_default().to_string();
             state.tracker.spawn(async move {
                 let Ok(upgraded) = on_upgrade.await else {
                     return;
@@ -673,20 +717,20 @@ pub(crate) async fn websocket(
                     }
                     return;
                 }
-                let conn = match start_session(
-                    &state2,
-                    Start {
-                        hub,
-                        id,
-                        v0: false,
-                        identity,
-                        request,
-                        kind: TransportKind::WebSockets,
-                        stateful: true,
-                    },
-                ) {
-                    Ok(c) => c,
-                    Err(_) => return,
+                let start = Start {
+                    hub,
+                    identity,
+                    request,
+                    kind: TransportKind::WebSockets,
+                    stateful: true,
+                };
+                let conn = match open(&state2, Some(&token), start) {
+                    Ok((c, true)) => c,
+                    _ => {
+                        snk.close(1008, "Connection already has an active transport.")
+                            .await;
+                        return;
+                    }
                 };
                 if conn.link.feed(first).await.is_ok() {
                     crate::transport::websocket::pump_split(src, snk, conn.link.clone()).await;
@@ -699,20 +743,18 @@ pub(crate) async fn websocket(
         }
         None => {}
     }
-    let conn = match start_session(
-        state,
-        Start {
-            hub,
-            id,
-            v0,
-            identity,
-            request,
-            kind: TransportKind::WebSockets,
-            stateful: false,
-        },
-    ) {
-        Ok(c) => c,
-        Err(_) => return already_active(),
+    let start = Start {
+        hub,
+        identity,
+        request,
+        kind: TransportKind::WebSockets,
+        stateful: false,
+    };
+    let conn = match open(state, token, start) {
+        Ok((c, true)) => c,
+        // Two WebSockets on one (non-stateful) connection: 409.
+        Ok((_, false)) => return already_active(),
+        Err(r) => return *r,
     };
     state.tracker.spawn(async move {
         match on_upgrade.await {

@@ -70,7 +70,8 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// (ASP.NET's `TransportSendTimeout`).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A keep-alive interval that never fires within a connection's life (Long Polling).
+/// A duration that never elapses within a connection's life (Long Polling's keep-alive and
+/// send timeout).
 const NO_PINGS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The generic text of a Close caused by an error, as ASP.NET words it.
@@ -105,17 +106,18 @@ enum End {
     ServerClose(Option<String>),
 }
 
-/// Starts a session as its own task on `tracker`, detached from any socket or request, and
-/// returns its [`Link`]: transports feed `link.inbound` and drain `link.wire`, and report
-/// their end with [`Link::transport_gone`]. `on_end` runs after the session has finished
-/// (OnDisconnected done, connection unregistered).
+/// Starts a session as its own task on `tracker`, detached from any socket or request,
+/// reading `source` and writing `link` (from [`Link::new`]): transports feed `link.inbound`
+/// and drain `link.wire`, and report their end with [`Link::transport_gone`]. `on_end` runs
+/// after the session has finished (OnDisconnected done, connection unregistered).
 pub fn spawn(
     params: SessionParams,
+    link: &Link,
+    source: LinkSource,
     tracker: &tokio_util::task::TaskTracker,
     resume: Option<Resume<LinkSource, LinkSink>>,
     on_end: impl FnOnce() + Send + 'static,
-) -> Link {
-    let (link, source) = Link::new();
+) {
     let sink = link.sink();
     let wire = link.wire.clone();
     tracker.spawn(async move {
@@ -124,7 +126,6 @@ pub fn spawn(
         wire.end(1000, "");
         on_end();
     });
-    link
 }
 
 /// Runs one connection to completion over any source and sink.
@@ -275,6 +276,8 @@ struct Stateful {
 /// The state of the main loop.
 struct Loop {
     conn: ConnectionHandle,
+    /// How long one write onto the link may wait for room.
+    send_timeout: Duration,
     protocol: ProtocolKind,
     dispatcher: Dispatcher,
     keep_alive: Duration,
@@ -326,7 +329,16 @@ impl Loop {
         } else {
             options.keep_alive_interval
         };
+        // Between polls nothing drains the wire, and that is normal: a Long Polling session
+        // waits for the next poll (the disconnect timeout ends it if none comes) instead of
+        // timing out its write. Other transports' writes are bounded by `SEND_TIMEOUT`.
+        let send_timeout = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            SEND_TIMEOUT
+        };
         Loop {
+            send_timeout,
             protocol,
             dispatcher: Dispatcher::new(ctx, hub.clone()),
             keep_alive,
@@ -375,7 +387,7 @@ impl Loop {
         };
         self.last_sent = Instant::now();
         match tokio::time::timeout(
-            SEND_TIMEOUT,
+            self.send_timeout,
             sink.send(data, self.protocol.transfer_format()),
         )
         .await
@@ -559,7 +571,12 @@ impl Loop {
                     self.dispatcher.on_task_done(done);
                 }
                 chunk = recv_opt(&mut source), if can_read => match chunk {
-                    None => lost!("transport closed by the client".to_string()),
+                    // A stateful connection survives even a clean end of its socket (a
+                    // proxy closing it): the client resumes without a hub Close.
+                    None if self.stateful.is_some() => lost!("transport closed by the client".to_string()),
+                    // A clean end of the transport (WebSocket close frame, SSE stream closed,
+                    // Long Polling DELETE): OnDisconnected gets no error, as in ASP.NET.
+                    None => return (End::ClientClose(None), sink),
                     Some(Err(TransportError::TooLarge)) => {
                         let error = crate::protocol::ProtocolError::TooLarge { limit: self.max_message_size }.to_string();
                         let end = self.finish(&mut sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}")))).await;
