@@ -92,6 +92,9 @@ pub struct AppState {
     pub(crate) ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
     pub(crate) feed_hub: Option<Arc<HubLifetime>>,
     pub(crate) demo_page: String,
+    /// Resume slots of this node's stateful connections and relayed transports
+    /// (no sticky sessions, see `http::relay`).
+    pub(crate) router: Arc<crate::http::relay::Router>,
 }
 
 /// Builds a [`Server`].
@@ -183,8 +186,27 @@ impl ServerBuilder {
             hubs.insert(lifetime.definition().path.clone(), lifetime);
         }
         let hub_list: Arc<Vec<Arc<HubLifetime>>> = Arc::new(hubs.values().cloned().collect());
+        let router = crate::http::relay::Router::new(config.node_id.clone(), backplane.clone());
         for rx in receivers {
-            tokio::spawn(dispatch_worker(rx, hub_list.clone()));
+            tokio::spawn(dispatch_worker(rx, hub_list.clone(), router.clone()));
+        }
+        if let Err(e) = backplane.subscribe(&[router.channel()]).await {
+            // As with the hub channels: keep trying in the background (relays to this node
+            // fail, and clients start over, until it is active).
+            tracing::warn!(error = %e, "node channel subscribe failed; retrying");
+            let (backplane, channel) = (backplane.clone(), router.channel());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if backplane
+                        .subscribe(std::slice::from_ref(&channel))
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            });
         }
 
         let feed_hub = config.feed_hub.as_ref().and_then(|p| hubs.get(p).cloned());
@@ -225,6 +247,7 @@ impl ServerBuilder {
             ready,
             feed_hub,
             demo_page: self.demo_page,
+            router: router.clone(),
         });
         if state.auth.is_development() {
             tracing::warn!(
@@ -256,8 +279,16 @@ async fn retry_hub_start(hub: Arc<HubLifetime>, shutdown: CancellationToken) {
     }
 }
 
-async fn dispatch_worker(mut rx: mpsc::Receiver<Delivery>, hubs: Arc<Vec<Arc<HubLifetime>>>) {
+async fn dispatch_worker(
+    mut rx: mpsc::Receiver<Delivery>,
+    hubs: Arc<Vec<Arc<HubLifetime>>>,
+    router: Arc<crate::http::relay::Router>,
+) {
     while let Some(d) = rx.recv().await {
+        if let crate::backplane::BackplanePayload::Relay(frame) = &d.message.payload {
+            router.on_frame(frame);
+            continue;
+        }
         for hub in hubs.iter() {
             if let Some(target) = hub.scheme().parse(&d.channel) {
                 hub.on_delivery(&target, &d.message);

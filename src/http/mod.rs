@@ -16,6 +16,7 @@
 
 pub mod connections;
 pub mod negotiate;
+pub mod relay;
 pub mod transports;
 
 use std::convert::Infallible;
@@ -32,7 +33,9 @@ use crate::auth::{token_from_request, AuthError, Identity};
 use crate::connection::RequestInfo;
 use crate::hub::HubLifetime;
 use crate::metrics::{inc, METRICS};
-use negotiate::{requested_version, AvailableTransport, NegotiateResponse};
+use negotiate::{
+    requested_version, wants_stateful_reconnect, AvailableTransport, NegotiateResponse,
+};
 
 /// Response body type: whole bodies, or a stream (Server-Sent Events).
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -221,8 +224,13 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         }
     };
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
+    // Stateful reconnect needs a token (v1) and a hub that allows it (ASP.NET's
+    // `AllowStatefulReconnects`); the flag travels signed inside the token.
+    let stateful = version >= 1
+        && hub.definition().options.stateful_reconnect
+        && wants_stateful_reconnect(req.uri().query().unwrap_or(""));
     let (connection_id, connection_token) = if version >= 1 {
-        let (id, token) = state.tokens.issue(user);
+        let (id, token) = state.tokens.issue_with(user, stateful);
         (id, Some(token))
     } else {
         (state.tokens.issue_v0(), None)
@@ -232,6 +240,7 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         connection_id: connection_id.to_string(),
         connection_token,
         available_transports: available_transports(&hub.definition().options.transports),
+        use_stateful_reconnect: stateful,
     };
     json(
         StatusCode::OK,
@@ -299,7 +308,7 @@ async fn connect(
     let is_ws = method == Method::GET && is_websocket_upgrade(&req);
     let Some(token) = id_param else {
         if is_ws {
-            return transports::websocket(state, hub, None, identity, req);
+            return transports::websocket(state, hub, None, identity, req).await;
         }
         return text(StatusCode::BAD_REQUEST, "Connection ID required");
     };
@@ -314,7 +323,7 @@ async fn connect(
         return transports::delete(state, &token, &user);
     }
     if is_ws {
-        return transports::websocket(state, hub, Some(&token), identity, req);
+        return transports::websocket(state, hub, Some(&token), identity, req).await;
     }
     let request = RequestInfo {
         query,

@@ -29,6 +29,7 @@ use hyper_util::rt::TokioIo;
 
 use super::connections::HttpConnection;
 use super::negotiate::TokenError;
+use super::relay::{self, ResumeSender};
 use super::{text, Body};
 use crate::app::AppState;
 use crate::auth::Identity;
@@ -37,6 +38,7 @@ use crate::hub::HubLifetime;
 use crate::ids::ConnectionId;
 use crate::session::{self, SessionParams};
 use crate::transport::link::{Link, WireItem};
+use crate::transport::{FrameSink as _, FrameSource as _};
 
 /// What an `id=` value refers to on this node.
 pub(crate) enum Lookup {
@@ -142,6 +144,8 @@ pub(crate) struct Start {
     pub identity: Identity,
     pub request: RequestInfo,
     pub kind: TransportKind,
+    /// Stateful reconnect negotiated (WebSockets): the session gets a resume slot.
+    pub stateful: bool,
 }
 
 /// Registers a connection that has no transport yet (its link is ready, its session not
@@ -177,6 +181,20 @@ pub(crate) fn bind(
     };
     let state2 = state.clone();
     let ended_id = conn.id.clone();
+    // A stateful connection's resume slot: where a returning client's new transport (a
+    // local WebSocket or a relay from another node) is handed to the session.
+    let resume = if start.stateful {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        match state.router.resumable.entry(conn.id.clone()) {
+            dashmap::Entry::Occupied(_) => return Err(Box::new(already_active())),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(tx);
+            }
+        }
+        Some(rx)
+    } else {
+        None
+    };
     session::spawn(
         SessionParams {
             hub: start.hub,
@@ -185,11 +203,18 @@ pub(crate) fn bind(
             request: start.request,
             transport: start.kind,
             shutdown: state.shutdown.clone(),
+            stateful: start.stateful,
         },
         &conn.link,
         source,
         &state.tracker,
-        move || state2.tokens.mark_ended(&ended_id),
+        resume,
+        move || {
+            // Refuse the token first, then forget the slot: a resume racing with the end
+            // gets a 404 rather than a fresh connection under the same id.
+            state2.tokens.mark_ended(&ended_id);
+            state2.router.resumable.remove(&ended_id);
+        },
     );
     Ok(())
 }
@@ -262,6 +287,7 @@ pub(crate) fn server_sent_events(
         identity,
         request,
         kind: TransportKind::ServerSentEvents,
+        stateful: false,
     };
     let conn = match open(state, Some(token), start) {
         Ok((c, true)) => c,
@@ -352,6 +378,7 @@ pub(crate) async fn long_poll(
         identity,
         request,
         kind: TransportKind::LongPolling,
+        stateful: false,
     };
     let conn = match open(state, Some(token), start) {
         Ok((c, false)) => c,
@@ -506,21 +533,28 @@ pub(crate) fn delete(state: &AppState, token: &str, user: &str) -> Response<Body
     text(StatusCode::ACCEPTED, "")
 }
 
-/// `GET` + `Upgrade: websocket`: validates, starts the session, answers 101 and pumps the
-/// upgraded socket in a task.
-pub(crate) fn websocket(
-    state: &Arc<AppState>,
-    hub: Arc<HubLifetime>,
-    token: Option<&str>,
-    identity: Identity,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+/// What a WebSocket request with a stateful-reconnect token is for.
+enum StatefulPlan {
+    /// A new socket for a stateful connection living on this node.
+    ResumeLocal(ResumeSender),
+    /// The connection is not here: a first connect (the client sends a handshake) or a
+    /// resume of a connection on another node (it sends `Sequence`). The first frame decides.
+    FreshOrRelay(ConnectionId),
+    /// An expired token whose connection another node owns: relay.
+    Relay(relay::Landing),
+}
+
+/// Checks the upgrade headers: the `Sec-WebSocket-Key`, or the error response.
+fn upgrade_key(req: &Request<Incoming>) -> Result<HeaderValue, Box<Response<Body>>> {
     let version_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v.as_bytes() == b"13");
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key");
+        return Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "Missing Sec-WebSocket-Key",
+        )));
     };
     if !version_ok {
         let mut r = text(
@@ -531,27 +565,197 @@ pub(crate) fn websocket(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
-        return r;
+        return Err(Box::new(r));
     }
+    Ok(key)
+}
+
+fn switching_protocols(key: &HeaderValue) -> Response<Body> {
+    let mut r = Response::new(super::empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(
+        &tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
+    ) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// Stateful reconnect on WebSockets (see `session::replay` and [`relay`]): `None` when the
+/// token is not a stateful one (the plain WebSocket path applies).
+async fn stateful_plan(
+    state: &Arc<AppState>,
+    hub: &HubLifetime,
+    token: &str,
+    user: &str,
+) -> Option<Result<StatefulPlan, Response<Body>>> {
+    if !hub.definition().options.stateful_reconnect {
+        return None;
+    }
+    let info = state.tokens.inspect(token, user).ok()?;
+    if !info.stateful {
+        return None;
+    }
+    // A live stateful connection of this node: hand the new socket over (an expired connect
+    // deadline does not matter once the connection exists).
+    if let Some(tx) = state.router.resumable.get(&info.id).map(|t| t.clone()) {
+        return Some(Ok(StatefulPlan::ResumeLocal(tx)));
+    }
+    if hub.registry().get(&info.id).is_some() || state.connections.get(&info.id).is_some() {
+        return Some(Err(already_active()));
+    }
+    if info.expired {
+        return Some(
+            match relay::Landing::open(&state.router, &info.id, hub.scheme().connection(&info.id))
+                .await
+            {
+                Some(l) => Ok(StatefulPlan::Relay(l)),
+                None => Err(not_found()),
+            },
+        );
+    }
+    Some(Ok(StatefulPlan::FreshOrRelay(info.id)))
+}
+
+/// `GET` + `Upgrade: websocket`: validates, starts the session, answers 101 and pumps the
+/// upgraded socket in a task. Stateful-reconnect tokens may instead resume a connection of
+/// this node, or be relayed to the node that owns it.
+pub(crate) async fn websocket(
+    state: &Arc<AppState>,
+    hub: Arc<HubLifetime>,
+    token: Option<&str>,
+    identity: Identity,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let key = match upgrade_key(&req) {
+        Ok(k) => k,
+        Err(r) => return *r,
+    };
+    let user = identity
+        .user_id
+        .as_ref()
+        .map_or("", |u| u.as_str())
+        .to_string();
+    let plan = match token {
+        Some(t) if hub.definition().options.transports.websockets => {
+            match stateful_plan(state, &hub, t, &user).await {
+                Some(Ok(p)) => Some(p),
+                Some(Err(r)) => return r,
+                None => None,
+            }
+        }
+        _ => None,
+    };
     let request = RequestInfo {
         query: req.uri().query().unwrap_or("").to_string(),
         headers: req.headers().clone(),
     };
     let max = hub.definition().options.max_message_size;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let state2 = state.clone();
+    match plan {
+        Some(StatefulPlan::ResumeLocal(tx)) => {
+            if tx.is_closed() {
+                // The session ended between the lookup and now.
+                return not_found();
+            }
+            state.tracker.spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let (link, source) = Link::new();
+                // Bounded wait: the session takes it at once unless it is ending; a link it
+                // never takes ends, which closes the socket and the client gives up.
+                let handed =
+                    tokio::time::timeout(Duration::from_secs(5), tx.send((source, link.sink())))
+                        .await;
+                if matches!(handed, Ok(Ok(()))) {
+                    crate::transport::websocket::pump(TokioIo::new(upgraded), max, link).await;
+                }
+            });
+            return switching_protocols(&key);
+        }
+        Some(StatefulPlan::Relay(landing)) => {
+            state.tracker.spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let (src, snk) =
+                    crate::transport::websocket::accept(TokioIo::new(upgraded), max).await;
+                landing.run(src, snk, None).await;
+            });
+            return switching_protocols(&key);
+        }
+        Some(StatefulPlan::FreshOrRelay(id)) => {
+            let timeout = hub.definition().options.handshake_timeout;
+            let token = token.unwrap_or_default().to_string();
+            state.tracker.spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let (mut src, mut snk) =
+                    crate::transport::websocket::accept(TokioIo::new(upgraded), max).await;
+                // A handshake starts the connection here; anything else is a stateful client
+                // resuming a connection that lives on another node.
+                let Ok(Some(Ok(first))) = tokio::time::timeout(timeout, src.recv()).await else {
+                    return;
+                };
+                let mut probe = BytesMut::from(&first[..]);
+                let is_handshake = matches!(
+                    crate::protocol::handshake::parse_request(&mut probe, max),
+                    Ok(Some(_))
+                );
+                if !is_handshake {
+                    match relay::Landing::open(&state2.router, &id, hub.scheme().connection(&id))
+                        .await
+                    {
+                        Some(landing) => landing.run(src, snk, Some(first)).await,
+                        None => snk.close(1008, "No Connection with that ID").await,
+                    }
+                    return;
+                }
+                let start = Start {
+                    hub,
+                    identity,
+                    request,
+                    kind: TransportKind::WebSockets,
+                    stateful: true,
+                };
+                let conn = match open(&state2, Some(&token), start) {
+                    Ok((c, true)) => c,
+                    _ => {
+                        snk.close(1008, "Connection already has an active transport.")
+                            .await;
+                        return;
+                    }
+                };
+                if conn.link.feed(first).await.is_ok() {
+                    crate::transport::websocket::pump_split(src, snk, conn.link.clone()).await;
+                }
+                // The session outlives its socket (it waits for a resume); only the table
+                // entry of this first transport goes.
+                finish(&state2, &conn, None);
+            });
+            return switching_protocols(&key);
+        }
+        None => {}
+    }
     let start = Start {
         hub,
         identity,
         request,
         kind: TransportKind::WebSockets,
+        stateful: false,
     };
     let conn = match open(state, token, start) {
         Ok((c, true)) => c,
-        // Two WebSockets on one connection: 409 (stateful reconnect will replace instead).
+        // Two WebSockets on one (non-stateful) connection: 409.
         Ok((_, false)) => return already_active(),
         Err(r) => return *r,
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let state2 = state.clone();
     state.tracker.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -565,17 +769,7 @@ pub(crate) fn websocket(
             }
         }
     });
-    let mut r = Response::new(super::empty());
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(
-        &tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
-    ) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    r
+    switching_protocols(&key)
 }
 
 /// Whether the request's `Accept` header lists `text/event-stream`.

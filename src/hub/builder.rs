@@ -99,6 +99,17 @@ pub struct HubOptions {
     /// Delay before unsubscribing a channel whose last local member left, so a page reload
     /// does not thrash the backplane.
     pub unsubscribe_debounce: Duration,
+    /// Offer stateful reconnect to clients that ask for it (`AllowStatefulReconnects`,
+    /// default false as in ASP.NET). WebSockets only.
+    pub stateful_reconnect: bool,
+    /// Bounds of the replay buffer of unacknowledged messages per stateful connection
+    /// (ASP.NET's `StatefulReconnectBufferSize`: 100,000 bytes).
+    pub replay: crate::session::replay::ReplayLimits,
+    /// How long a stateful connection whose transport dropped waits for the client to come
+    /// back before it ends normally (OnDisconnected).
+    pub reconnect_window: Duration,
+    /// Delay between receiving a message and acknowledging it (ASP.NET: 1 s timer).
+    pub ack_interval: Duration,
     /// Transports this hub accepts (default all).
     pub transports: Transports,
     /// How long a long poll waits for messages before answering an empty 200
@@ -130,6 +141,10 @@ impl Default for HubOptions {
             channel_prefix: "feedhub".to_string(),
             feed_target: "FeedUpdated".to_string(),
             unsubscribe_debounce: Duration::from_secs(1),
+            stateful_reconnect: false,
+            replay: crate::session::replay::ReplayLimits::default(),
+            reconnect_window: Duration::from_secs(15),
+            ack_interval: Duration::from_secs(1),
             transports: Transports::default(),
             long_poll_timeout: Duration::from_secs(90),
             disconnect_timeout: Duration::from_secs(15),

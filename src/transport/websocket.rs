@@ -110,7 +110,16 @@ pub async fn pump<IO>(io: IO, max_message_size: usize, link: Link)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut source, mut sink) = accept(io, max_message_size).await;
+    let (source, sink) = accept(io, max_message_size).await;
+    pump_split(source, sink, link).await;
+}
+
+/// [`pump`] over an already accepted socket (the HTTP layer may have read a first frame to
+/// decide what the socket is for; it feeds that frame to the link first).
+pub async fn pump_split<IO>(mut source: WsSource<IO>, mut sink: WsSink<IO>, link: Link)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let reader = async {
         loop {
             match source.recv().await {
