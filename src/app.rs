@@ -24,6 +24,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::backplane::memory::{MemoryBackplane, MemoryBus};
 use crate::backplane::{Backplane, Delivery, Inbox};
+use crate::demo::store::{MemoryStore, PostStore};
+use crate::demo::{DemoService, FeedPublisher, HubPublisher};
 use crate::http::negotiate::Tokens;
 use crate::hub::{Clients, HubDefinition, HubLifetime};
 
@@ -86,6 +88,7 @@ pub struct AppState {
     pub(crate) ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
     pub(crate) feed_hub: Option<Arc<HubLifetime>>,
     pub(crate) demo_page: String,
+    pub(crate) demo: Option<Arc<DemoService>>,
 }
 
 /// Builds a [`Server`].
@@ -94,6 +97,8 @@ pub struct ServerBuilder {
     hubs: Vec<HubDefinition>,
     backplane: Option<BackplaneFactory>,
     demo_page: String,
+    demo_store: Option<Arc<dyn PostStore>>,
+    demo_publisher: Option<Arc<dyn FeedPublisher>>,
     extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
 }
 
@@ -104,7 +109,9 @@ impl ServerBuilder {
             config,
             hubs: Vec::new(),
             backplane: None,
-            demo_page: include_str!("../js-client-demo/index.html").to_string(),
+            demo_page: crate::demo::INDEX_HTML.to_string(),
+            demo_store: None,
+            demo_publisher: None,
             extra_ready: Vec::new(),
         }
     }
@@ -140,6 +147,19 @@ impl ServerBuilder {
         self
     }
 
+    /// Where the demo post service stores posts (default: in memory, this instance only).
+    pub fn demo_store(mut self, store: Arc<dyn PostStore>) -> Self {
+        self.demo_store = Some(store);
+        self
+    }
+
+    /// How the demo post service publishes feed events (default: the in-memory path,
+    /// `ingest::deliver` on the feed hub).
+    pub fn demo_publisher(mut self, publisher: Arc<dyn FeedPublisher>) -> Self {
+        self.demo_publisher = Some(publisher);
+        self
+    }
+
     /// Binds the listener, starts the hubs and the backplane, and begins serving.
     pub async fn start(self) -> anyhow::Result<Server> {
         let config = self.config;
@@ -167,6 +187,19 @@ impl ServerBuilder {
         }
 
         let feed_hub = config.feed_hub.as_ref().and_then(|p| hubs.get(p).cloned());
+        // The demo post service runs only where demo identities do.
+        let demo = match (&feed_hub, config.dev_identities) {
+            (Some(hub), true) => {
+                let store = self.demo_store.unwrap_or_else(|| {
+                    Arc::new(MemoryStore::new(crate::demo::MEMORY_STORE_CAPACITY))
+                });
+                let publisher = self
+                    .demo_publisher
+                    .unwrap_or_else(|| Arc::new(HubPublisher::new(hub.clone())));
+                Some(Arc::new(DemoService::new(store, publisher)))
+            }
+            _ => None,
+        };
         let token_key = match &config.jwt_secret {
             // Nodes sharing the JWT secret accept each other's connection tokens.
             Some(s) => format!("feedhub-connection-token:{s}").into_bytes(),
@@ -204,6 +237,7 @@ impl ServerBuilder {
             ready,
             feed_hub,
             demo_page: self.demo_page,
+            demo,
         });
         if state.auth.is_development() {
             tracing::warn!(
