@@ -149,11 +149,14 @@ async fn post_reaches_author_and_friends_only_and_is_in_their_feeds() {
     assert_eq!(next_feed_update(&mut alice).await["text"], "second");
 }
 
+/// Method, path, token, body, expected status, text the answer must contain.
+type Case<'a> = (&'a str, &'a str, Option<String>, Vec<u8>, u16, &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors() {
     let server = demo_server().await;
     let alice = server.token("1001");
-    let cases: Vec<(&str, &str, Option<String>, Vec<u8>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("GET", "/demo/feed", None, vec![], 401, "access token"),
         (
             "GET",

@@ -325,7 +325,7 @@ fn json_value(status: StatusCode, value: &impl Serialize) -> hyper::Response<Bod
 fn caller(
     auth: &Authenticator,
     req: &Request<Incoming>,
-) -> Result<&'static DemoUser, hyper::Response<Body>> {
+) -> Result<&'static DemoUser, Box<hyper::Response<Body>>> {
     let header_value = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -339,17 +339,17 @@ fn caller(
         r
     };
     let Some(token) = token_from_request(req.uri().query(), header_value) else {
-        return Err(unauthorized("an access token is required."));
+        return Err(Box::new(unauthorized("an access token is required.")));
     };
     let identity = auth
         .verify(&token)
-        .map_err(|e| unauthorized(&e.to_string()))?;
+        .map_err(|e| Box::new(unauthorized(&e.to_string())))?;
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
     demo_user(user).ok_or_else(|| {
-        text_response(
+        Box::new(text_response(
             StatusCode::FORBIDDEN,
             format!("User {user:?} is not a demo user."),
-        )
+        ))
     })
 }
 
@@ -377,7 +377,7 @@ pub async fn handle(
         ("/demo/feed", Method::GET) => {
             let user = match caller(auth, &req) {
                 Ok(u) => u,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let limit = match form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
                 .find(|(k, _)| k == "limit")
@@ -410,7 +410,7 @@ pub async fn handle(
         ("/demo/posts", Method::POST) => {
             let user = match caller(auth, &req) {
                 Ok(u) => u,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let body = match Limited::new(req.into_body(), MAX_POST_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -474,10 +474,12 @@ mod tests {
     #[test]
     fn friends_and_recipients() {
         let alice = demo_user("1001").unwrap();
-        let r: Vec<&str> = recipients_of(alice).iter().map(UserId::as_str).collect();
+        let r = recipients_of(alice);
+        let r: Vec<&str> = r.iter().map(UserId::as_str).collect();
         assert_eq!(r, vec!["1001", "1002"]);
         let carol = demo_user("1003").unwrap();
-        let r: Vec<&str> = recipients_of(carol).iter().map(UserId::as_str).collect();
+        let r = recipients_of(carol);
+        let r: Vec<&str> = r.iter().map(UserId::as_str).collect();
         assert_eq!(r, vec!["1003"]);
         for u in DEMO_USERS {
             for f in u.friends {
