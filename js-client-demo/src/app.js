@@ -17,6 +17,8 @@ const MAX_SEEN_IDS = 5000;
 const MAX_TEXT = 1000;
 const RETRY_DELAYS_MS = [0, 1000, 2000, 5000];
 const RETRY_MAX_DELAY_MS = 10000;
+/** After this long without a connection the page stops retrying and offers a button. */
+const RETRY_GIVE_UP_MS = 5 * 60 * 1000;
 
 const params = new URLSearchParams(window.location.search);
 const protocolName = params.get("protocol") === "messagepack" ? "messagepack" : "json";
@@ -138,9 +140,15 @@ function showConnectionInfo(connection) {
 }
 
 let noticeTimer;
-function notice(text, kind) {
+function notice(text, kind, action) {
     const n = $("notice");
     n.textContent = text;
+    if (action) {
+        const button = el("button", "button small-button", action.label);
+        button.type = "button";
+        button.addEventListener("click", action.run);
+        n.append(" ", button);
+    }
     n.className = kind === "warn" ? "notice warn" : "notice";
     n.hidden = false;
     clearTimeout(noticeTimer);
@@ -312,7 +320,9 @@ async function startSession(userId) {
         .withUrl(HUB_PATH, { accessTokenFactory: () => token, transport: requestedTransports() })
         .withHubProtocol(protocolName === "messagepack" ? new MessagePackHubProtocol() : new signalR.JsonHubProtocol())
         .withAutomaticReconnect({
-            nextRetryDelayInMilliseconds: (ctx) => RETRY_DELAYS_MS[ctx.previousRetryCount] ?? RETRY_MAX_DELAY_MS,
+            nextRetryDelayInMilliseconds: (ctx) => (ctx.elapsedMilliseconds > RETRY_GIVE_UP_MS
+                ? null
+                : RETRY_DELAYS_MS[ctx.previousRetryCount] ?? RETRY_MAX_DELAY_MS),
         })
         .configureLogging(signalR.LogLevel.Warning)
         .build();
@@ -345,7 +355,15 @@ async function startSession(userId) {
     connection.onclose((err) => {
         setState("disconnected");
         showConnectionInfo(connection);
-        notice(`Disconnected${err ? `: ${err.message}` : ""}. Reload the page to connect again.`, "warn");
+        notice(`Disconnected${err ? `: ${err.message}` : ""}.`, "warn", {
+            label: "Reconnect",
+            run: async () => {
+                $("notice").hidden = true;
+                await connect();
+                const missed = await loadFeed(true).catch(() => 0);
+                notice(`Reconnected. ${missed === 0 ? "No posts were missed." : `${missed} missed post${missed === 1 ? "" : "s"} loaded.`}`);
+            },
+        });
     });
 
     setupComposer(auth, me);
@@ -358,23 +376,27 @@ async function startSession(userId) {
     }
     $("feed-empty").hidden = $("feed").children.length > 0;
 
-    // withAutomaticReconnect covers lost connections; the first start retries here.
-    let attempt = 0;
-    for (;; attempt += 1) {
-        setState("connecting");
-        try {
-            await connection.start();
-            break;
-        } catch (err) {
-            const delay = RETRY_DELAYS_MS[attempt + 1] ?? RETRY_MAX_DELAY_MS;
-            setState("disconnected", `retrying in ${Math.round(delay / 1000)} s`);
-            console.warn("connection failed", err);
-            await new Promise((r) => setTimeout(r, delay));
+    /** Starts the connection; withAutomaticReconnect covers lost ones, this the first. */
+    async function connect() {
+        let attempt = 0;
+        for (;; attempt += 1) {
+            setState("connecting");
+            try {
+                await connection.start();
+                break;
+            } catch (err) {
+                const delay = RETRY_DELAYS_MS[attempt + 1] ?? RETRY_MAX_DELAY_MS;
+                setState("disconnected", `retrying in ${Math.round(delay / 1000)} s`);
+                console.warn("connection failed", err);
+                await new Promise((r) => setTimeout(r, delay));
+            }
         }
+        setState("connected");
+        showConnectionInfo(connection);
+        return attempt;
     }
-    setState("connected");
-    showConnectionInfo(connection);
-    if (attempt > 0) {
+
+    if (await connect() > 0) {
         // Posts written while we could not connect.
         await loadFeed(true).catch(() => {});
     }
