@@ -6,7 +6,8 @@
 //   reconnect   Alice on FEEDHUB_URL, Bob on FEEDHUB_URL_B; the test's control endpoint
 //               (FEEDHUB_CONTROL_URL: POST /stop, POST /start) stops and restarts Bob's instance
 //   instances   Alice on FEEDHUB_URL, Bob and Carol on FEEDHUB_URL_B (other instance)
-//   fallback    WebSocket removed from the page (FEEDHUB_EXPECT_TRANSPORT names what it falls back to)
+//   fallback    Bob's page without WebSocket (deleted by an init script), or limited to
+//               FEEDHUB_BOB_TRANSPORT (?transport=); FEEDHUB_EXPECT_TRANSPORT is the label shown
 //   screenshot  Alice and Bob side by side, saved to FEEDHUB_SCREENSHOT
 // FEEDHUB_CHROMIUM overrides /usr/bin/chromium.
 
@@ -308,11 +309,14 @@ if (SCENARIO === "instances") {
 }
 
 if (SCENARIO === "fallback") {
-    test("without WebSocket the page falls back and still receives feed events", async (t) => {
+    test(`Bob ${process.env.FEEDHUB_BOB_TRANSPORT ? `on ${process.env.FEEDHUB_BOB_TRANSPORT}` : "without WebSocket"} receives feed events and posts`, async (t) => {
         const expected = env("FEEDHUB_EXPECT_TRANSPORT");
+        const forced = process.env.FEEDHUB_BOB_TRANSPORT;
         const alice = await openAs(t, "Alice", "1001");
-        const bob = await openAs(t, "Bob", "1002", { noWebSocket: true });
-        assert.equal(await bob.page.evaluate(() => typeof window.WebSocket), "undefined");
+        const bob = await openAs(t, "Bob", "1002", forced ? { transport: forced } : { noWebSocket: true });
+        if (!forced) {
+            assert.equal(await bob.page.evaluate(() => typeof window.WebSocket), "undefined");
+        }
         await checkLabels(bob, expected);
         const post = await postVia(alice, "Do you read me without WebSockets?");
         const latency = await waitPost(bob, post.id, LIVE_MS, post.sentAt);
