@@ -22,7 +22,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use feedhub::backplane::memory::MemoryBus;
+use feedhub::backplane::redis::RedisConfig;
+use feedhub::demo::redis_store::RedisStore;
 use feedhub::demo::store::MemoryStore;
+use feedhub::demo::Directory;
 use feedhub::{feed, ServerBuilder, ServerConfig};
 use support::{TestServer, TEST_API_KEY, TEST_SECRET};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -166,6 +169,78 @@ async fn browser_two_instances_memory_bus() {
         .await;
     drop((a, b));
     run.assert_success();
+}
+
+/// One instance of a scale-out deployment: Redis backplane, demo posts in Redis, demo
+/// users, channels and keys under this test's own `prefix`.
+async fn start_redis_demo(prefix: &str, node: usize) -> TestServer {
+    let url = support::cluster::redis_url();
+    let config = ServerConfig {
+        listen: local(),
+        jwt_secret: Some(TEST_SECRET.to_string()),
+        api_key: Some(TEST_API_KEY.to_string()),
+        feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
+        dev_identities: true,
+        node_id: format!("{prefix}-node{node}"),
+        channel_prefix: Some(prefix.to_string()),
+        shutdown_timeout: Duration::from_secs(3),
+        ..ServerConfig::default()
+    };
+    let store = RedisStore::new(&url, &format!("{prefix}:demo:")).expect("redis store");
+    let server = ServerBuilder::new(config)
+        .hub(feed::feed_hub())
+        .redis(RedisConfig::from_url(&url).expect("redis url"))
+        .demo_users(Directory::with_prefix(&format!("{prefix}-")))
+        .demo_store(Arc::new(store))
+        .start()
+        .await
+        .expect("feed server");
+    support::within("Redis backplane ready", async {
+        while !server.backplane().is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    TestServer {
+        base_url: format!("http://{}", server.local_addr()),
+        jwt_secret: TEST_SECRET.to_string(),
+        api_key: TEST_API_KEY.to_string(),
+        server: Some(server),
+    }
+}
+
+/// Two instances on the shared Redis (backplane and post store): Alice on one, Bob and
+/// Carol on the other; Bob's history on his instance has Alice's post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_two_instances_redis() {
+    let _one = BROWSER.lock().await;
+    let Some(node) = browser_tools() else { return };
+    let Some(mut redis) = support::cluster::redis().await else {
+        return;
+    };
+    let prefix = support::unique_prefix("demo");
+    let a = start_redis_demo(&prefix, 0).await;
+    let b = start_redis_demo(&prefix, 1).await;
+    let mut env = script_env(&a, &b, "instances", "messagepack");
+    env.push(("FEEDHUB_USER_PREFIX", format!("{prefix}-")));
+    let run = node.run("browser.mjs", &env, SCRIPT_TIMEOUT).await;
+    drop((a, b));
+    // The posts this test stored.
+    let keys: Vec<String> = ["1001", "1002", "1003"]
+        .iter()
+        .map(|u| format!("{prefix}:demo:feed:{prefix}-{u}"))
+        .collect();
+    let stored: i64 = support::within(
+        "redis DEL",
+        redis::cmd("DEL").arg(&keys).query_async(&mut redis),
+    )
+    .await
+    .expect("DEL");
+    run.assert_success();
+    assert_eq!(
+        stored, 2,
+        "Alice's and Bob's feeds were in Redis, Carol's empty"
+    );
 }
 
 /// Bob's instance is shut down (graceful: Close with allowReconnect) and started again on

@@ -26,7 +26,7 @@ use crate::backplane::memory::{MemoryBackplane, MemoryBus};
 use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, Inbox};
 use crate::demo::store::{MemoryStore, PostStore};
-use crate::demo::{DemoService, FeedPublisher, HubPublisher};
+use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
 use crate::http::negotiate::Tokens;
 use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 
@@ -104,6 +104,7 @@ pub struct ServerBuilder {
     demo_page: String,
     demo_store: Option<Arc<dyn PostStore>>,
     demo_publisher: Option<Arc<dyn FeedPublisher>>,
+    demo_users: Directory,
     extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
 }
 
@@ -117,6 +118,7 @@ impl ServerBuilder {
             demo_page: crate::demo::INDEX_HTML.to_string(),
             demo_store: None,
             demo_publisher: None,
+            demo_users: Directory::standard(),
             extra_ready: Vec::new(),
         }
     }
@@ -174,6 +176,12 @@ impl ServerBuilder {
         self
     }
 
+    /// The demo users (default [`Directory::standard`]: 1001 Alice, 1002 Bob, 1003 Carol).
+    pub fn demo_users(mut self, directory: Directory) -> Self {
+        self.demo_users = directory;
+        self
+    }
+
     /// Binds the listener, starts the hubs and the backplane, and begins serving.
     pub async fn start(self) -> anyhow::Result<Server> {
         let config = self.config;
@@ -216,7 +224,11 @@ impl ServerBuilder {
                 let publisher = self
                     .demo_publisher
                     .unwrap_or_else(|| Arc::new(HubPublisher::new(hub.clone())));
-                Some(Arc::new(DemoService::new(store, publisher)))
+                Some(Arc::new(DemoService::new(
+                    store,
+                    publisher,
+                    self.demo_users,
+                )))
             }
             _ => None,
         };

@@ -3,8 +3,11 @@
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use clap::Parser;
 use feedhub::backplane::redis::RedisConfig;
+use feedhub::demo::redis_store::RedisStore;
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
 /// A SignalR-compatible hub server for live feeds.
@@ -65,13 +68,20 @@ async fn main() -> anyhow::Result<()> {
         cors_origins: args.cors_origin,
         dev_identities: development || args.dev_identities,
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
-        channel_prefix: Some(args.channel_prefix),
+        channel_prefix: Some(args.channel_prefix.clone()),
         ..ServerConfig::default()
     };
+    let dev_identities = config.dev_identities;
     let mut builder = ServerBuilder::new(config).hub(feed::feed_hub());
     if let Some(redis) = redis {
         tracing::info!(redis = %redis.address(), "using the Redis backplane");
         builder = builder.redis(redis);
+    }
+    if let (Some(url), true) = (&args.redis_url, dev_identities) {
+        // The demo's posts in the same Redis, so every instance serves the same history.
+        let store = RedisStore::new(url, &format!("{}:demo:", args.channel_prefix))
+            .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+        builder = builder.demo_store(Arc::new(store));
     }
     let server = builder.start().await?;
     tracing::info!(

@@ -9,7 +9,8 @@
 //   fallback    Bob's page without WebSocket (deleted by an init script), or limited to
 //               FEEDHUB_BOB_TRANSPORT (?transport=); FEEDHUB_EXPECT_TRANSPORT is the label shown
 //   screenshot  Alice and Bob side by side, saved to FEEDHUB_SCREENSHOT
-// FEEDHUB_CHROMIUM overrides /usr/bin/chromium.
+// FEEDHUB_CHROMIUM overrides /usr/bin/chromium. FEEDHUB_USER_PREFIX is put before the demo
+// user ids (the servers' demo directory has the same prefix) for tests on a shared Redis.
 
 import assert from "node:assert/strict";
 
@@ -24,6 +25,10 @@ const PROTOCOL = env("FEEDHUB_PROTOCOL", "json");
 const SCENARIO = env("FEEDHUB_SCENARIO", "feed");
 const CHROMIUM = process.env.FEEDHUB_CHROMIUM || "/usr/bin/chromium";
 const PROTOCOL_LABEL = PROTOCOL === "messagepack" ? "MessagePack" : "JSON";
+const USER_PREFIX = process.env.FEEDHUB_USER_PREFIX || "";
+const ALICE = `${USER_PREFIX}1001`;
+const BOB = `${USER_PREFIX}1002`;
+const CAROL = `${USER_PREFIX}1003`;
 
 /** Bob must see Alice's post within this (the issue's requirement). */
 const LIVE_MS = 2000;
@@ -149,9 +154,9 @@ function noDialogsOrErrors(...pages) {
 
 if (SCENARIO === "feed") {
     test("Alice posts; Bob sees it live with author, text and time; Carol does not", async (t) => {
-        const alice = await openAs(t, "Alice", "1001", { viaPicker: true });
-        const bob = await openAs(t, "Bob", "1002");
-        const carol = await openAs(t, "Carol", "1003");
+        const alice = await openAs(t, "Alice", ALICE, { viaPicker: true });
+        const bob = await openAs(t, "Bob", BOB);
+        const carol = await openAs(t, "Carol", CAROL);
         for (const p of [alice, bob, carol]) {
             await checkLabels(p, "WebSockets");
         }
@@ -189,8 +194,8 @@ if (SCENARIO === "feed") {
     });
 
     test("HTML in a post shows as text: no element injected, no script run, no dialog", async (t) => {
-        const alice = await openAs(t, "Alice", "1001");
-        const bob = await openAs(t, "Bob", "1002");
+        const alice = await openAs(t, "Alice", ALICE);
+        const bob = await openAs(t, "Bob", BOB);
         const text = `<script>alert(1)</script> <img src=x onerror="window.__xss=1;alert(2)"> <b>bold</b> & "quotes" ${uniq("x")}`;
         const post = await postVia(alice, text);
         await waitPost(bob, post.id, LIVE_MS, post.sentAt);
@@ -211,13 +216,13 @@ if (SCENARIO === "feed") {
     });
 
     test("an event delivered twice (same id, POST /api/feed) shows once", async (t) => {
-        const bob = await openAs(t, "Bob", "1002");
-        const carol = await openAs(t, "Carol", "1003");
+        const bob = await openAs(t, "Bob", BOB);
+        const carol = await openAs(t, "Carol", CAROL);
         const id = uniq("dup");
         const event = {
             id,
-            recipients: ["1002"],
-            payload: { id, author: { id: "1001", name: "Alice" }, text: "Said twice, shown once", createdAt: new Date().toISOString() },
+            recipients: [BOB],
+            payload: { id, author: { id: ALICE, name: "Alice" }, text: "Said twice, shown once", createdAt: new Date().toISOString() },
         };
         await apiPublish(BASE_A, event);
         await apiPublish(BASE_A, event);
@@ -234,17 +239,17 @@ if (SCENARIO === "feed") {
     });
 
     test("bad posts get a clear error on the page and do not break it", async (t) => {
-        const alice = await openAs(t, "Alice", "1001");
+        const alice = await openAs(t, "Alice", ALICE);
         // The textarea stops at 1000 characters; the API refuses longer texts with 413.
-        const status = await alice.page.evaluate(async () => {
-            const token = (await (await fetch("dev/token?user=1001", { method: "POST" })).json()).token;
+        const status = await alice.page.evaluate(async (id) => {
+            const token = (await (await fetch(`dev/token?user=${encodeURIComponent(id)}`, { method: "POST" })).json()).token;
             const r = await fetch("demo/posts", {
                 method: "POST",
                 headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
                 body: JSON.stringify({ text: "x".repeat(1001) }),
             });
             return [r.status, await r.text()];
-        });
+        }, ALICE);
         assert.equal(status[0], 413, status[1]);
         assert.equal(await alice.page.getAttribute("#post-text", "maxlength"), "1000");
         // Whitespace only: the Post button stays disabled.
@@ -256,8 +261,8 @@ if (SCENARIO === "feed") {
 
 if (SCENARIO === "reconnect") {
     test("Bob's instance stops and restarts: reconnecting, reconnected, missed and later posts shown", async (t) => {
-        const alice = await openAs(t, "Alice", "1001", { base: BASE_A });
-        const bob = await openAs(t, "Bob", "1002", { base: BASE_B });
+        const alice = await openAs(t, "Alice", ALICE, { base: BASE_A });
+        const bob = await openAs(t, "Bob", BOB, { base: BASE_B });
         const before = await postVia(alice, "Before the restart");
         await waitPost(bob, before.id, LIVE_MS, before.sentAt);
 
@@ -288,9 +293,9 @@ if (SCENARIO === "reconnect") {
 
 if (SCENARIO === "instances") {
     test("Alice on one instance, Bob and Carol on another: live delivery across instances", async (t) => {
-        const alice = await openAs(t, "Alice", "1001", { base: BASE_A });
-        const bob = await openAs(t, "Bob", "1002", { base: BASE_B });
-        const carol = await openAs(t, "Carol", "1003", { base: BASE_B });
+        const alice = await openAs(t, "Alice", ALICE, { base: BASE_A });
+        const bob = await openAs(t, "Bob", BOB, { base: BASE_B });
+        const carol = await openAs(t, "Carol", CAROL, { base: BASE_B });
         const post = await postVia(alice, `Across instances ${uniq("i")}`);
         const latency = await waitPost(bob, post.id, LIVE_MS, post.sentAt);
         measurements.push(`click-to-render latency across instances (${PROTOCOL}): ${latency} ms`);
@@ -312,8 +317,8 @@ if (SCENARIO === "fallback") {
     test(`Bob ${process.env.FEEDHUB_BOB_TRANSPORT ? `on ${process.env.FEEDHUB_BOB_TRANSPORT}` : "without WebSocket"} receives feed events and posts`, async (t) => {
         const expected = env("FEEDHUB_EXPECT_TRANSPORT");
         const forced = process.env.FEEDHUB_BOB_TRANSPORT;
-        const alice = await openAs(t, "Alice", "1001");
-        const bob = await openAs(t, "Bob", "1002", forced ? { transport: forced } : { noWebSocket: true });
+        const alice = await openAs(t, "Alice", ALICE);
+        const bob = await openAs(t, "Bob", BOB, forced ? { transport: forced } : { noWebSocket: true });
         if (!forced) {
             assert.equal(await bob.page.evaluate(() => typeof window.WebSocket), "undefined");
         }

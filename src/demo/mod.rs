@@ -11,7 +11,9 @@
 //! | `GET /demo/feed?limit=N` | auth'd: the newest posts in the caller's feed, newest first |
 //! | `POST /demo/posts` `{"text":…}` | auth'd: store a post and publish it to the author and the author's friends |
 //!
-//! A post goes through the real pipeline: it is stored ([`store::PostStore`]), then
+//! A post goes through the real pipeline: it is stored ([`store::PostStore`]: in memory, or
+//! with `--redis-url` in Redis ([`redis_store::RedisStore`]) so every instance serves the
+//! same history), then
 //! published as a feed event `{"recipients":[…],"payload":{"id","author","text","createdAt"}}`
 //! through a [`FeedPublisher`] (by default [`HubPublisher`], the in-memory path
 //! `ingest::deliver`, exactly what `POST /api/feed` does).
@@ -19,6 +21,7 @@
 //! The page itself (`js-client-demo/`: `index.html`, `style.css` and the esbuild bundle
 //! `dist/app.js`) is compiled into the binary and served at `/`, `/app.css`, `/app.js`.
 
+pub mod redis_store;
 pub mod store;
 
 use std::sync::Arc;
@@ -55,44 +58,66 @@ pub const MAX_FEED_LIMIT: usize = 100;
 pub const MEMORY_STORE_CAPACITY: usize = 1000;
 
 /// A demo user.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DemoUser {
     /// User id (the JWT `sub`).
-    pub id: &'static str,
+    pub id: String,
     /// Display name.
-    pub name: &'static str,
+    pub name: String,
     /// Ids of this user's friends (friendship is mutual).
-    pub friends: &'static [&'static str],
+    pub friends: Vec<String>,
 }
 
-/// The demo users: Alice and Bob are friends; Carol is friends with no one.
-pub const DEMO_USERS: &[DemoUser] = &[
-    DemoUser {
-        id: "1001",
-        name: "Alice",
-        friends: &["1002"],
-    },
-    DemoUser {
-        id: "1002",
-        name: "Bob",
-        friends: &["1001"],
-    },
-    DemoUser {
-        id: "1003",
-        name: "Carol",
-        friends: &[],
-    },
+/// The demo users (id, name, friends): Alice and Bob are friends; Carol is friends with no
+/// one.
+pub const DEMO_USERS: &[(&str, &str, &[&str])] = &[
+    ("1001", "Alice", &["1002"]),
+    ("1002", "Bob", &["1001"]),
+    ("1003", "Carol", &[]),
 ];
 
-/// The demo user with this id.
-pub fn demo_user(id: &str) -> Option<&'static DemoUser> {
-    DEMO_USERS.iter().find(|u| u.id == id)
+/// The demo users a server knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directory {
+    users: Vec<DemoUser>,
+}
+
+impl Directory {
+    /// [`DEMO_USERS`] as they are (1001, 1002, 1003).
+    pub fn standard() -> Directory {
+        Directory::with_prefix("")
+    }
+
+    /// [`DEMO_USERS`] with `prefix` before every id (`<prefix>1001`, ...), so tests sharing a
+    /// Redis or RabbitMQ use user ids of their own.
+    pub fn with_prefix(prefix: &str) -> Directory {
+        Directory {
+            users: DEMO_USERS
+                .iter()
+                .map(|(id, name, friends)| DemoUser {
+                    id: format!("{prefix}{id}"),
+                    name: (*name).to_string(),
+                    friends: friends.iter().map(|f| format!("{prefix}{f}")).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// All users.
+    pub fn users(&self) -> &[DemoUser] {
+        &self.users
+    }
+
+    /// The user with this id.
+    pub fn get(&self, id: &str) -> Option<&DemoUser> {
+        self.users.iter().find(|u| u.id == id)
+    }
 }
 
 /// Who receives a post by `author`: the author (their other tabs) and their friends.
 pub fn recipients_of(author: &DemoUser) -> Vec<UserId> {
-    std::iter::once(author.id)
-        .chain(author.friends.iter().copied())
+    std::iter::once(&author.id)
+        .chain(author.friends.iter())
         .filter_map(|id| UserId::new(id).ok())
         .collect()
 }
@@ -170,6 +195,7 @@ impl FeedPublisher for HubPublisher {
 pub struct DemoService {
     store: Arc<dyn PostStore>,
     publisher: Arc<dyn FeedPublisher>,
+    directory: Directory,
 }
 
 impl std::fmt::Debug for DemoService {
@@ -199,14 +225,22 @@ pub enum PostError {
 }
 
 impl DemoService {
-    /// A service over `store` and `publisher`.
-    pub fn new(store: Arc<dyn PostStore>, publisher: Arc<dyn FeedPublisher>) -> DemoService {
+    /// A service for the users of `directory` over `store` and `publisher`.
+    pub fn new(
+        store: Arc<dyn PostStore>,
+        publisher: Arc<dyn FeedPublisher>,
+        directory: Directory,
+    ) -> DemoService {
         tracing::info!(
             store = store.name(),
             publisher = publisher.name(),
             "demo post service enabled at /demo (development identities)"
         );
-        DemoService { store, publisher }
+        DemoService {
+            store,
+            publisher,
+            directory,
+        }
     }
 
     /// Stores and publishes a post by `author`.
@@ -221,8 +255,8 @@ impl DemoService {
         let post = Post {
             id: format!("post-{}", crate::ids::random_token()),
             author: Author {
-                id: author.id.to_string(),
-                name: author.name.to_string(),
+                id: author.id.clone(),
+                name: author.name.clone(),
             },
             text: text.to_string(),
             created_at: rfc3339_millis(now_millis()),
@@ -322,10 +356,11 @@ fn json_value(status: StatusCode, value: &impl Serialize) -> hyper::Response<Bod
 }
 
 /// The demo user a request is authenticated as, or the error response.
-fn caller(
+fn caller<'a>(
+    service: &'a DemoService,
     auth: &Authenticator,
     req: &Request<Incoming>,
-) -> Result<&'static DemoUser, Box<hyper::Response<Body>>> {
+) -> Result<&'a DemoUser, Box<hyper::Response<Body>>> {
     let header_value = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -345,7 +380,7 @@ fn caller(
         .verify(&token)
         .map_err(|e| Box::new(unauthorized(&e.to_string())))?;
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    demo_user(user).ok_or_else(|| {
+    service.directory.get(user).ok_or_else(|| {
         Box::new(text_response(
             StatusCode::FORBIDDEN,
             format!("User {user:?} is not a demo user."),
@@ -373,9 +408,9 @@ pub async fn handle(
     };
     let method = req.method().clone();
     match (path, method) {
-        ("/demo/users", Method::GET) => json_value(StatusCode::OK, &DEMO_USERS),
+        ("/demo/users", Method::GET) => json_value(StatusCode::OK, &service.directory.users()),
         ("/demo/feed", Method::GET) => {
-            let user = match caller(auth, &req) {
+            let user = match caller(service, auth, &req) {
                 Ok(u) => u,
                 Err(r) => return *r,
             };
@@ -393,7 +428,7 @@ pub async fn handle(
                     }
                 },
             };
-            let Ok(user_id) = UserId::new(user.id) else {
+            let Ok(user_id) = UserId::new(&user.id) else {
                 return text_response(StatusCode::INTERNAL_SERVER_ERROR, "bad demo user id");
             };
             match service.feed(&user_id, limit).await {
@@ -408,7 +443,7 @@ pub async fn handle(
             }
         }
         ("/demo/posts", Method::POST) => {
-            let user = match caller(auth, &req) {
+            let user = match caller(service, auth, &req) {
                 Ok(u) => u,
                 Err(r) => return *r,
             };
@@ -473,18 +508,24 @@ mod tests {
 
     #[test]
     fn friends_and_recipients() {
-        let alice = demo_user("1001").unwrap();
+        let standard = Directory::standard();
+        let alice = standard.get("1001").unwrap();
         let r = recipients_of(alice);
         let r: Vec<&str> = r.iter().map(UserId::as_str).collect();
         assert_eq!(r, vec!["1001", "1002"]);
-        let carol = demo_user("1003").unwrap();
+        let carol = standard.get("1003").unwrap();
         let r = recipients_of(carol);
         let r: Vec<&str> = r.iter().map(UserId::as_str).collect();
         assert_eq!(r, vec!["1003"]);
-        for u in DEMO_USERS {
-            for f in u.friends {
-                assert!(demo_user(f).unwrap().friends.contains(&u.id), "mutual");
+        for u in standard.users() {
+            for f in &u.friends {
+                assert!(standard.get(f).unwrap().friends.contains(&u.id), "mutual");
             }
         }
+        let prefixed = Directory::with_prefix("t1-");
+        let bob = prefixed.get("t1-1002").unwrap();
+        assert_eq!(bob.name, "Bob");
+        assert_eq!(bob.friends, vec!["t1-1001"]);
+        assert!(prefixed.get("1002").is_none());
     }
 }
