@@ -23,9 +23,11 @@ use std::time::Duration;
 
 use feedhub::backplane::memory::MemoryBus;
 use feedhub::backplane::redis::RedisConfig;
+use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
 use feedhub::demo::store::MemoryStore;
 use feedhub::demo::Directory;
+use feedhub::ingest::amqp::{AmqpConfig, AmqpIngest};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 use support::{TestServer, TEST_API_KEY, TEST_SECRET};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,7 +175,11 @@ async fn browser_two_instances_memory_bus() {
 
 /// One instance of a scale-out deployment: Redis backplane, demo posts in Redis, demo
 /// users, channels and keys under this test's own `prefix`.
-async fn start_redis_demo(prefix: &str, node: usize) -> TestServer {
+async fn start_redis_demo(
+    prefix: &str,
+    node: usize,
+    amqp: Option<&AmqpConfig>,
+) -> (TestServer, Option<AmqpIngest>) {
     let url = support::cluster::redis_url();
     let config = ServerConfig {
         listen: local(),
@@ -187,26 +193,41 @@ async fn start_redis_demo(prefix: &str, node: usize) -> TestServer {
         ..ServerConfig::default()
     };
     let store = RedisStore::new(&url, &format!("{prefix}:demo:")).expect("redis store");
-    let server = ServerBuilder::new(config)
+    let mut builder = ServerBuilder::new(config)
         .hub(feed::feed_hub())
         .redis(RedisConfig::from_url(&url).expect("redis url"))
         .demo_users(Directory::with_prefix(&format!("{prefix}-")))
-        .demo_store(Arc::new(store))
-        .start()
-        .await
-        .expect("feed server");
+        .demo_store(Arc::new(store));
+    let ingest = amqp.map(|c| AmqpIngest::new(c.clone()));
+    if let Some(c) = amqp {
+        builder = builder.demo_publisher(Arc::new(AmqpPublisher::new(
+            c.url.clone(),
+            c.exchange.clone(),
+        )));
+    }
+    let server = builder.start().await.expect("feed server");
+    if let Some(ingest) = &ingest {
+        ingest.start(server.hub(feed::FEED_HUB_PATH).expect("feed hub"));
+        support::within("RabbitMQ consumer ready", async {
+            while !ingest.is_consuming() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
     support::within("Redis backplane ready", async {
         while !server.backplane().is_ready() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    TestServer {
+    let server = TestServer {
         base_url: format!("http://{}", server.local_addr()),
         jwt_secret: TEST_SECRET.to_string(),
         api_key: TEST_API_KEY.to_string(),
         server: Some(server),
-    }
+    };
+    (server, ingest)
 }
 
 /// Two instances on the shared Redis (backplane and post store): Alice on one, Bob and
@@ -219,8 +240,8 @@ async fn browser_two_instances_redis() {
         return;
     };
     let prefix = support::unique_prefix("demo");
-    let a = start_redis_demo(&prefix, 0).await;
-    let b = start_redis_demo(&prefix, 1).await;
+    let (a, _) = start_redis_demo(&prefix, 0, None).await;
+    let (b, _) = start_redis_demo(&prefix, 1, None).await;
     let mut env = script_env(&a, &b, "instances", "messagepack");
     env.push(("FEEDHUB_USER_PREFIX", format!("{prefix}-")));
     let run = node.run("browser.mjs", &env, SCRIPT_TIMEOUT).await;
@@ -241,6 +262,81 @@ async fn browser_two_instances_redis() {
         stored, 2,
         "Alice's and Bob's feeds were in Redis, Carol's empty"
     );
+}
+
+/// The full pipeline on two instances: Alice's post goes from the post service to this
+/// test's RabbitMQ exchange, is consumed by one instance (shared queue) and reaches Bob on
+/// the other through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_two_instances_redis_rabbitmq() {
+    let _one = BROWSER.lock().await;
+    let Some(node) = browser_tools() else { return };
+    let Some(mut redis) = support::cluster::redis().await else {
+        return;
+    };
+    let url = std::env::var("FEEDHUB_TEST_AMQP_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+    let props = lapin::ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current());
+    let admin = match tokio::time::timeout(
+        Duration::from_secs(5),
+        lapin::Connection::connect(&url, props),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        other => {
+            let why = format!("{url}: {:?}", other.map(|r| r.map(|_| ())));
+            assert!(
+                !external::is_ci(),
+                "RabbitMQ is required under CI=true but unavailable: {why}"
+            );
+            println!("SKIPPED: RabbitMQ unavailable ({why})");
+            return;
+        }
+    };
+    let prefix = support::unique_prefix("demoamqp");
+    let amqp = AmqpConfig {
+        exchange: format!("{prefix}.FeedUpdate"),
+        queue: format!("{prefix}.feed-updates"),
+        ..AmqpConfig::new(url.clone())
+    };
+    let (a, ingest_a) = start_redis_demo(&prefix, 0, Some(&amqp)).await;
+    let (b, ingest_b) = start_redis_demo(&prefix, 1, Some(&amqp)).await;
+    let mut env = script_env(&a, &b, "instances", "json");
+    env.push(("FEEDHUB_USER_PREFIX", format!("{prefix}-")));
+    let run = node.run("browser.mjs", &env, SCRIPT_TIMEOUT).await;
+    for ingest in [ingest_a, ingest_b].into_iter().flatten() {
+        support::within("ingest stop", ingest.stop()).await;
+    }
+    drop((a, b));
+    // Remove this test's queues, exchanges and Redis keys.
+    if let Ok(ch) = admin.create_channel().await {
+        for q in [amqp.queue.clone(), amqp.dead_letter_queue()] {
+            let _ = ch
+                .queue_delete(&q, lapin::options::QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [amqp.exchange.clone(), amqp.dead_letter_exchange()] {
+            let _ = ch
+                .exchange_delete(&e, lapin::options::ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = admin.close(200, "done").await;
+    let keys: Vec<String> = ["1001", "1002", "1003"]
+        .iter()
+        .map(|u| format!("{prefix}:demo:feed:{prefix}-{u}"))
+        .collect();
+    let _: Result<i64, _> = support::within(
+        "redis DEL",
+        redis::cmd("DEL").arg(&keys).query_async(&mut redis),
+    )
+    .await;
+    run.assert_success();
 }
 
 /// Bob's instance is shut down (graceful: Close with allowReconnect) and started again on

@@ -15,12 +15,14 @@
 //! with `--redis-url` in Redis ([`redis_store::RedisStore`]) so every instance serves the
 //! same history), then
 //! published as a feed event `{"recipients":[…],"payload":{"id","author","text","createdAt"}}`
-//! through a [`FeedPublisher`] (by default [`HubPublisher`], the in-memory path
-//! `ingest::deliver`, exactly what `POST /api/feed` does).
+//! through a [`FeedPublisher`]: with `--amqp-url` to the RabbitMQ `FeedUpdate` exchange
+//! ([`amqp_publisher::AmqpPublisher`], consumed by feedhub's own `ingest::amqp`), otherwise
+//! [`HubPublisher`], the in-memory path `ingest::deliver`, exactly what `POST /api/feed` does.
 //!
 //! The page itself (`js-client-demo/`: `index.html`, `style.css` and the esbuild bundle
 //! `dist/app.js`) is compiled into the binary and served at `/`, `/app.css`, `/app.js`.
 
+pub mod amqp_publisher;
 pub mod redis_store;
 pub mod store;
 
