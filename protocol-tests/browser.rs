@@ -268,6 +268,7 @@ async fn browser_two_instances_redis() {
 /// test's RabbitMQ exchange, is consumed by one instance (shared queue) and reaches Bob on
 /// the other through Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "written at the deadline and not yet run once; run with --ignored and enable"]
 async fn browser_two_instances_redis_rabbitmq() {
     let _one = BROWSER.lock().await;
     let Some(node) = browser_tools() else { return };
