@@ -25,6 +25,8 @@ use crate::auth::Authenticator;
 use crate::backplane::memory::{MemoryBackplane, MemoryBus};
 use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, Inbox};
+use crate::demo::store::{MemoryStore, PostStore};
+use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
 use crate::http::negotiate::Tokens;
 use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 
@@ -95,6 +97,7 @@ pub struct AppState {
     /// Resume slots of this node's stateful connections and relayed transports
     /// (no sticky sessions, see `http::relay`).
     pub(crate) router: Arc<crate::http::relay::Router>,
+    pub(crate) demo: Option<Arc<DemoService>>,
 }
 
 /// Builds a [`Server`].
@@ -103,6 +106,9 @@ pub struct ServerBuilder {
     hubs: Vec<HubDefinition>,
     backplane: Option<BackplaneFactory>,
     demo_page: String,
+    demo_store: Option<Arc<dyn PostStore>>,
+    demo_publisher: Option<Arc<dyn FeedPublisher>>,
+    demo_users: Directory,
     extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
 }
 
@@ -113,7 +119,10 @@ impl ServerBuilder {
             config,
             hubs: Vec::new(),
             backplane: None,
-            demo_page: include_str!("../js-client-demo/index.html").to_string(),
+            demo_page: crate::demo::INDEX_HTML.to_string(),
+            demo_store: None,
+            demo_publisher: None,
+            demo_users: Directory::standard(),
             extra_ready: Vec::new(),
         }
     }
@@ -155,6 +164,25 @@ impl ServerBuilder {
     /// Replaces the page served at `/`.
     pub fn demo_page(mut self, html: String) -> Self {
         self.demo_page = html;
+        self
+    }
+
+    /// Where the demo post service stores posts (default: in memory, this instance only).
+    pub fn demo_store(mut self, store: Arc<dyn PostStore>) -> Self {
+        self.demo_store = Some(store);
+        self
+    }
+
+    /// How the demo post service publishes feed events (default: the in-memory path,
+    /// `ingest::deliver` on the feed hub).
+    pub fn demo_publisher(mut self, publisher: Arc<dyn FeedPublisher>) -> Self {
+        self.demo_publisher = Some(publisher);
+        self
+    }
+
+    /// The demo users (default [`Directory::standard`]: 1001 Alice, 1002 Bob, 1003 Carol).
+    pub fn demo_users(mut self, directory: Directory) -> Self {
+        self.demo_users = directory;
         self
     }
 
@@ -210,6 +238,23 @@ impl ServerBuilder {
         }
 
         let feed_hub = config.feed_hub.as_ref().and_then(|p| hubs.get(p).cloned());
+        // The demo post service runs only where demo identities do.
+        let demo = match (&feed_hub, config.dev_identities) {
+            (Some(hub), true) => {
+                let store = self.demo_store.unwrap_or_else(|| {
+                    Arc::new(MemoryStore::new(crate::demo::MEMORY_STORE_CAPACITY))
+                });
+                let publisher = self
+                    .demo_publisher
+                    .unwrap_or_else(|| Arc::new(HubPublisher::new(hub.clone())));
+                Some(Arc::new(DemoService::new(
+                    store,
+                    publisher,
+                    self.demo_users,
+                )))
+            }
+            _ => None,
+        };
         let token_key = match &config.jwt_secret {
             // Nodes sharing the JWT secret accept each other's connection tokens.
             Some(s) => format!("feedhub-connection-token:{s}").into_bytes(),
@@ -248,6 +293,7 @@ impl ServerBuilder {
             feed_hub,
             demo_page: self.demo_page,
             router: router.clone(),
+            demo,
         });
         if state.auth.is_development() {
             tracing::warn!(

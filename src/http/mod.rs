@@ -12,7 +12,8 @@
 //! | `POST /api/feed` | publish a feed event (`Authorization: Bearer <api key>`) |
 //! | `POST /dev/token?user=ID` | development mode only: a token for a demo user |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness (backplane and ingest connected), Prometheus text |
-//! | `GET /` | the demo page |
+//! | `GET /`, `/app.js`, `/app.css` | the demo page ([`crate::demo`]) |
+//! | `/demo/users`, `/demo/feed`, `/demo/posts` | the demo's post service, with development identities only ([`crate::demo`]) |
 
 pub mod connections;
 pub mod negotiate;
@@ -56,6 +57,16 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// A `text/plain` response (also used by [`crate::demo`]).
+pub(crate) fn text_response(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    text(status, msg)
+}
+
+/// A non-cacheable `application/json` response (also used by [`crate::demo`]).
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    json(status, body)
 }
 
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
@@ -160,13 +171,13 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         }
         "/api/feed" => return publish(state, req).await,
         "/dev/token" => return dev_token(state, &req),
-        "/" if req.method() == Method::GET => {
-            let mut r = text(StatusCode::OK, state.demo_page.clone());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            return r;
+        "/" | "/app.js" | "/app.css" if req.method() == Method::GET => {
+            if let Some(r) = crate::demo::asset(&path, &state.demo_page) {
+                return r;
+            }
+        }
+        p if p.starts_with("/demo/") => {
+            return crate::demo::handle(state.demo.as_deref(), &state.auth, p, req).await;
         }
         _ => {}
     }
