@@ -132,6 +132,25 @@ async fn browser_feed_messagepack() {
     single_instance("feed", "messagepack", &[]).await;
 }
 
+/// Bob's browser has no WebSocket at all (deleted by an init script, as behind a proxy that
+/// blocks it): the official client falls back to Server-Sent Events, Bob's page says so,
+/// receives Alice's post live and can post himself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_fallback_without_websocket() {
+    let expect = [("FEEDHUB_EXPECT_TRANSPORT", "Server-Sent Events".to_string())];
+    single_instance("fallback", "json", &expect).await;
+}
+
+/// Bob's page limited to Long Polling, with MessagePack (binary polls and sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_long_polling_messagepack() {
+    let extra = [
+        ("FEEDHUB_BOB_TRANSPORT", "longpolling".to_string()),
+        ("FEEDHUB_EXPECT_TRANSPORT", "Long Polling".to_string()),
+    ];
+    single_instance("fallback", "messagepack", &extra).await;
+}
+
 /// Alice and Bob side by side after a short conversation, saved to
 /// `js-client-demo/screenshot.png` (embedded in the README).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +287,6 @@ async fn browser_two_instances_redis() {
 /// test's RabbitMQ exchange, is consumed by one instance (shared queue) and reaches Bob on
 /// the other through Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "written at the deadline and not yet run once; run with --ignored and enable"]
 async fn browser_two_instances_redis_rabbitmq() {
     let _one = BROWSER.lock().await;
     let Some(node) = browser_tools() else { return };
