@@ -445,10 +445,12 @@ async fn connection_churn_leaves_no_subscriptions() {
     let mut inspect = c.inspect.take().expect("redis");
     let left = cluster::channels(&mut inspect, &format!("{}:*", c.prefix)).await;
     assert_eq!(left, vec![format!("{}:/hubs/feed:all", c.prefix)]);
+    // Each backplane keeps exactly two channels: the hub-wide one and its node channel
+    // (`feedhub:node:<id>`, relay replies for no-sticky resumes).
     for bp in &c.redis {
         cluster::eventually("backplane subscriptions", Duration::from_secs(5), || {
             let n = bp.stats().subscribed;
-            async move { n == 1 }
+            async move { n == 2 }
         })
         .await;
     }
