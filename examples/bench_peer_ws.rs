@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Bare WebSocket + Redis peer for the feedhub benchmark.
 #[derive(Debug, Parser)]
-struct Args {
+pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:5101")]
     listen: SocketAddr,
@@ -69,10 +69,14 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(args))
+        .block_on(run(args, None))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// Serves until the process ends; `ready` receives the bound address.
+pub async fn run(
+    args: Args,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
     let redis = resp::connect(&args.redis_url).await?;
     let (rd, mut wr) = redis.into_split();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Vec<u8>>(65_536);
@@ -93,8 +97,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 buf.extend_from_slice(&more);
             }
             if let Err(e) = wr.write_all(&buf).await {
-                eprintln!("redis write failed: {e}");
-                std::process::exit(2);
+                eprintln!("redis write failed: {e}; subscriptions stop changing");
+                return;
             }
         }
     });
@@ -106,8 +110,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let reply = match reader.next().await {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("redis read failed: {e}");
-                    std::process::exit(2);
+                    eprintln!("redis read failed: {e}; deliveries stop");
+                    return;
                 }
             };
             let resp::Reply::Array(Some(items)) = reply else {
@@ -143,7 +147,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let listener = TcpListener::bind(args.listen).await?;
-    println!("LISTENING {}", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    println!("LISTENING {local}");
+    if let Some(tx) = ready {
+        let _ = tx.send(local);
+    }
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -267,6 +275,9 @@ fn redis_command(shared: &Shared, verb: &[u8], user: &str) {
     let channel = format!("{}{}", shared.prefix, user);
     resp::encode(&[verb, channel.as_bytes()], &mut cmd);
     if shared.redis_cmds.try_send(cmd).is_err() {
-        eprintln!("redis command queue full: {} lost", String::from_utf8_lossy(verb));
+        eprintln!(
+            "redis command queue full: {} lost",
+            String::from_utf8_lossy(verb)
+        );
     }
 }

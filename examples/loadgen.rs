@@ -89,7 +89,7 @@ enum PublisherKind {
 /// Load generator for feedhub and its benchmark peers.
 #[derive(Debug, Parser)]
 #[command(name = "loadgen")]
-struct Args {
+pub struct Args {
     /// Client protocol.
     #[arg(long, value_enum, default_value = "signalr-json")]
     mode: Mode,
@@ -147,7 +147,11 @@ struct Args {
     #[arg(long, default_value = "feedhub-bench-key")]
     api_key: String,
     /// Delivery rates to step through (deliveries per second), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "5000,10000,20000,40000,80000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "5000,10000,20000,40000,80000"
+    )]
     rates: Vec<f64>,
     /// Seconds per rate step.
     #[arg(long, default_value_t = 8.0)]
@@ -691,10 +695,7 @@ async fn client_task(ctx: Arc<Ctx>, i: usize, permit: tokio::sync::OwnedSemaphor
                 {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(
-                    100 + rand::random::<u64>() % 200,
-                ))
-                .await;
+                tokio::time::sleep(Duration::from_millis(100 + rand::random::<u64>() % 200)).await;
             }
         }
     }
@@ -1196,15 +1197,15 @@ async fn scenario_broadcast(ctx: &Arc<Ctx>) -> anyhow::Result<serde_json::Value>
         let mut s = ctx.stats.slot_summary(slot);
         let obj = s.as_object_mut().expect("object");
         obj.insert("complete".into(), json!(complete));
-        obj.insert("wall_ms".into(), json!(start.elapsed().as_secs_f64() * 1000.0));
+        obj.insert(
+            "wall_ms".into(),
+            json!(start.elapsed().as_secs_f64() * 1000.0),
+        );
         eprintln!("broadcast round: {s}");
         rounds.push(s);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut lasts: Vec<f64> = rounds
-        .iter()
-        .filter_map(|r| r["max_ms"].as_f64())
-        .collect();
+    let mut lasts: Vec<f64> = rounds.iter().filter_map(|r| r["max_ms"].as_f64()).collect();
     lasts.sort_by(|a, b| a.total_cmp(b));
     Ok(json!({
         "connect": connect,
@@ -1367,8 +1368,8 @@ async fn scenario_churn(ctx: &Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Prints the descriptor-limit advice for this run.
+fn fd_advice(args: &Args) {
     let (soft, hard) = procstat::raise_nofile();
     let needed = args.conns as u64 + 256;
     if soft < needed {
@@ -1382,56 +1383,67 @@ fn main() -> anyhow::Result<()> {
         "loadgen: fd limit {soft}; the server needs about one descriptor per connection: \
          start it from a shell with `ulimit -n {needed}` (hard limit permitting) or LimitNOFILE={needed}"
     );
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    fd_advice(&args);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let prefix = args
-            .user_prefix
-            .clone()
-            .unwrap_or_else(|| format!("b{:08x}-", rand::random::<u32>()));
-        let ctx = Arc::new(Ctx {
-            auth: feedhub::auth::Authenticator::new(Some(&args.jwt_secret)),
-            args,
-            stats: Stats::new(),
-            prefix,
-            source_seq: AtomicUsize::new(0),
-            reconnect: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-        });
-        let started = Instant::now();
-        let c0 = client_sample();
-        let result = match ctx.args.scenario {
-            Scenario::Idle => scenario_idle(&ctx).await,
-            Scenario::Publish => scenario_publish(&ctx).await,
-            Scenario::Broadcast => scenario_broadcast(&ctx).await,
-            Scenario::Storm => scenario_storm(&ctx).await,
-            Scenario::Churn => scenario_churn(&ctx).await,
-        };
-        let c1 = client_sample();
-        ctx.stop.store(true, Ordering::Relaxed);
-        let mut result = result?;
-        let obj = result.as_object_mut().expect("object");
-        obj.insert(
-            "scenario".into(),
-            json!(format!("{:?}", ctx.args.scenario).to_lowercase()),
-        );
-        obj.insert(
-            "mode".into(),
-            json!(format!("{:?}", ctx.args.mode).to_lowercase()),
-        );
-        obj.insert("conns".into(), json!(ctx.args.conns));
-        obj.insert("users".into(), json!(ctx.args.users));
-        obj.insert("urls".into(), json!(ctx.args.url));
-        obj.insert("user_prefix".into(), json!(ctx.prefix));
-        obj.insert("client_cpu_secs_total".into(), json!(c1.cpu_secs - c0.cpu_secs));
-        obj.insert("client_rss_kib".into(), json!(c1.rss_kib));
-        obj.insert("wall_secs".into(), json!(started.elapsed().as_secs_f64()));
-        let text = serde_json::to_string_pretty(&result)?;
-        if let Some(path) = &ctx.args.json {
-            std::fs::write(path, &text)?;
-        }
-        println!("{text}");
-        Ok(())
-    })
+    let result = rt.block_on(run(args))?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+/// Runs one scenario and returns its summary (also written to `--json`).
+pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
+    let prefix = args
+        .user_prefix
+        .clone()
+        .unwrap_or_else(|| format!("b{:08x}-", rand::random::<u32>()));
+    let ctx = Arc::new(Ctx {
+        auth: feedhub::auth::Authenticator::new(Some(&args.jwt_secret)),
+        args,
+        stats: Stats::new(),
+        prefix,
+        source_seq: AtomicUsize::new(0),
+        reconnect: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+    });
+    let started = Instant::now();
+    let c0 = client_sample();
+    let result = match ctx.args.scenario {
+        Scenario::Idle => scenario_idle(&ctx).await,
+        Scenario::Publish => scenario_publish(&ctx).await,
+        Scenario::Broadcast => scenario_broadcast(&ctx).await,
+        Scenario::Storm => scenario_storm(&ctx).await,
+        Scenario::Churn => scenario_churn(&ctx).await,
+    };
+    let c1 = client_sample();
+    ctx.stop.store(true, Ordering::Relaxed);
+    let mut result = result?;
+    let obj = result.as_object_mut().expect("object");
+    obj.insert(
+        "scenario".into(),
+        json!(format!("{:?}", ctx.args.scenario).to_lowercase()),
+    );
+    obj.insert(
+        "mode".into(),
+        json!(format!("{:?}", ctx.args.mode).to_lowercase()),
+    );
+    obj.insert("conns".into(), json!(ctx.args.conns));
+    obj.insert("users".into(), json!(ctx.args.users));
+    obj.insert("urls".into(), json!(ctx.args.url));
+    obj.insert("user_prefix".into(), json!(ctx.prefix));
+    obj.insert(
+        "client_cpu_secs_total".into(),
+        json!(c1.cpu_secs - c0.cpu_secs),
+    );
+    obj.insert("client_rss_kib".into(), json!(c1.rss_kib));
+    obj.insert("wall_secs".into(), json!(started.elapsed().as_secs_f64()));
+    if let Some(path) = &ctx.args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
+    }
+    Ok(result)
 }

@@ -254,12 +254,12 @@ mod tests {
         let full = b"*3\r\n$7\r\nmessage\r\n$6\r\nfeed-1\r\n$2\r\nhi\r\n:5\r\n";
         for cut in 0..full.len() {
             let r = parse_at(&full[..cut], 0, 0).unwrap();
-            if cut < 38 {
+            if cut < 37 {
                 assert!(r.is_none(), "cut {cut}");
             }
         }
         let (reply, used) = parse_at(full, 0, 0).unwrap().unwrap();
-        assert_eq!(used, 38);
+        assert_eq!(used, 37);
         match reply {
             Reply::Array(Some(items)) => assert_eq!(items[2].as_bytes(), Some(&b"hi"[..])),
             other => panic!("{other:?}"),
