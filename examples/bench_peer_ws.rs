@@ -180,6 +180,8 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(32 * 1024))
 }
 
+// tungstenite's handshake callback type fixes the large error response.
+#[allow(clippy::result_large_err)]
 async fn serve(stream: TcpStream, shared: Arc<Shared>, queue: usize) -> anyhow::Result<()> {
     let mut user: Option<String> = None;
     let ws = tokio_tungstenite::accept_hdr_async_with_config(

@@ -356,11 +356,9 @@ async fn http_once(stream: &mut TcpStream, request: &[u8]) -> anyhow::Result<(u1
         if buf.len() > 1 << 20 {
             bail!("HTTP response too large");
         }
-        if let Some((status, body_start, len)) = parse_response_head(&buf)? {
-            if let Some(len) = len {
-                if buf.len() >= body_start + len {
-                    return Ok((status, buf[body_start..body_start + len].to_vec()));
-                }
+        if let Some((status, body_start, Some(len))) = parse_response_head(&buf)? {
+            if buf.len() >= body_start + len {
+                return Ok((status, buf[body_start..body_start + len].to_vec()));
             }
         }
     }
@@ -914,8 +912,8 @@ impl Publisher {
                     for u in users {
                         let _confirm = channel
                             .basic_publish(
-                                exchange.as_str().into(),
-                                format!("feed.{u}").as_str().into(),
+                                exchange.as_str(),
+                                format!("feed.{u}").as_str(),
                                 lapin::options::BasicPublishOptions::default(),
                                 body.as_bytes(),
                                 lapin::BasicProperties::default()

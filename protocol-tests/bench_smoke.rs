@@ -13,7 +13,8 @@ mod support;
 #[path = "../examples/loadgen.rs"]
 mod loadgen;
 
-#[allow(dead_code)]
+// The peer and the load generator each include the same small RESP client.
+#[allow(dead_code, clippy::duplicate_mod)]
 #[path = "../examples/bench_peer_ws.rs"]
 mod peer;
 

@@ -96,6 +96,7 @@ pub fn raise_nofile() -> (u64, u64) {
             }
         }
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
     (lim.rlim_cur as u64, lim.rlim_max as u64)
 }
 
