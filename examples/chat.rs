@@ -6,12 +6,6 @@ use feedhub::{ServerBuilder, ServerConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let hub = HubBuilder::new("/chat")
-        .on_connected(|ctx: HubContext| async move {
-            ctx.clients()
-                .others()
-                .send("Joined", (ctx.connection_id().to_string(),))
-                .await
-        })
         .method("Join", |ctx: HubContext, (room,): (String,)| async move {
             ctx.groups().add(ctx.connection_id(), &room).await?;
             ctx.clients()

@@ -23,9 +23,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::backplane::memory::{MemoryBackplane, MemoryBus};
+use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, Inbox};
 use crate::http::negotiate::Tokens;
-use crate::hub::{Clients, HubDefinition, HubLifetime};
+use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -52,6 +53,9 @@ pub struct ServerConfig {
     pub dispatch_workers: usize,
     /// Messages queued per dispatch worker before drops.
     pub dispatch_queue: usize,
+    /// Overrides every hub's `HubOptions::channel_prefix` (the first part of non-user
+    /// backplane channel names), so deployments or test runs sharing a Redis stay apart.
+    pub channel_prefix: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             feed_hub: None,
             dispatch_workers: 4,
             dispatch_queue: 8192,
+            channel_prefix: None,
         }
     }
 }
@@ -128,6 +133,15 @@ impl ServerBuilder {
         }))
     }
 
+    /// Uses Redis as the backplane (scale-out). The server starts even when Redis is
+    /// unreachable: it is not ready (`/readyz` 503) and keeps reconnecting, as ASP.NET's
+    /// Redis backplane does.
+    pub fn redis(self, redis: RedisConfig) -> Self {
+        self.backplane(Box::new(move |cfg, inbox| {
+            RedisBackplane::new(redis, cfg.node_id.clone(), inbox)
+        }))
+    }
+
     /// Adds a readiness condition (e.g. the RabbitMQ consumer is connected).
     pub fn ready_check(mut self, check: Arc<dyn Fn() -> Result<(), String> + Send + Sync>) -> Self {
         self.extra_ready.push(check);
@@ -152,13 +166,19 @@ impl ServerBuilder {
                 inbox,
             )),
         };
+        let shutdown = CancellationToken::new();
         let mut hubs = HashMap::new();
-        for def in self.hubs {
+        for mut def in self.hubs {
+            if let Some(prefix) = &config.channel_prefix {
+                def.options.channel_prefix = prefix.clone();
+            }
             let lifetime = HubLifetime::new(def, backplane.clone());
-            lifetime
-                .start()
-                .await
-                .map_err(|e| anyhow::anyhow!("hub start: {e}"))?;
+            if let Err(e) = lifetime.start().await {
+                // The backplane is down: serve anyway (not ready) and keep trying.
+                tracing::warn!(hub = %lifetime.definition().path, error = %e,
+                    "hub-wide backplane subscription failed; retrying in the background");
+                tokio::spawn(retry_hub_start(lifetime.clone(), shutdown.clone()));
+            }
             hubs.insert(lifetime.definition().path.clone(), lifetime);
         }
         let hub_list: Arc<Vec<Arc<HubLifetime>>> = Arc::new(hubs.values().cloned().collect());
@@ -192,7 +212,6 @@ impl ServerBuilder {
         };
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
-        let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let state = Arc::new(AppState {
             hubs,
@@ -219,6 +238,19 @@ impl ServerBuilder {
             draining,
             backplane,
         })
+    }
+}
+
+async fn retry_hub_start(hub: Arc<HubLifetime>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if hub.start().await.is_ok() {
+            tracing::info!(hub = %hub.definition().path, "hub-wide backplane subscription active");
+            return;
+        }
     }
 }
 
@@ -301,6 +333,11 @@ impl Server {
     /// `IHubContext`: send to a hub's clients from outside any connection.
     pub fn clients(&self, hub_path: &str) -> Option<Clients> {
         self.hub(hub_path).map(|h| Clients::new(h, None))
+    }
+
+    /// `IHubContext.Groups`: add or remove any connection (on any node) to or from groups.
+    pub fn groups(&self, hub_path: &str) -> Option<Groups> {
+        self.hub(hub_path).map(Groups::new)
     }
 
     /// A hub's runtime.

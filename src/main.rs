@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use feedhub::backplane::redis::RedisConfig;
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
 /// A SignalR-compatible hub server for live feeds.
@@ -16,6 +17,10 @@ struct Args {
     /// Redis URL: use Redis as the backplane (default: in-memory, single instance).
     #[arg(long, env = "FEEDHUB_REDIS_URL")]
     redis_url: Option<String>,
+    /// Prefix of the non-user backplane channels (`<prefix>:/hubs/feed:all`, …); give each
+    /// deployment sharing one Redis its own.
+    #[arg(long, env = "FEEDHUB_CHANNEL_PREFIX", default_value = "feedhub")]
+    channel_prefix: String,
     /// RabbitMQ URL: consume feed events from the FeedUpdate exchange.
     #[arg(long, env = "FEEDHUB_AMQP_URL")]
     amqp_url: Option<String>,
@@ -41,9 +46,17 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if args.redis_url.is_some() || args.amqp_url.is_some() {
-        anyhow::bail!("--redis-url and --amqp-url are not available in this build yet");
+    if args.amqp_url.is_some() {
+        anyhow::bail!("--amqp-url is not available in this build yet");
     }
+    // A malformed URL is a startup error; an unreachable Redis is not (the server starts
+    // not ready and keeps reconnecting).
+    let redis = match &args.redis_url {
+        Some(url) => {
+            Some(RedisConfig::from_url(url).map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?)
+        }
+        None => None,
+    };
     let development = args.jwt_secret.is_none();
     let config = ServerConfig {
         listen: args.listen,
@@ -52,12 +65,15 @@ async fn main() -> anyhow::Result<()> {
         cors_origins: args.cors_origin,
         dev_identities: development || args.dev_identities,
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
+        channel_prefix: Some(args.channel_prefix),
         ..ServerConfig::default()
     };
-    let server = ServerBuilder::new(config)
-        .hub(feed::feed_hub())
-        .start()
-        .await?;
+    let mut builder = ServerBuilder::new(config).hub(feed::feed_hub());
+    if let Some(redis) = redis {
+        tracing::info!(redis = %redis.address(), "using the Redis backplane");
+        builder = builder.redis(redis);
+    }
+    let server = builder.start().await?;
     tracing::info!(
         "feed hub at http://{}{}",
         server.local_addr(),

@@ -37,6 +37,18 @@ pub struct Metrics {
     pub backplane_received: AtomicU64,
     /// Backplane publish failures.
     pub backplane_errors: AtomicU64,
+    /// Backplane connected (1) or not (0); always 1 for the in-memory backplane.
+    pub backplane_connected: AtomicI64,
+    /// Channels this process is subscribed to on the external backplane.
+    pub backplane_subscribed: AtomicI64,
+    /// Backplane reconnects after a lost connection.
+    pub backplane_reconnects: AtomicU64,
+    /// Channels resubscribed after reconnects.
+    pub backplane_resubscribed: AtomicU64,
+    /// Duration of the last resubscribe, in milliseconds.
+    pub backplane_resubscribe_ms: AtomicU64,
+    /// Backplane messages dropped as malformed or oversized.
+    pub backplane_malformed: AtomicU64,
     /// Feed events accepted (HTTP API or RabbitMQ).
     pub feed_events: AtomicU64,
     /// Feed events rejected as malformed.
@@ -58,6 +70,12 @@ pub static METRICS: Metrics = Metrics {
     backplane_published: AtomicU64::new(0),
     backplane_received: AtomicU64::new(0),
     backplane_errors: AtomicU64::new(0),
+    backplane_connected: AtomicI64::new(0),
+    backplane_subscribed: AtomicI64::new(0),
+    backplane_reconnects: AtomicU64::new(0),
+    backplane_resubscribed: AtomicU64::new(0),
+    backplane_resubscribe_ms: AtomicU64::new(0),
+    backplane_malformed: AtomicU64::new(0),
     feed_events: AtomicU64::new(0),
     feed_rejected: AtomicU64::new(0),
 };
@@ -167,6 +185,42 @@ impl Metrics {
             "feedhub_backplane_errors_total",
             "Backplane publish failures.",
             &self.backplane_errors,
+        );
+        gauge(
+            &mut out,
+            "feedhub_backplane_connected",
+            "Redis backplane connected (1) or not (0).",
+            self.backplane_connected.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "feedhub_backplane_subscribed_channels",
+            "Channels subscribed on Redis.",
+            self.backplane_subscribed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_reconnects_total",
+            "Redis backplane reconnects after a lost connection.",
+            &self.backplane_reconnects,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_resubscribed_channels_total",
+            "Channels resubscribed after Redis reconnects.",
+            &self.backplane_resubscribed,
+        );
+        gauge(
+            &mut out,
+            "feedhub_backplane_last_resubscribe_milliseconds",
+            "Duration of the last resubscribe after a Redis reconnect.",
+            self.backplane_resubscribe_ms.load(Ordering::Relaxed) as i64,
+        );
+        counter(
+            &mut out,
+            "feedhub_backplane_malformed_total",
+            "Backplane messages dropped as malformed or oversized.",
+            &self.backplane_malformed,
         );
         counter(
             &mut out,

@@ -2,6 +2,8 @@
 //! timeouts on every wait, and unique prefixes. Included with `#[path]` by each test target.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 #[path = "../../examples/conformance.rs"]
 #[allow(dead_code)]
 pub mod conformance;

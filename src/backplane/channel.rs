@@ -8,7 +8,9 @@
 //! | every connection of a hub | `<prefix>:all` |
 //! | one connection | `<prefix>:conn:<connectionId>` |
 //!
-//! `<prefix>` is `feedhub:<hub path>` (for example `feedhub:/hubs/feed`). Names are used only
+//! `<prefix>` is `<channel prefix>:<hub path>` (for example `feedhub:/hubs/feed`); the channel
+//! prefix is `HubOptions::channel_prefix` (default `feedhub`), so several deployments (or
+//! test runs) can share one Redis. Names are used only
 //! with plain SUBSCRIBE, never pattern subscriptions, so an id like `*` is literal.
 
 use std::fmt;
@@ -74,10 +76,15 @@ pub struct ChannelScheme {
 }
 
 impl ChannelScheme {
-    /// A scheme for the hub at `path`.
+    /// A scheme for the hub at `path` with the default channel prefix `feedhub`.
     pub fn new(path: &str, users: UserChannelStyle) -> ChannelScheme {
+        ChannelScheme::with_prefix("feedhub", path, users)
+    }
+
+    /// A scheme for the hub at `path` whose non-user channels start with `prefix:`.
+    pub fn with_prefix(prefix: &str, path: &str, users: UserChannelStyle) -> ChannelScheme {
         ChannelScheme {
-            prefix: format!("feedhub:{path}"),
+            prefix: format!("{prefix}:{path}"),
             users,
         }
     }

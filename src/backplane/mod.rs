@@ -1,5 +1,5 @@
-//! Cross-node delivery: one [`Backplane`] trait, several implementations (`memory` here;
-//! Redis next to it), and the [`Inbox`] through which a backplane hands inbound messages to
+//! Cross-node delivery: one [`Backplane`] trait, several implementations ([`memory`] for one
+//! process, [`redis`] for scale-out, with its wire format in [`envelope`] and [`resp`]), and the [`Inbox`] through which a backplane hands inbound messages to
 //! the node without ever waiting.
 //!
 //! Local fan-out is *not* here: `hub/` delivers to local connections itself and uses the
@@ -11,7 +11,10 @@
 //! → `hub::lifetime` delivers to the local connections.
 
 pub mod channel;
+pub mod envelope;
 pub mod memory;
+pub mod redis;
+pub mod resp;
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::AtomicU64;

@@ -57,6 +57,9 @@ pub struct HubOptions {
     pub require_auth: bool,
     /// How user channels are named on the backplane.
     pub user_channels: UserChannelStyle,
+    /// First part of the hub's non-user backplane channels (`<prefix>:<path>:all`, …);
+    /// `feedhub` by default. Give each deployment sharing a Redis its own.
+    pub channel_prefix: String,
     /// The client method feed events invoke (`FeedUpdated`).
     pub feed_target: String,
     /// Delay before unsubscribing a channel whose last local member left, so a page reload
@@ -80,6 +83,7 @@ impl Default for HubOptions {
             slow_consumer: SlowConsumerPolicy::default(),
             require_auth: false,
             user_channels: UserChannelStyle::Prefixed,
+            channel_prefix: "feedhub".to_string(),
             feed_target: "FeedUpdated".to_string(),
             unsubscribe_debounce: Duration::from_secs(1),
         }

@@ -62,7 +62,11 @@ impl std::fmt::Debug for HubLifetime {
 impl HubLifetime {
     /// The runtime for `def` on a node using `backplane`.
     pub fn new(def: HubDefinition, backplane: Arc<dyn Backplane>) -> Arc<HubLifetime> {
-        let scheme = ChannelScheme::new(&def.path, def.options.user_channels.clone());
+        let scheme = ChannelScheme::with_prefix(
+            &def.options.channel_prefix,
+            &def.path,
+            def.options.user_channels.clone(),
+        );
         let subs = Subscriptions::new(backplane.clone(), def.options.unsubscribe_debounce);
         Arc::new(HubLifetime {
             def,
@@ -73,9 +77,15 @@ impl HubLifetime {
         })
     }
 
-    /// Subscribes the hub-wide channel. Call once before serving.
+    /// Subscribes the hub-wide channel. Call once before serving; on failure nothing is
+    /// held, so it can be called again.
     pub async fn start(&self) -> Result<(), BackplaneError> {
-        self.subs.acquire(&self.scheme.all()).await
+        let all = self.scheme.all();
+        let result = self.subs.acquire(&all).await;
+        if result.is_err() {
+            self.subs.release(all, true);
+        }
+        result
     }
 
     /// The hub declaration.
@@ -102,22 +112,27 @@ impl HubLifetime {
     /// subscriptions are active.
     pub async fn connect(&self, conn: &ConnectionHandle) -> Result<(), BackplaneError> {
         self.registry.insert(conn);
-        let mut acquired: Vec<Channel> = Vec::new();
         let mut channels = vec![self.scheme.connection(&conn.id)];
         if let Some(user) = conn.user_id() {
             channels.push(self.scheme.user(user));
         }
-        for ch in channels {
-            if let Err(e) = self.subs.acquire(&ch).await {
-                // Count was raised even on failure; release what this connection holds.
+        // Both subscriptions at once: with a network backplane they share one round trip.
+        let results =
+            futures_util::future::join_all(channels.iter().map(|ch| self.subs.acquire(ch))).await;
+        if results.iter().any(Result::is_err) {
+            let mut first_error = None;
+            for (ch, r) in channels.into_iter().zip(results) {
+                // The count was raised even on failure; release everything this connection
+                // holds.
                 self.subs.release(ch, true);
-                for held in acquired {
-                    self.subs.release(held, true);
+                if let Err(e) = r {
+                    first_error.get_or_insert(e);
                 }
-                self.registry.remove(conn);
+            }
+            self.registry.remove(conn);
+            if let Some(e) = first_error {
                 return Err(e);
             }
-            acquired.push(ch);
         }
         METRICS
             .connections

@@ -8,6 +8,10 @@
 //! - Subscribe and unsubscribe of one channel are serialised by a sharded async lock, so an
 //!   unsubscribe can never overtake a later subscribe (ASP.NET's `RedisSubscriptionManager`
 //!   uses one global lock; Centrifuge shards, as we do).
+//! - Batching: each channel is (un)subscribed through the backplane as soon as needed; a
+//!   network backplane coalesces the calls that are in flight at once (the Redis backplane
+//!   sends one SUBSCRIBE or UNSUBSCRIBE for all of them), so a burst of connects or a wave
+//!   of debounced unsubscribes costs a few round trips, not one per channel.
 //! - A failed subscribe leaves the count raised but the channel marked unsubscribed, so the
 //!   next member retries, and the connection that saw the failure gets an error.
 

@@ -18,7 +18,7 @@ pub mod framing;
 pub mod handshake;
 pub mod json;
 pub mod message;
-mod mp;
+pub(crate) mod mp;
 pub mod msgpack;
 pub mod prepared;
 #[cfg(test)]

@@ -1,0 +1,355 @@
+//! The wire format of backplane messages on an external bus (Redis). Pure.
+//!
+//! A channel carries two kinds of payload, told apart by the first byte:
+//!
+//! - **Foreign JSON**: anything not starting with [`MAGIC`], e.g. `PUBLISH feed-42
+//!   {"text":"hi"}` from another service. It becomes [`BackplanePayload::RawJson`] with an
+//!   empty origin, and the hub delivers it as `FeedUpdated(<json>)` (after validating it).
+//! - **Envelope**: what feedhub publishes itself. It starts with the 4 bytes
+//!   `FF 46 48 01` (`0xFF`, `"FH"`, version 1). `0xFF` never occurs in UTF-8 text, so no JSON
+//!   document (nor any text) can be mistaken for an envelope. After the magic comes one
+//!   MessagePack array `[origin, kind, ...]`:
+//!
+//! | kind | fields after `origin, kind` |
+//! |---|---|
+//! | 0 invocation | `target: str`, `args: array of (enc, value) pairs`, `exclude: array of str` |
+//! | 1 raw JSON | `json: str` |
+//! | 2 group | `connection: str`, `group: str`, `add: bool` |
+//! | 3 close | `connection: str`, `error: str or nil` |
+//!
+//! An argument keeps its original encoding: `enc` 0 is followed by a `str` holding JSON
+//! text, `enc` 1 by the MessagePack value itself (inline, sliced out without copying on
+//! decode). Rust-native values are written as JSON. Decoding checks every length against the
+//! bytes present (nothing is allocated from a declared count), validates JSON and
+//! MessagePack arguments, and never panics.
+
+use bytes::Bytes;
+
+use super::{BackplaneMessage, BackplanePayload};
+use crate::ids::{ConnectionId, GroupName};
+use crate::protocol::mp::{self, Reader};
+use crate::protocol::Value;
+
+/// The first bytes of every envelope.
+pub const MAGIC: [u8; 4] = [0xFF, b'F', b'H', 1];
+
+const KIND_INVOCATION: u64 = 0;
+const KIND_RAW_JSON: u64 = 1;
+const KIND_GROUP: u64 = 2;
+const KIND_CLOSE: u64 = 3;
+const ENC_JSON: u64 = 0;
+const ENC_MSGPACK: u64 = 1;
+
+/// A payload that is neither foreign JSON nor a valid envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed backplane envelope: {0}")]
+pub struct EnvelopeError(pub String);
+
+impl From<mp::MpError> for EnvelopeError {
+    fn from(e: mp::MpError) -> Self {
+        EnvelopeError(e.0)
+    }
+}
+
+/// Encodes `msg` as an envelope.
+pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&MAGIC);
+    match &msg.payload {
+        BackplanePayload::Invocation {
+            target,
+            arguments,
+            exclude,
+        } => {
+            mp::write_array_len(&mut out, 5);
+            mp::write_str(&mut out, &msg.origin);
+            mp::write_uint(&mut out, KIND_INVOCATION);
+            mp::write_str(&mut out, target);
+            mp::write_array_len(&mut out, arguments.len() * 2);
+            let mut scratch = Vec::new();
+            for arg in arguments {
+                match arg {
+                    Value::MsgPack(b) => {
+                        mp::write_uint(&mut out, ENC_MSGPACK);
+                        out.extend_from_slice(b);
+                    }
+                    Value::Json(b) => {
+                        mp::write_uint(&mut out, ENC_JSON);
+                        write_json_str(&mut out, b)?;
+                    }
+                    Value::Native(_) => {
+                        scratch.clear();
+                        arg.write_json(&mut scratch)
+                            .map_err(|e| EnvelopeError(e.to_string()))?;
+                        mp::write_uint(&mut out, ENC_JSON);
+                        write_json_str(&mut out, &scratch)?;
+                    }
+                }
+            }
+            mp::write_array_len(&mut out, exclude.len());
+            for c in exclude {
+                mp::write_str(&mut out, c.as_str());
+            }
+        }
+        BackplanePayload::RawJson(json) => {
+            mp::write_array_len(&mut out, 3);
+            mp::write_str(&mut out, &msg.origin);
+            mp::write_uint(&mut out, KIND_RAW_JSON);
+            write_json_str(&mut out, json)?;
+        }
+        BackplanePayload::Group {
+            connection,
+            group,
+            add,
+        } => {
+            mp::write_array_len(&mut out, 5);
+            mp::write_str(&mut out, &msg.origin);
+            mp::write_uint(&mut out, KIND_GROUP);
+            mp::write_str(&mut out, connection.as_str());
+            mp::write_str(&mut out, group.as_str());
+            mp::write_bool(&mut out, *add);
+        }
+        BackplanePayload::CloseConnection { connection, error } => {
+            mp::write_array_len(&mut out, 4);
+            mp::write_str(&mut out, &msg.origin);
+            mp::write_uint(&mut out, KIND_CLOSE);
+            mp::write_str(&mut out, connection.as_str());
+            match error {
+                Some(e) => mp::write_str(&mut out, e),
+                None => mp::write_nil(&mut out),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn write_json_str(out: &mut Vec<u8>, json: &[u8]) -> Result<(), EnvelopeError> {
+    let text = std::str::from_utf8(json)
+        .map_err(|_| EnvelopeError("JSON argument is not UTF-8".to_string()))?;
+    mp::write_str(out, text);
+    Ok(())
+}
+
+/// Decodes a payload received on a channel: an envelope, or foreign JSON.
+pub fn decode(payload: Bytes) -> Result<BackplaneMessage, EnvelopeError> {
+    if !payload.starts_with(&MAGIC) {
+        return Ok(BackplaneMessage {
+            origin: String::new(),
+            payload: BackplanePayload::RawJson(payload),
+        });
+    }
+    let body = payload.slice(MAGIC.len()..);
+    let mut r = Reader::new(&body);
+    let len = r.array_len("envelope")?;
+    let origin = r.str("origin")?.to_string();
+    let kind = r.uint("kind")?;
+    let expect = |n: u32| {
+        if len == n {
+            Ok(())
+        } else {
+            Err(EnvelopeError(format!(
+                "kind {kind} has {n} fields, got {len}"
+            )))
+        }
+    };
+    let payload = match kind {
+        KIND_INVOCATION => {
+            expect(5)?;
+            let target = r.str("target")?.to_string();
+            let n = r.array_len("arguments")?;
+            if n % 2 != 0 || n as usize > r.remaining() {
+                return Err(EnvelopeError("bad argument list".to_string()));
+            }
+            let mut arguments = Vec::with_capacity(n as usize / 2);
+            for _ in 0..n / 2 {
+                match r.uint("encoding")? {
+                    ENC_JSON => {
+                        let text = r.str("argument")?;
+                        let v = Value::json_checked(Bytes::copy_from_slice(text.as_bytes()))
+                            .map_err(|e| EnvelopeError(format!("JSON argument: {e}")))?;
+                        arguments.push(v);
+                    }
+                    ENC_MSGPACK => {
+                        let (start, end) = r.skip_value()?;
+                        arguments.push(Value::MsgPack(body.slice(start..end)));
+                    }
+                    other => return Err(EnvelopeError(format!("unknown encoding {other}"))),
+                }
+            }
+            let n = r.array_len("exclude")?;
+            if n as usize > r.remaining() {
+                return Err(EnvelopeError("bad exclude list".to_string()));
+            }
+            let mut exclude = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                exclude.push(connection_id(r.str("exclude")?)?);
+            }
+            BackplanePayload::Invocation {
+                target,
+                arguments,
+                exclude,
+            }
+        }
+        KIND_RAW_JSON => {
+            expect(3)?;
+            let text = r.str("json")?;
+            BackplanePayload::RawJson(Bytes::copy_from_slice(text.as_bytes()))
+        }
+        KIND_GROUP => {
+            expect(5)?;
+            let connection = connection_id(r.str("connection")?)?;
+            let group = GroupName::new(r.str("group")?)
+                .map_err(|e| EnvelopeError(format!("group: {e}")))?;
+            let add = r.bool("add")?;
+            BackplanePayload::Group {
+                connection,
+                group,
+                add,
+            }
+        }
+        KIND_CLOSE => {
+            expect(4)?;
+            let connection = connection_id(r.str("connection")?)?;
+            let error = r.str_or_nil("error")?.map(str::to_string);
+            BackplanePayload::CloseConnection { connection, error }
+        }
+        other => return Err(EnvelopeError(format!("unknown kind {other}"))),
+    };
+    if r.remaining() != 0 {
+        return Err(EnvelopeError("trailing bytes".to_string()));
+    }
+    Ok(BackplaneMessage { origin, payload })
+}
+
+fn connection_id(s: &str) -> Result<ConnectionId, EnvelopeError> {
+    ConnectionId::new(s).map_err(|e| EnvelopeError(format!("connection id: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(msg: BackplaneMessage) -> BackplaneMessage {
+        let bytes = encode(&msg).expect("encode");
+        assert!(bytes.starts_with(&MAGIC));
+        decode(Bytes::from(bytes)).expect("decode")
+    }
+
+    #[test]
+    fn invocation_keeps_argument_encodings() {
+        let mut packed = Vec::new();
+        mp::write_array_len(&mut packed, 2);
+        mp::write_uint(&mut packed, 7);
+        mp::write_str(&mut packed, "x");
+        let msg = BackplaneMessage {
+            origin: "node-a".into(),
+            payload: BackplanePayload::Invocation {
+                target: "Send".into(),
+                arguments: vec![
+                    Value::json_unchecked(Bytes::from_static(b"{\"a\":[1,2]}")),
+                    Value::MsgPack(Bytes::from(packed.clone())),
+                    Value::from_serialize(("n", 3)),
+                ],
+                exclude: vec![ConnectionId::new("c1").unwrap()],
+            },
+        };
+        let back = round_trip(msg);
+        assert_eq!(back.origin, "node-a");
+        let BackplanePayload::Invocation {
+            target,
+            arguments,
+            exclude,
+        } = back.payload
+        else {
+            panic!("kind");
+        };
+        assert_eq!(target, "Send");
+        assert!(matches!(&arguments[0], Value::Json(b) if &b[..] == b"{\"a\":[1,2]}"));
+        assert!(matches!(&arguments[1], Value::MsgPack(b) if b[..] == packed[..]));
+        assert_eq!(arguments[2].to_json_string().unwrap(), "[\"n\",3]");
+        assert_eq!(exclude, vec![ConnectionId::new("c1").unwrap()]);
+    }
+
+    #[test]
+    fn commands_round_trip() {
+        let g = round_trip(BackplaneMessage {
+            origin: "n".into(),
+            payload: BackplanePayload::Group {
+                connection: ConnectionId::new("c").unwrap(),
+                group: GroupName::new("g").unwrap(),
+                add: true,
+            },
+        });
+        assert!(matches!(
+            g.payload,
+            BackplanePayload::Group { add: true, .. }
+        ));
+        let c = round_trip(BackplaneMessage {
+            origin: "n".into(),
+            payload: BackplanePayload::CloseConnection {
+                connection: ConnectionId::new("c").unwrap(),
+                error: None,
+            },
+        });
+        assert!(matches!(
+            c.payload,
+            BackplanePayload::CloseConnection { error: None, .. }
+        ));
+        let r = round_trip(BackplaneMessage {
+            origin: "n".into(),
+            payload: BackplanePayload::RawJson(Bytes::from_static(b"[1]")),
+        });
+        assert!(matches!(r.payload, BackplanePayload::RawJson(b) if &b[..] == b"[1]"));
+    }
+
+    #[test]
+    fn foreign_text_is_raw_json() {
+        for text in [
+            &b"{\"text\":\"hi\"}"[..],
+            b" [1]",
+            b"\"s\"",
+            b"not json",
+            b"",
+        ] {
+            let m = decode(Bytes::copy_from_slice(text)).unwrap();
+            assert_eq!(m.origin, "");
+            assert!(matches!(m.payload, BackplanePayload::RawJson(b) if &b[..] == text));
+        }
+    }
+
+    #[test]
+    fn malformed_envelopes_are_errors_not_panics() {
+        let good = encode(&BackplaneMessage {
+            origin: "n".into(),
+            payload: BackplanePayload::Invocation {
+                target: "T".into(),
+                arguments: vec![Value::json_unchecked(Bytes::from_static(b"1"))],
+                exclude: vec![],
+            },
+        })
+        .unwrap();
+        // Every truncation fails cleanly.
+        for cut in MAGIC.len()..good.len() {
+            assert!(
+                decode(Bytes::copy_from_slice(&good[..cut])).is_err(),
+                "{cut}"
+            );
+        }
+        // Huge declared counts are refused without allocating.
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&[
+            0x95, 0xa1, b'n', 0x00, 0xa1, b'T', 0xdd, 0xff, 0xff, 0xff, 0xfe,
+        ]);
+        assert!(decode(Bytes::from(huge)).is_err());
+        // Invalid JSON inside an envelope is refused.
+        let mut bad = MAGIC.to_vec();
+        bad.extend_from_slice(&[
+            0x95, 0xa1, b'n', 0x00, 0xa1, b'T', 0x92, 0x00, 0xa1, b'{', 0x90,
+        ]);
+        assert!(decode(Bytes::from(bad)).is_err());
+        // Unknown kind.
+        let mut unknown = MAGIC.to_vec();
+        unknown.extend_from_slice(&[0x92, 0xa1, b'n', 0x09]);
+        assert!(decode(Bytes::from(unknown)).is_err());
+    }
+}
