@@ -4,7 +4,7 @@
 //! sockets as one text frame, with no SignalR framing, negotiate, handshake, auth or
 //! keep-alive. It does the same Redis and socket work as feedhub and nothing else.
 //!
-//! Same buffer discipline as feedhub: 4 KiB tungstenite read buffer, a bounded outbound
+//! Same buffer discipline as feedhub: 1 KiB tungstenite read buffer, a bounded outbound
 //! queue per connection (full: the message is dropped and counted), and the Redis reader
 //! never waits for a socket.
 //!
@@ -174,7 +174,7 @@ pub async fn run(
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(Some(32 * 1024))
         .max_frame_size(Some(32 * 1024))
