@@ -492,7 +492,17 @@ impl Runner {
             eprintln!("latency: {label} ({setup})");
             let result = (|| {
                 let mut extra = redis_args(&self.tools, kind, &self.args.redis_url);
-                extra.extend(["--amqp-url".to_string(), self.args.amqp_url.clone()]);
+                // A private exchange and queue: the broker is shared with other users.
+                let tag = format!("bench{:08x}", rand::random::<u32>());
+                let exchange = format!("{tag}.FeedUpdate");
+                extra.extend([
+                    "--amqp-url".to_string(),
+                    self.args.amqp_url.clone(),
+                    "--amqp-exchange".to_string(),
+                    exchange.clone(),
+                    "--amqp-queue".to_string(),
+                    format!("{tag}.feed-updates"),
+                ]);
                 let server = spawn(&self.tools, kind, &extra)?;
                 std::thread::sleep(Duration::from_secs(2));
                 let mut a = self.common(conns, users);
@@ -504,6 +514,8 @@ impl Runner {
                     .map(|r| r.to_string())
                     .collect();
                 a.extend([
+                    "--amqp-exchange".into(),
+                    exchange.clone(),
                     "--publisher".into(),
                     "amqp".into(),
                     "--url".into(),
@@ -700,11 +712,12 @@ impl Runner {
     }
 }
 
-/// Whether feedhub starts with `flag value` (stays up for a moment).
-fn feedhub_accepts(feedhub: &Path, flag: &str, value: &str) -> bool {
+/// Whether feedhub starts with `flags` (listens within a few seconds).
+fn feedhub_accepts(feedhub: &Path, flags: &[String]) -> bool {
     let Ok(port) = free_port() else { return false };
     let Ok(mut child) = Command::new(feedhub)
-        .args(["--listen", &format!("127.0.0.1:{port}"), flag, value])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(flags)
         .args(["--jwt-secret", SECRET])
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
@@ -719,7 +732,7 @@ fn feedhub_accepts(feedhub: &Path, flag: &str, value: &str) -> bool {
     ok
 }
 
-fn build_tools() -> anyhow::Result<Tools> {
+fn build_tools(redis_url: &str, amqp_url: &str) -> anyhow::Result<Tools> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building feedhub, loadgen and bench_peer_ws (release)");
@@ -754,13 +767,17 @@ fn build_tools() -> anyhow::Result<Tools> {
         }
     }
     let feedhub = release.join("feedhub");
+    // Starting with a RabbitMQ URL would declare durable queues in the shared broker, so
+    // the ingest is detected from the flags it documents.
+    let help = Command::new(&feedhub)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let _ = amqp_url;
     Ok(Tools {
-        feedhub_redis: feedhub_accepts(&feedhub, "--redis-url", "redis://127.0.0.1:6379"),
-        feedhub_amqp: feedhub_accepts(
-            &feedhub,
-            "--amqp-url",
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-        ),
+        feedhub_redis: feedhub_accepts(&feedhub, &["--redis-url".into(), redis_url.into()]),
+        feedhub_amqp: help.contains("--amqp-queue") && help.contains("--amqp-exchange"),
         feedhub,
         loadgen: examples.join("loadgen"),
         peer: examples.join("bench_peer_ws"),
@@ -773,7 +790,7 @@ fn main() -> anyhow::Result<()> {
     let (soft, hard) = procstat::raise_nofile();
     eprintln!("descriptor limit {soft} (hard {hard}); children inherit it");
     std::fs::create_dir_all(&args.out)?;
-    let tools = build_tools()?;
+    let tools = build_tools(&args.redis_url, &args.amqp_url)?;
     eprintln!(
         "feedhub Redis backplane: {}; RabbitMQ ingest: {}",
         tools.feedhub_redis, tools.feedhub_amqp

@@ -10,6 +10,7 @@
 //! - an instance started while Redis is down serves, is not ready, and recovers;
 //! - per-user order of 10,000 events published on another instance and by foreign
 //!   `PUBLISH`; the cross-instance delivery rate (printed);
+//! - an event published right after the handshake was answered is not missed;
 //! - connection churn leaves no subscription behind;
 //! - the official `@microsoft/signalr` client (JSON on one instance, MessagePack on the
 //!   other) through `protocol-tests/js/scaleout.mjs`.
@@ -522,4 +523,29 @@ async fn hostile_publishes_are_dropped() {
         0,
         "garbage must not cost the connection"
     );
+}
+
+/// The handshake is answered only once the user's channel is subscribed: an event published
+/// (on another instance, or by a foreign publisher) right after the client saw the handshake
+/// response is never missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_right_after_handshake_is_not_missed() {
+    let Some(mut c) = cluster::redis_cluster(2, "handshake").await else {
+        return;
+    };
+    let sender = c.nodes[0].server().clients("/hubs/feed").expect("hub");
+    for i in 0..30 {
+        let user = c.user(&format!("h{i}"));
+        let mut client = c.connect_handshake_only(1, &user).await;
+        if i % 2 == 0 {
+            within("send", sender.user(&user).send("FeedUpdated", (i,)))
+                .await
+                .expect("send");
+        } else {
+            c.foreign_publish(&Cluster::user_channel(&user), &i.to_string())
+                .await;
+        }
+        let (target, arg) = within("first event", client.next_invocation()).await;
+        assert_eq!((target.as_str(), arg), ("FeedUpdated", i.to_string()));
+    }
 }

@@ -375,7 +375,7 @@ impl Server {
         }
     }
 
-    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    /// Runs until SIGINT or SIGTERM ([`wait_for_signal`]), then shuts down gracefully.
     pub async fn run_until_signal(self) {
         wait_for_signal().await;
         tracing::info!("shutting down");
@@ -383,7 +383,8 @@ impl Server {
     }
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM (Ctrl-C elsewhere).
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -14,7 +14,7 @@
 //! - [`session`]: the per-connection task: handshake, dispatch loop, keep-alive, close.
 //! - [`hub`]: the typed hub API, the registry, reference-counted subscriptions, local fan-out.
 //! - [`backplane`]: cross-node delivery behind one trait (in-memory here; Redis beside it).
-//! - [`ingest`]: feed events from the HTTP publish API (and RabbitMQ).
+//! - [`ingest`]: feed events from the HTTP publish API and RabbitMQ ([`ingest::amqp`]).
 //! - [`http`]: hyper routing: negotiate, the WebSocket upgrade, health, metrics, CORS.
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
 //!

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use feedhub::backplane::redis::RedisConfig;
+use feedhub::ingest::amqp::{self, AmqpConfig, AmqpIngest};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
 /// A SignalR-compatible hub server for live feeds.
@@ -21,9 +22,19 @@ struct Args {
     /// deployment sharing one Redis its own.
     #[arg(long, env = "FEEDHUB_CHANNEL_PREFIX", default_value = "feedhub")]
     channel_prefix: String,
-    /// RabbitMQ URL: consume feed events from the FeedUpdate exchange.
-    #[arg(long, env = "FEEDHUB_AMQP_URL")]
+    /// RabbitMQ URL (`amqp://guest:guest@127.0.0.1:5672/%2f`): consume feed events.
+    #[arg(long, env = "FEEDHUB_AMQP_URL", hide_env_values = true)]
     amqp_url: Option<String>,
+    /// RabbitMQ topic exchange feed events are published to.
+    #[arg(long, env = "FEEDHUB_AMQP_EXCHANGE", default_value = amqp::DEFAULT_EXCHANGE)]
+    amqp_exchange: String,
+    /// RabbitMQ queue shared by all instances (its dead letters go to `<queue>.dlx`).
+    #[arg(long, env = "FEEDHUB_AMQP_QUEUE", default_value = amqp::DEFAULT_QUEUE)]
+    amqp_queue: String,
+    /// RabbitMQ prefetch (unacked deliveries in flight per instance).
+    #[arg(long, env = "FEEDHUB_AMQP_PREFETCH", default_value_t = amqp::DEFAULT_PREFETCH,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    amqp_prefetch: u16,
     /// HS256 secret for client JWTs (without it: development mode).
     #[arg(long, env = "FEEDHUB_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -46,9 +57,6 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if args.amqp_url.is_some() {
-        anyhow::bail!("--amqp-url is not available in this build yet");
-    }
     // A malformed URL is a startup error; an unreachable Redis is not (the server starts
     // not ready and keeps reconnecting).
     let redis = match &args.redis_url {
@@ -68,7 +76,20 @@ async fn main() -> anyhow::Result<()> {
         channel_prefix: Some(args.channel_prefix),
         ..ServerConfig::default()
     };
+    let max_publish_body = config.max_publish_body;
+    let ingest = args.amqp_url.map(|url| {
+        AmqpIngest::new(AmqpConfig {
+            exchange: args.amqp_exchange,
+            queue: args.amqp_queue,
+            prefetch: args.amqp_prefetch,
+            max_message_size: max_publish_body,
+            ..AmqpConfig::new(url)
+        })
+    });
     let mut builder = ServerBuilder::new(config).hub(feed::feed_hub());
+    if let Some(ingest) = &ingest {
+        builder = builder.ready_check(ingest.ready_check());
+    }
     if let Some(redis) = redis {
         tracing::info!(redis = %redis.address(), "using the Redis backplane");
         builder = builder.redis(redis);
@@ -79,6 +100,18 @@ async fn main() -> anyhow::Result<()> {
         server.local_addr(),
         feed::FEED_HUB_PATH
     );
-    server.run_until_signal().await;
+    if let Some(ingest) = &ingest {
+        let hub = server
+            .hub(feed::FEED_HUB_PATH)
+            .ok_or_else(|| anyhow::anyhow!("feed hub missing"))?;
+        ingest.start(hub);
+    }
+    feedhub::app::wait_for_signal().await;
+    tracing::info!("shutting down");
+    // Stop consuming first: unacked events go back to the queue for the other instances.
+    if let Some(ingest) = &ingest {
+        ingest.stop().await;
+    }
+    server.shutdown().await;
     Ok(())
 }

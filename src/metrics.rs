@@ -234,6 +234,7 @@ impl Metrics {
             "Feed events rejected as malformed.",
             &self.feed_rejected,
         );
+        crate::ingest::amqp::AMQP_METRICS.render(&mut out);
         out
     }
 }

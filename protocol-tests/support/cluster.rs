@@ -320,6 +320,24 @@ impl Cluster {
         }
     }
 
+    /// Connects `user` to node `node` and returns as soon as the handshake was answered
+    /// (no round trip afterwards; the connection id is left empty).
+    pub async fn connect_handshake_only(&self, node: usize, user: &str) -> Client {
+        let s = &self.nodes[node];
+        let url = format!(
+            "{}{}?access_token={}",
+            s.ws_url(),
+            feed::FEED_HUB_PATH,
+            s.token(user)
+        );
+        Client {
+            raw: RawClient::connect(&url, ProtocolKind::Json).await,
+            id: String::new(),
+            node,
+            pending: Default::default(),
+        }
+    }
+
     /// How many nodes subscribe `channel`: `PUBSUB NUMSUB` on Redis, the bus's count in
     /// memory.
     pub async fn subscribers(&mut self, channel: &str) -> usize {

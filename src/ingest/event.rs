@@ -3,6 +3,13 @@
 //! Two forms are accepted (the public contract):
 //! - a body `{"recipients":["1002","1003"],"payload":{...},"id":"optional"}`;
 //! - a routing key `feed.<userId>` with any JSON body, which is the payload.
+//!
+//! Event ids: an `id` in the body, or else the AMQP `message_id`, travels with the event.
+//! Clients see it inside the payload: when the payload is a JSON object without a
+//! top-level `id`, [`FeedEvent::payload_with_id`] inserts `"id":<id>` as its first member
+//! (an existing `id` is never overwritten; non-object payloads are forwarded unchanged).
+//! Retried deliveries (after a backplane failure) carry the same id, so clients can
+//! deduplicate.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -22,6 +29,43 @@ pub struct FeedEvent {
     pub recipients: Vec<UserId>,
     /// The payload's raw JSON text.
     pub payload: Bytes,
+}
+
+impl FeedEvent {
+    /// The payload as clients receive it: with `"id":<id>` inserted as the first member
+    /// when the event has an id, the payload is an object, and it has no top-level `id`.
+    /// Otherwise the payload's bytes unchanged.
+    pub fn payload_with_id(&self) -> Bytes {
+        let Some(id) = &self.id else {
+            return self.payload.clone();
+        };
+        let text = match std::str::from_utf8(&self.payload) {
+            Ok(t) => t.trim_start(),
+            Err(_) => return self.payload.clone(),
+        };
+        let Some(rest) = text.strip_prefix('{') else {
+            return self.payload.clone();
+        };
+        let keys: std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny> =
+            match serde_json::from_str(text) {
+                Ok(k) => k,
+                Err(_) => return self.payload.clone(),
+            };
+        if keys.contains_key("id") {
+            return self.payload.clone();
+        }
+        let id_json = match serde_json::to_string(id) {
+            Ok(j) => j,
+            Err(_) => return self.payload.clone(),
+        };
+        let sep = if keys.is_empty() { "" } else { "," };
+        let mut out = String::with_capacity(text.len() + id_json.len() + 8);
+        out.push_str("{\"id\":");
+        out.push_str(&id_json);
+        out.push_str(sep);
+        out.push_str(rest);
+        Bytes::from(out)
+    }
 }
 
 /// Why an event was rejected. Every variant is a malformed ("poison") message: retrying it
@@ -171,6 +215,28 @@ mod tests {
             decode_recipients_body(br#"{"recipients":[{"x":1}],"payload":1}"#),
             Err(EventError::BadUserId(_))
         ));
+    }
+
+    #[test]
+    fn id_is_injected_into_object_payloads_only() {
+        let with = |payload: &str, id: Option<&str>| {
+            let e = FeedEvent {
+                id: id.map(str::to_string),
+                recipients: vec![],
+                payload: Bytes::copy_from_slice(payload.as_bytes()),
+            };
+            String::from_utf8(e.payload_with_id().to_vec()).unwrap()
+        };
+        assert_eq!(with(r#"{"a":1}"#, Some("e1")), r#"{"id":"e1","a":1}"#);
+        assert_eq!(with(r#" { } "#, Some("e\"1")), r#"{"id":"e\"1" } "#);
+        assert_eq!(with(r#"{"id":7,"a":1}"#, Some("e1")), r#"{"id":7,"a":1}"#);
+        assert_eq!(with(r#"{"\u0069d":7}"#, Some("e1")), r#"{"\u0069d":7}"#);
+        assert_eq!(with(r#"[1,2]"#, Some("e1")), r#"[1,2]"#);
+        assert_eq!(with(r#""text""#, Some("e1")), r#""text""#);
+        assert_eq!(with(r#"{"a":1}"#, None), r#"{"a":1}"#);
+        let injected = with(r#"{"a":{"id":1}}"#, Some("x"));
+        let v: serde_json::Value = serde_json::from_str(&injected).unwrap();
+        assert_eq!(v, serde_json::json!({"id":"x","a":{"id":1}}));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! with `--amqp-url`, the RabbitMQ consumer share one pure decoder ([`event`]) and one
 //! delivery function ([`deliver`]).
 
+pub mod amqp;
 pub mod event;
 
 use crate::hub::{HubError, HubLifetime, Target};
@@ -10,7 +11,7 @@ use event::FeedEvent;
 
 /// Sends `event` to every connection of each recipient, on every node, as
 /// `<feed target>(<payload>)`. The payload's JSON is forwarded as received, never
-/// re-serialized.
+/// re-serialized (except that the event id is inserted, see [`FeedEvent::payload_with_id`]).
 pub async fn deliver(hub: &HubLifetime, event: &FeedEvent) -> Result<(), HubError> {
     let target = Target::Users(event.recipients.clone());
     let method = hub.definition().options.feed_target.clone();
@@ -18,7 +19,7 @@ pub async fn deliver(hub: &HubLifetime, event: &FeedEvent) -> Result<(), HubErro
     hub.send(
         &target,
         &method,
-        vec![Value::json_unchecked(event.payload.clone())],
+        vec![Value::json_unchecked(event.payload_with_id())],
     )
     .await
 }

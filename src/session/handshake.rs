@@ -43,9 +43,11 @@ pub fn select_protocol(
     Ok(kind)
 }
 
-/// Runs the handshake. `Some(protocol)` on success (the OK response has been sent); `None`
-/// if the session must end (an error response has been sent where there was one to send).
-/// Bytes after the handshake stay in `inbuf`.
+/// Runs the handshake. `Some(protocol)` on success: the request was valid, and the caller
+/// sends the OK response with [`send_ok`] once the connection is registered (so a client
+/// whose `start()` resolved is already subscribed on the backplane); `None` if the session
+/// must end (an error response has been sent where there was one to send). Bytes after the
+/// handshake stay in `inbuf`.
 pub async fn perform<Src: FrameSource, Snk: FrameSink>(
     source: &mut Src,
     sink: &mut Snk,
@@ -76,24 +78,31 @@ pub async fn perform<Src: FrameSource, Snk: FrameSink>(
     };
     let result = request.and_then(|r| select_protocol(&r, transport));
     match result {
-        Ok(kind) => {
-            let ok = Bytes::from_static(handshake::OK_RESPONSE);
-            sink.send(ok, kind.transfer_format()).await.ok()?;
-            Some(kind)
-        }
+        Ok(kind) => Some(kind),
         Err(text) => {
             inc(&METRICS.protocol_errors);
             tracing::debug!(error = %text, "handshake failed");
-            // Before a protocol is chosen, ASP.NET answers in text.
-            let _ = sink
-                .send(
-                    Bytes::from(handshake::error_response(&text)),
-                    TransferFormat::Text,
-                )
-                .await;
+            send_error(sink, &text).await;
             None
         }
     }
+}
+
+/// Sends the handshake OK response; `None` when the transport is gone.
+pub async fn send_ok<Snk: FrameSink>(sink: &mut Snk, kind: ProtocolKind) -> Option<()> {
+    let ok = Bytes::from_static(handshake::OK_RESPONSE);
+    sink.send(ok, kind.transfer_format()).await.ok()
+}
+
+/// Sends a handshake error response (`{"error":"..."}`).
+pub async fn send_error<Snk: FrameSink>(sink: &mut Snk, text: &str) {
+    // Before a protocol is chosen, ASP.NET answers in text.
+    let _ = sink
+        .send(
+            Bytes::from(handshake::error_response(text)),
+            TransferFormat::Text,
+        )
+        .await;
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! The per-connection task: drives one transport from handshake to close.
 //!
 //! [`run`] does, in order (ASP.NET's `HubConnectionHandler.OnConnectedAsync` order):
-//! 1. the handshake, under a deadline and a size limit ([`handshake`]);
+//! 1. the handshake request, under a deadline and a size limit ([`handshake`]);
 //! 2. registration with the hub (`HubLifetime::connect`), which subscribes the user's
-//!    backplane channel before anything else happens, so nothing published after the
-//!    handshake is missed;
+//!    backplane channel; only then is the handshake answered, so nothing published after
+//!    the client's `start()` resolved is missed (a failed subscribe answers with a handshake
+//!    error instead);
 //! 3. the hub's `on_connected` hook;
 //! 4. one `select!` loop over: inbound bytes (parsed as a stream: clients batch several
 //!    messages per frame), the outbound queue (everything queued goes out as one frame), the
@@ -119,17 +120,20 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     let span = tracing::debug_span!("session", conn_id = %conn.id, user = ?conn.user_id().map(|u| u.as_str()), protocol = protocol.name());
     let _enter = span.enter();
     if let Err(e) = params.hub.connect(&conn).await {
-        tracing::warn!(error = %e, "backplane subscribe failed; closing connection");
-        write_close(
+        // The handshake is not answered yet: the client's start() fails with this error.
+        tracing::warn!(error = %e, "backplane subscribe failed; refusing the connection");
+        handshake::send_error(
             &mut sink,
-            protocol,
-            &Close {
-                error: Some(format!("{CLOSE_ERROR_TEXT} Backplane unavailable.")),
-                allow_reconnect: true,
-            },
+            "Backplane unavailable; the server cannot deliver messages right now. Try again later.",
         )
         .await;
         sink.close(1011, "backplane unavailable").await;
+        return;
+    }
+    // Only now is the handshake answered: the user's channel is subscribed, so nothing
+    // published after the client's start() resolved is missed.
+    if handshake::send_ok(&mut sink, protocol).await.is_none() {
+        params.hub.disconnect(&conn);
         return;
     }
     let ctx = HubContext::new(conn.clone(), params.hub.clone());

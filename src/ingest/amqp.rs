@@ -1,0 +1,836 @@
+//! RabbitMQ ingest (`--amqp-url`): consumes feed events from a topic exchange and delivers
+//! them through [`super::deliver`], the same path as `POST /api/feed`.
+//!
+//! Topology (declared idempotently on every (re)connect; names configurable for tests):
+//!
+//! | object | name (default) | kind |
+//! |---|---|---|
+//! | exchange | `FeedUpdate` | durable topic |
+//! | queue | `feedhub.feed-updates` | durable, shared by all instances, bound with `#`, `x-dead-letter-exchange = FeedUpdate.dlx` |
+//! | dead-letter exchange | `FeedUpdate.dlx` | durable fanout |
+//! | dead-letter queue | `feedhub.feed-updates.dlx` | durable, bound to the DLX: rejected messages are kept there |
+//!
+//! Routing keys: `feed.<userId>` addresses one user and the whole JSON body is the payload;
+//! any other key (e.g. `feed`, `post.created`) carries a recipients body
+//! `{"recipients":[...],"payload":...,"id":...}`. The queue is bound with `#`, so every
+//! message published to the exchange is consumed by exactly one instance.
+//!
+//! Per message: decode ([`super::event::decode_message`]; body size limit first); deliver;
+//! **ack** only after every backplane publish succeeded (acks of consecutive delivered events
+//! are batched into one `multiple` ack, sent at the latest when no further delivery is
+//! buffered or after 64 events). A backplane failure **nacks with
+//! requeue**, closes the channel (so every prefetched message is requeued too, in order),
+//! backs off (100 ms doubling to 5 s) and resumes. A malformed message (too large, not JSON,
+//! no recipients, bad user id, no payload, no address) is **dead-lettered**: republished to
+//! the DLX with the header `x-feedhub-reason` (plus `x-feedhub-routing-key`, and the
+//! original headers), with a publisher confirm, then acked; if that republish fails it is
+//! rejected without requeue, which dead-letters it through the queue's
+//! `x-dead-letter-exchange` (reason only in the log and metrics). It never blocks the queue.
+//!
+//! Connection loss: the consumer reconnects with backoff (100 ms doubling to
+//! [`AmqpConfig::reconnect_max`]); `/readyz` answers 503 until it consumes again.
+//! Unacked messages return to the queue when a connection drops, so nothing is lost; a
+//! message may be delivered twice (at-least-once): events carry an id for deduplication.
+//!
+//! Order: one consumer per instance processes its deliveries sequentially, so events to the
+//! same user leave this instance in queue order. With several instances sharing the queue,
+//! order across instances is not guaranteed (as with any competing consumers).
+//!
+//! Metrics (`/metrics`): `feedhub_amqp_connected`, `feedhub_amqp_consumed_total`,
+//! `feedhub_amqp_acked_total`, `feedhub_amqp_nacked_total`,
+//! `feedhub_amqp_rejected_total{reason=...}`, `feedhub_amqp_reconnects_total`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::acker::Acker;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::event::{decode_message, EventError};
+use crate::hub::HubLifetime;
+use crate::metrics::inc;
+
+/// Settings of the RabbitMQ consumer.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://`).
+    pub url: String,
+    /// The topic exchange feed events are published to.
+    pub exchange: String,
+    /// The shared durable queue all instances consume.
+    pub queue: String,
+    /// Unacknowledged deliveries in flight per instance (`basic.qos`).
+    pub prefetch: u16,
+    /// Largest accepted message body; larger ones are dead-lettered.
+    pub max_message_size: usize,
+    /// Upper bound of the reconnect backoff.
+    pub reconnect_max: Duration,
+    /// Upper bound of the backoff after a backplane failure.
+    pub retry_max: Duration,
+}
+
+/// Default exchange name.
+pub const DEFAULT_EXCHANGE: &str = "FeedUpdate";
+/// Default queue name.
+pub const DEFAULT_QUEUE: &str = "feedhub.feed-updates";
+/// Default prefetch.
+pub const DEFAULT_PREFETCH: u16 = 256;
+/// Header carrying why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-feedhub-reason";
+
+impl AmqpConfig {
+    /// Defaults for `url`: exchange `FeedUpdate`, queue `feedhub.feed-updates`, prefetch 256,
+    /// 256 KiB bodies, reconnect backoff up to 1 s, retry backoff up to 5 s.
+    pub fn new(url: impl Into<String>) -> AmqpConfig {
+        AmqpConfig {
+            url: url.into(),
+            exchange: DEFAULT_EXCHANGE.to_string(),
+            queue: DEFAULT_QUEUE.to_string(),
+            prefetch: DEFAULT_PREFETCH,
+            max_message_size: 256 * 1024,
+            reconnect_max: Duration::from_secs(1),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+
+    /// The dead-letter exchange: `<exchange>.dlx`.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.exchange)
+    }
+
+    /// The dead-letter queue: `<queue>.dlx`.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlx", self.queue)
+    }
+}
+
+/// Why a message was dead-lettered (the `reason` label and header value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Body larger than the limit.
+    TooLarge,
+    /// Body is not JSON.
+    NotJson,
+    /// No or empty `recipients`.
+    NoRecipients,
+    /// More recipients than allowed.
+    TooManyRecipients,
+    /// A recipient is not a valid user id.
+    BadUserId,
+    /// No `payload`.
+    NoPayload,
+    /// Neither `feed.<userId>` routing key nor a recipients body.
+    NoAddress,
+}
+
+impl RejectReason {
+    const ALL: [RejectReason; 7] = [
+        RejectReason::TooLarge,
+        RejectReason::NotJson,
+        RejectReason::NoRecipients,
+        RejectReason::TooManyRecipients,
+        RejectReason::BadUserId,
+        RejectReason::NoPayload,
+        RejectReason::NoAddress,
+    ];
+
+    /// The label: `too_large`, `not_json`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::TooLarge => "too_large",
+            RejectReason::NotJson => "not_json",
+            RejectReason::NoRecipients => "no_recipients",
+            RejectReason::TooManyRecipients => "too_many_recipients",
+            RejectReason::BadUserId => "bad_user_id",
+            RejectReason::NoPayload => "no_payload",
+            RejectReason::NoAddress => "no_address",
+        }
+    }
+
+    fn of(e: &EventError) -> RejectReason {
+        match e {
+            EventError::NotJson(_) => RejectReason::NotJson,
+            EventError::NoRecipients => RejectReason::NoRecipients,
+            EventError::TooManyRecipients => RejectReason::TooManyRecipients,
+            EventError::BadUserId(_) => RejectReason::BadUserId,
+            EventError::NoPayload => RejectReason::NoPayload,
+            EventError::NoAddress(_) => RejectReason::NoAddress,
+        }
+    }
+
+    fn index(self) -> usize {
+        RejectReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(0)
+    }
+}
+
+/// Counters of the RabbitMQ consumer (process-wide, like [`crate::metrics::METRICS`]).
+#[derive(Debug)]
+pub struct AmqpMetrics {
+    /// Deliveries received.
+    pub consumed: AtomicU64,
+    /// Deliveries acked after a successful delivery.
+    pub acked: AtomicU64,
+    /// Deliveries nacked with requeue (backplane failure).
+    pub nacked: AtomicU64,
+    /// Deliveries dead-lettered, by [`RejectReason`].
+    pub rejected: [AtomicU64; 7],
+    /// Successful reconnects after a lost or failed connection.
+    pub reconnects: AtomicU64,
+    /// Failed connection attempts.
+    pub connect_failures: AtomicU64,
+    /// 1 while consuming.
+    pub connected: AtomicU64,
+}
+
+/// The consumer's metrics.
+pub static AMQP_METRICS: AmqpMetrics = AmqpMetrics {
+    consumed: AtomicU64::new(0),
+    acked: AtomicU64::new(0),
+    nacked: AtomicU64::new(0),
+    rejected: [const { AtomicU64::new(0) }; 7],
+    reconnects: AtomicU64::new(0),
+    connect_failures: AtomicU64::new(0),
+    connected: AtomicU64::new(0),
+};
+
+impl AmqpMetrics {
+    /// Dead-lettered count for `reason`.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text of these metrics.
+    pub fn render(&self, out: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP feedhub_amqp_connected 1 while the RabbitMQ consumer is consuming.\n# TYPE feedhub_amqp_connected gauge\nfeedhub_amqp_connected {}",
+            get(&self.connected)
+        );
+        for (name, help, c) in [
+            ("consumed", "RabbitMQ deliveries received.", &self.consumed),
+            ("acked", "RabbitMQ deliveries acked.", &self.acked),
+            (
+                "nacked",
+                "RabbitMQ deliveries nacked with requeue (backplane failure).",
+                &self.nacked,
+            ),
+            (
+                "reconnects",
+                "RabbitMQ reconnects after a lost connection.",
+                &self.reconnects,
+            ),
+            (
+                "connect_failures",
+                "Failed RabbitMQ connection attempts.",
+                &self.connect_failures,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP feedhub_amqp_{name}_total {help}\n# TYPE feedhub_amqp_{name}_total counter\nfeedhub_amqp_{name}_total {}",
+                get(c)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP feedhub_amqp_rejected_total RabbitMQ messages dead-lettered as malformed.\n# TYPE feedhub_amqp_rejected_total counter"
+        );
+        for r in RejectReason::ALL {
+            let _ = writeln!(
+                out,
+                "feedhub_amqp_rejected_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                get(&self.rejected[r.index()])
+            );
+        }
+    }
+}
+
+/// Connection state shared with `/readyz`.
+#[derive(Debug, Default)]
+struct Status {
+    consuming: AtomicBool,
+    consumed: AtomicU64,
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// The RabbitMQ consumer. Create it before the server (for [`AmqpIngest::ready_check`]),
+/// then [`AmqpIngest::start`] it with the feed hub.
+pub struct AmqpIngest {
+    config: AmqpConfig,
+    status: Arc<Status>,
+    cancel: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AmqpIngest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpIngest")
+            .field("exchange", &self.config.exchange)
+            .field("queue", &self.config.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpIngest {
+    /// A stopped consumer with `config`.
+    pub fn new(config: AmqpConfig) -> AmqpIngest {
+        AmqpIngest {
+            config,
+            status: Arc::new(Status::default()),
+            cancel: CancellationToken::new(),
+            task: Mutex::new(None),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.config
+    }
+
+    /// Whether it is consuming right now.
+    pub fn is_consuming(&self) -> bool {
+        self.status.consuming.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries this consumer received (all outcomes).
+    pub fn consumed(&self) -> u64 {
+        self.status.consumed.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries this consumer acked after delivering them.
+    pub fn acked(&self) -> u64 {
+        self.status.acked.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries this consumer nacked for a retry (backplane failures).
+    pub fn nacked(&self) -> u64 {
+        self.status.nacked.load(Ordering::Relaxed)
+    }
+
+    /// A readiness condition for `ServerBuilder::ready_check`: Err while not consuming.
+    pub fn ready_check(&self) -> Arc<dyn Fn() -> Result<(), String> + Send + Sync> {
+        let status = self.status.clone();
+        Arc::new(move || {
+            if status.consuming.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let why = status
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            Err(match why {
+                Some(e) => format!("RabbitMQ consumer not connected: {e}"),
+                None => "RabbitMQ consumer not connected".to_string(),
+            })
+        })
+    }
+
+    /// Starts consuming for `hub` (in a background task that reconnects until
+    /// [`AmqpIngest::stop`]).
+    pub fn start(&self, hub: Arc<HubLifetime>) {
+        let mut task = self.task.lock().unwrap_or_else(|p| p.into_inner());
+        if task.is_some() {
+            return;
+        }
+        let consumer = Consumer {
+            config: self.config.clone(),
+            status: self.status.clone(),
+            cancel: self.cancel.clone(),
+            hub,
+        };
+        *task = Some(tokio::spawn(consumer.run()));
+    }
+
+    /// Stops consuming: cancels the consumer and closes the connection, which returns every
+    /// unacked message to the queue. Waits for the task (bounded).
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = task {
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("RabbitMQ consumer did not stop within 5 s");
+            }
+        }
+        self.status.consuming.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for AmqpIngest {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// How a consuming session ended.
+enum Ended {
+    /// Stop requested.
+    Cancelled,
+    /// The connection or channel failed; reconnect.
+    Lost(String),
+    /// The backplane failed; the channel was closed to requeue in-flight messages.
+    BackplaneFailed,
+}
+
+struct Consumer {
+    config: AmqpConfig,
+    status: Arc<Status>,
+    cancel: CancellationToken,
+    hub: Arc<HubLifetime>,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Most delivered events acknowledged by one `multiple` ack.
+const ACK_BATCH: u64 = 64;
+
+impl Consumer {
+    fn set_consuming(&self, on: bool, error: Option<String>) {
+        self.status.consuming.store(on, Ordering::Relaxed);
+        AMQP_METRICS.connected.store(on as u64, Ordering::Relaxed);
+        *self
+            .status
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    async fn run(self) {
+        let mut st = Backoffs {
+            connect: MIN_BACKOFF,
+            retry: MIN_BACKOFF,
+            was_connected: false,
+        };
+        loop {
+            let conn = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.config.url)) => r,
+            };
+            let conn = match conn {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    self.connect_failed(format!("connect: {e}"), st.connect);
+                    if !self.sleep(st.connect).await {
+                        break;
+                    }
+                    st.connect = (st.connect * 2).min(self.config.reconnect_max);
+                    continue;
+                }
+                Err(_) => {
+                    self.connect_failed("connect: timed out".to_string(), st.connect);
+                    if !self.sleep(st.connect).await {
+                        break;
+                    }
+                    st.connect = (st.connect * 2).min(self.config.reconnect_max);
+                    continue;
+                }
+            };
+            // One connection, possibly several channels in a row (after backplane failures).
+            let lost = loop {
+                match self.consume(&conn, &mut st).await {
+                    Ended::BackplaneFailed => {
+                        self.set_consuming(false, Some("backplane unavailable".to_string()));
+                        if !self.sleep(st.retry).await {
+                            break None;
+                        }
+                        st.retry = (st.retry * 2).min(self.config.retry_max);
+                    }
+                    Ended::Cancelled => break None,
+                    Ended::Lost(why) => break Some(why),
+                }
+            };
+            match lost {
+                None => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        conn.close(200, "feedhub shutting down"),
+                    )
+                    .await;
+                    break;
+                }
+                Some(why) => {
+                    tracing::warn!(error = %why, retry_in = ?st.connect, "RabbitMQ connection lost; reconnecting");
+                    self.set_consuming(false, Some(why));
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), conn.close(320, "lost")).await;
+                    if !self.sleep(st.connect).await {
+                        break;
+                    }
+                    st.connect = (st.connect * 2).min(self.config.reconnect_max);
+                }
+            }
+        }
+        self.set_consuming(false, Some("stopped".to_string()));
+        tracing::info!("RabbitMQ consumer stopped");
+    }
+
+    fn connect_failed(&self, why: String, retry_in: Duration) {
+        inc(&AMQP_METRICS.connect_failures);
+        tracing::warn!(error = %why, retry_in = ?retry_in, "RabbitMQ unavailable");
+        self.set_consuming(false, Some(why));
+    }
+
+    /// Declares the topology, consumes until something ends it.
+    async fn consume(&self, conn: &Connection, st: &mut Backoffs) -> Ended {
+        let channel = match self.open(conn).await {
+            Ok(c) => c,
+            Err(e) => return Ended::Lost(e),
+        };
+        let dlx_channel = match conn.create_channel().await {
+            Ok(c) => match c.confirm_select(ConfirmSelectOptions::default()).await {
+                Ok(()) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "RabbitMQ: no confirm channel for dead letters; rejecting instead");
+                    None
+                }
+            },
+            Err(e) => return Ended::Lost(format!("channel: {e}")),
+        };
+        let tag = format!("feedhub-{}", crate::ids::random_token());
+        let mut pending: Option<(Acker, u64)> = None;
+        let mut consumer = match channel
+            .basic_consume(
+                &self.config.queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return Ended::Lost(format!("basic.consume: {e}")),
+        };
+        if st.was_connected {
+            inc(&AMQP_METRICS.reconnects);
+        }
+        st.was_connected = true;
+        st.connect = MIN_BACKOFF;
+        self.set_consuming(true, None);
+        tracing::info!(
+            exchange = %self.config.exchange,
+            queue = %self.config.queue,
+            prefetch = self.config.prefetch,
+            "RabbitMQ consumer started"
+        );
+        loop {
+            // Take what is already buffered without waiting; before waiting, ack what
+            // was delivered so far (one `multiple` ack per burst instead of one per event).
+            let next = match consumer.next().now_or_never() {
+                Some(n) => n,
+                None => {
+                    if let Err(why) = self.flush(&mut pending).await {
+                        return Ended::Lost(why);
+                    }
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => {
+                            let _ = self.flush(&mut pending).await;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), channel.close(200, "shutting down")).await;
+                            return Ended::Cancelled;
+                        }
+                        n = consumer.next() => n,
+                    }
+                }
+            };
+            let delivery = match next {
+                None => return Ended::Lost("consumer cancelled by the broker".to_string()),
+                Some(Err(e)) => return Ended::Lost(e.to_string()),
+                Some(Ok(d)) => d,
+            };
+            inc(&AMQP_METRICS.consumed);
+            inc(&self.status.consumed);
+            match self.handle(&delivery, dlx_channel.as_ref()).await {
+                Ok(Handled::Delivered) => {
+                    st.retry = MIN_BACKOFF;
+                    let count = pending.as_ref().map_or(0, |p| p.1) + 1;
+                    pending = Some((delivery.acker, count));
+                    if count >= ACK_BATCH {
+                        if let Err(why) = self.flush(&mut pending).await {
+                            return Ended::Lost(why);
+                        }
+                    }
+                }
+                Ok(Handled::DeadLettered) => {}
+                Err(HandleError::Backplane(why)) => {
+                    inc(&AMQP_METRICS.nacked);
+                    inc(&self.status.nacked);
+                    tracing::warn!(error = %why, "backplane publish failed; message requeued, backing off");
+                    // Earlier events were delivered: ack them, then requeue this one.
+                    if let Err(why) = self.flush(&mut pending).await {
+                        return Ended::Lost(why);
+                    }
+                    let _ = delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await;
+                    // Closing the channel requeues every prefetched delivery too, in order.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        channel.close(200, "backplane unavailable"),
+                    )
+                    .await;
+                    if let Some(c) = &dlx_channel {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), c.close(200, "retry"))
+                            .await;
+                    }
+                    return Ended::BackplaneFailed;
+                }
+                Err(HandleError::Amqp(why)) => return Ended::Lost(why),
+            }
+        }
+    }
+
+    /// Acks every delivered event up to the last one (`multiple`).
+    async fn flush(&self, pending: &mut Option<(Acker, u64)>) -> Result<(), String> {
+        let Some((acker, count)) = pending.take() else {
+            return Ok(());
+        };
+        acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map_err(|e| format!("ack: {e}"))?;
+        AMQP_METRICS.acked.fetch_add(count, Ordering::Relaxed);
+        self.status.acked.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn open(&self, conn: &Connection) -> Result<Channel, String> {
+        let c = &self.config;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| format!("channel: {e}"))?;
+        channel
+            .basic_qos(c.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| format!("basic.qos: {e}"))?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                &c.exchange,
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("declare exchange {:?}: {e}", c.exchange))?;
+        let dlx = c.dead_letter_exchange();
+        channel
+            .exchange_declare(&dlx, ExchangeKind::Fanout, durable, FieldTable::default())
+            .await
+            .map_err(|e| format!("declare exchange {dlx:?}: {e}"))?;
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let dlq = c.dead_letter_queue();
+        channel
+            .queue_declare(&dlq, durable_queue, FieldTable::default())
+            .await
+            .map_err(|e| format!("declare queue {dlq:?}: {e}"))?;
+        channel
+            .queue_bind(
+                &dlq,
+                &dlx,
+                "",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("bind {dlq:?}: {e}"))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dlx.as_str().into()),
+        );
+        channel
+            .queue_declare(&c.queue, durable_queue, args)
+            .await
+            .map_err(|e| {
+                format!(
+                    "declare queue {:?} (an existing queue must have x-dead-letter-exchange={dlx:?}): {e}",
+                    c.queue
+                )
+            })?;
+        channel
+            .queue_bind(
+                &c.queue,
+                &c.exchange,
+                "#",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("bind {:?}: {e}", c.queue))?;
+        Ok(channel)
+    }
+
+    async fn handle(
+        &self,
+        d: &lapin::message::Delivery,
+        dlx: Option<&Channel>,
+    ) -> Result<Handled, HandleError> {
+        let routing_key = d.routing_key.as_str();
+        let decoded = if d.data.len() > self.config.max_message_size {
+            Err((
+                RejectReason::TooLarge,
+                format!(
+                    "body of {} bytes exceeds the limit of {} bytes",
+                    d.data.len(),
+                    self.config.max_message_size
+                ),
+            ))
+        } else {
+            let message_id = d.properties.message_id().as_ref().map(|m| m.as_str());
+            decode_message(routing_key, &d.data, message_id)
+                .map_err(|e| (RejectReason::of(&e), e.to_string()))
+        };
+        let event = match decoded {
+            Ok(e) => e,
+            Err((reason, text)) => {
+                self.dead_letter(d, dlx, reason, &text).await?;
+                return Ok(Handled::DeadLettered);
+            }
+        };
+        // While the backplane is known to be down, do not even deliver locally: the message
+        // is requeued anyway, and local recipients would get it again on every retry.
+        let backplane = self.hub.backplane();
+        if !backplane.is_ready() {
+            return Err(HandleError::Backplane(format!(
+                "backplane '{}' not connected",
+                backplane.name()
+            )));
+        }
+        match super::deliver(&self.hub, &event).await {
+            // Acked by the caller, batched.
+            Ok(()) => Ok(Handled::Delivered),
+            Err(e) => Err(HandleError::Backplane(e.to_string())),
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        d: &lapin::message::Delivery,
+        dlx: Option<&Channel>,
+        reason: RejectReason,
+        text: &str,
+    ) -> Result<(), HandleError> {
+        inc(&crate::metrics::METRICS.feed_rejected);
+        AMQP_METRICS.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            reason = reason.as_str(),
+            detail = %text,
+            routing_key = %d.routing_key,
+            bytes = d.data.len(),
+            "malformed RabbitMQ message dead-lettered"
+        );
+        if let Some(ch) = dlx {
+            let mut headers = d.properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                REASON_HEADER.into(),
+                AMQPValue::LongString(format!("{}: {text}", reason.as_str()).as_str().into()),
+            );
+            headers.insert(
+                "x-feedhub-routing-key".into(),
+                AMQPValue::LongString(d.routing_key.as_str().into()),
+            );
+            let props = d.properties.clone().with_headers(headers);
+            let published = async {
+                let confirm = ch
+                    .basic_publish(
+                        &self.config.dead_letter_exchange(),
+                        d.routing_key.as_str(),
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        props,
+                    )
+                    .await?;
+                confirm.await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), published).await {
+                Ok(Ok(c)) if c.is_ack() => {
+                    return d
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| HandleError::Amqp(format!("ack: {e}")));
+                }
+                Ok(Ok(_)) => tracing::warn!("dead-letter republish was nacked; rejecting"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "dead-letter republish failed; rejecting"),
+                Err(_) => tracing::warn!("dead-letter republish timed out; rejecting"),
+            }
+        }
+        d.acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(|_| ())
+            .map_err(|e| HandleError::Amqp(format!("reject: {e}")))
+    }
+}
+
+/// Backoff state across connections and channels.
+struct Backoffs {
+    /// Next reconnect delay.
+    connect: Duration,
+    /// Next delay after a backplane failure (reset by a successful delivery).
+    retry: Duration,
+    /// Whether a session ever consumed (so the next one counts as a reconnect).
+    was_connected: bool,
+}
+
+/// What became of a delivery that did not fail.
+enum Handled {
+    /// Delivered to the hub; to be acked.
+    Delivered,
+    /// Dead-lettered (already acked or rejected).
+    DeadLettered,
+}
+
+enum HandleError {
+    /// The backplane failed: nack and retry later.
+    Backplane(String),
+    /// The AMQP channel failed: reconnect.
+    Amqp(String),
+}
+
+async fn connect(url: &str) -> lapin::Result<Connection> {
+    let props = ConnectionProperties::default()
+        .with_connection_name("feedhub".into())
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current());
+    Connection::connect(url, props).await
+}
