@@ -87,6 +87,10 @@ struct Args {
     /// Churn: connect/disconnect cycles.
     #[arg(long, default_value_t = 100_000)]
     churn_cycles: usize,
+    /// Only rebuild the report from the JSON files already in `--out` (e.g. after re-running
+    /// one scenario into the same directory with `--only`).
+    #[arg(long)]
+    report_only: bool,
     /// Churn: cycles in flight.
     #[arg(long, default_value_t = 64)]
     churn_concurrency: usize,
@@ -785,8 +789,47 @@ fn build_tools(redis_url: &str, amqp_url: &str) -> anyhow::Result<Tools> {
     })
 }
 
+/// Rebuilds the report from `out/summary.json` and the per-scenario files next to it (a
+/// file replaces the summary's entry for the same scenario and server).
+fn report_only(out: &Path) -> anyhow::Result<()> {
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("summary.json")).context("reading summary.json")?,
+    )?;
+    let meta = summary["meta"].clone();
+    let mut results: Vec<Value> = summary["results"].as_array().cloned().unwrap_or_default();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.ends_with(".json") && name != "summary.json" && !name.starts_with('.')
+        })
+        .collect();
+    files.sort();
+    for f in files {
+        let entry: Value = serde_json::from_str(&std::fs::read_to_string(&f)?)?;
+        let key = (entry["scenario"].clone(), entry["server"].clone());
+        match results
+            .iter_mut()
+            .find(|r| (r["scenario"].clone(), r["server"].clone()) == key)
+        {
+            Some(slot) => *slot = entry,
+            None => results.push(entry),
+        }
+    }
+    report::write(out, &meta, &results)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.report_only {
+        report_only(&args.out)?;
+        eprintln!("rewrote {}/results.md and summary.json", args.out.display());
+        return Ok(());
+    }
+    if args.out.join("summary.json").exists() && args.only.len() < 6 {
+        eprintln!("note: {} already has results; run with --report-only afterwards to merge them", args.out.display());
+    }
     let (soft, hard) = procstat::raise_nofile();
     eprintln!("descriptor limit {soft} (hard {hard}); children inherit it");
     std::fs::create_dir_all(&args.out)?;

@@ -838,11 +838,11 @@ impl Publisher {
                 })
             }
             PublisherKind::Amqp => {
-                let conn = lapin::Connection::connect(
-                    &ctx.args.amqp_url,
-                    lapin::ConnectionProperties::default(),
-                )
-                .await?;
+                let props = lapin::ConnectionProperties::default()
+                    .with_connection_name("feedhub-loadgen".into())
+                    .with_executor(tokio_executor_trait::Tokio::current())
+                    .with_reactor(tokio_reactor_trait::Tokio::current());
+                let conn = lapin::Connection::connect(&ctx.args.amqp_url, props).await?;
                 let channel = conn.create_channel().await?;
                 // The connection must outlive the channel.
                 std::mem::forget(conn);
@@ -1369,12 +1369,17 @@ async fn scenario_churn(ctx: &Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
 /// Prints the descriptor-limit advice for this run.
 fn fd_advice(args: &Args) {
     let (soft, hard) = procstat::raise_nofile();
-    let needed = args.conns as u64 + 256;
+    // Churn holds at most `--connect-concurrency` connections at once.
+    let open = if args.scenario == Scenario::Churn {
+        args.connect_concurrency.min(args.conns)
+    } else {
+        args.conns
+    };
+    let needed = open as u64 + 256;
     if soft < needed {
         eprintln!(
-            "warning: RLIMIT_NOFILE is {soft} (hard {hard}) but {} connections need about {needed}; \
-             raise it with `ulimit -n {needed}` (or LimitNOFILE= in a systemd unit) before starting the load generator",
-            args.conns
+            "warning: RLIMIT_NOFILE is {soft} (hard {hard}) but {open} connections need about {needed}; \
+             raise it with `ulimit -n {needed}` (or LimitNOFILE= in a systemd unit) before starting the load generator"
         );
     }
     eprintln!(
