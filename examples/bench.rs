@@ -801,7 +801,10 @@ fn report_only(out: &Path) -> anyhow::Result<()> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             name.ends_with(".json") && name != "summary.json" && !name.starts_with('.')
         })
         .collect();
@@ -828,7 +831,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.out.join("summary.json").exists() && args.only.len() < 6 {
-        eprintln!("note: {} already has results; run with --report-only afterwards to merge them", args.out.display());
+        eprintln!(
+            "note: {} already has results; run with --report-only afterwards to merge them",
+            args.out.display()
+        );
     }
     let (soft, hard) = procstat::raise_nofile();
     eprintln!("descriptor limit {soft} (hard {hard}); children inherit it");
