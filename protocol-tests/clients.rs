@@ -34,13 +34,18 @@ fn server_env(server: &TestServer, protocol: &str) -> Vec<(&'static str, String)
 }
 
 async fn node_against_conformance(script: &str, protocol: &str) {
+    node_against_conformance_over(script, protocol, "WebSockets").await;
+}
+
+/// Runs `script` with the client forced to `transport` (`HttpTransportType` name).
+async fn node_against_conformance_over(script: &str, protocol: &str, transport: &str) {
     let Some(node) = external::node() else {
         return;
     };
     let server = support::start_conformance_server().await;
-    let run = node
-        .run(script, &server_env(&server, protocol), SCRIPT_TIMEOUT)
-        .await;
+    let mut env = server_env(&server, protocol);
+    env.push(("FEEDHUB_TRANSPORT", transport.to_string()));
+    let run = node.run(script, &env, SCRIPT_TIMEOUT).await;
     drop(server);
     run.assert_success();
 }
@@ -85,6 +90,33 @@ async fn js_conformance_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_conformance_messagepack() {
     node_against_conformance("conformance.mjs", "messagepack").await;
+}
+
+/// The conformance suite with the client forced to Server-Sent Events (JSON; SSE is
+/// Text-only). skipNegotiation checks are skipped with their reason printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_conformance_sse_json() {
+    node_against_conformance_over("conformance.mjs", "json", "ServerSentEvents").await;
+}
+
+/// The conformance suite over Long Polling with JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_conformance_long_polling_json() {
+    node_against_conformance_over("conformance.mjs", "json", "LongPolling").await;
+}
+
+/// The conformance suite over Long Polling with MessagePack (binary poll and POST bodies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_conformance_long_polling_messagepack() {
+    node_against_conformance_over("conformance.mjs", "messagepack", "LongPolling").await;
+}
+
+/// `@aspnet/signalr` 1.1.4 (negotiate v0: the id is the connection id) over Long Polling
+/// and over Server-Sent Events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_aspnet_signalr_1x_http_transports() {
+    node_against_conformance_over("aspnet1.mjs", "json", "LongPolling").await;
+    node_against_conformance_over("aspnet1.mjs", "json", "ServerSentEvents").await;
 }
 
 /// The old `@aspnet/signalr` 1.1.4 client (negotiate version 0).

@@ -996,9 +996,16 @@ async fn measure(instances: usize, label: &str, backplane: impl Fn() -> Backplan
     }
     let prefix = unique_prefix("u");
     let total = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for u in 0..USERS {
-        let c = nodes[u % instances].client(&format!("{prefix}-{u}")).await;
+        clients.push(nodes[u % instances].client(&format!("{prefix}-{u}")).await);
+    }
+
+    topo.publish_many(&events(&prefix, USERS, 0..EVENTS)).await;
+    // Receivers start now: every wait for a frame is bounded, and nothing flows before the
+    // consumers start.
+    let mut tasks = Vec::new();
+    for c in clients {
         // One consumer keeps per-user order; competing consumers (two instances) do not.
         tasks.push(tokio::spawn(count_receipts(
             c,
@@ -1007,8 +1014,6 @@ async fn measure(instances: usize, label: &str, backplane: impl Fn() -> Backplan
             instances == 1,
         )));
     }
-
-    topo.publish_many(&events(&prefix, USERS, 0..EVENTS)).await;
     let started = Instant::now();
     for n in &nodes {
         n.start_consuming();

@@ -25,6 +25,8 @@ use crate::auth::Authenticator;
 use crate::backplane::memory::{MemoryBackplane, MemoryBus};
 use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, Inbox};
+use crate::demo::store::{MemoryStore, PostStore};
+use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
 use crate::http::negotiate::Tokens;
 use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 
@@ -85,12 +87,17 @@ pub struct AppState {
     pub(crate) hubs: HashMap<String, Arc<HubLifetime>>,
     pub(crate) auth: Authenticator,
     pub(crate) tokens: Tokens,
+    pub(crate) connections: crate::http::connections::Connections,
     pub(crate) config: ServerConfig,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
     pub(crate) feed_hub: Option<Arc<HubLifetime>>,
     pub(crate) demo_page: String,
+    /// Resume slots of this node's stateful connections and relayed transports
+    /// (no sticky sessions, see `http::relay`).
+    pub(crate) router: Arc<crate::http::relay::Router>,
+    pub(crate) demo: Option<Arc<DemoService>>,
 }
 
 /// Builds a [`Server`].
@@ -99,6 +106,9 @@ pub struct ServerBuilder {
     hubs: Vec<HubDefinition>,
     backplane: Option<BackplaneFactory>,
     demo_page: String,
+    demo_store: Option<Arc<dyn PostStore>>,
+    demo_publisher: Option<Arc<dyn FeedPublisher>>,
+    demo_users: Directory,
     extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
 }
 
@@ -109,7 +119,10 @@ impl ServerBuilder {
             config,
             hubs: Vec::new(),
             backplane: None,
-            demo_page: include_str!("../js-client-demo/index.html").to_string(),
+            demo_page: crate::demo::INDEX_HTML.to_string(),
+            demo_store: None,
+            demo_publisher: None,
+            demo_users: Directory::standard(),
             extra_ready: Vec::new(),
         }
     }
@@ -154,6 +167,25 @@ impl ServerBuilder {
         self
     }
 
+    /// Where the demo post service stores posts (default: in memory, this instance only).
+    pub fn demo_store(mut self, store: Arc<dyn PostStore>) -> Self {
+        self.demo_store = Some(store);
+        self
+    }
+
+    /// How the demo post service publishes feed events (default: the in-memory path,
+    /// `ingest::deliver` on the feed hub).
+    pub fn demo_publisher(mut self, publisher: Arc<dyn FeedPublisher>) -> Self {
+        self.demo_publisher = Some(publisher);
+        self
+    }
+
+    /// The demo users (default [`Directory::standard`]: 1001 Alice, 1002 Bob, 1003 Carol).
+    pub fn demo_users(mut self, directory: Directory) -> Self {
+        self.demo_users = directory;
+        self
+    }
+
     /// Binds the listener, starts the hubs and the backplane, and begins serving.
     pub async fn start(self) -> anyhow::Result<Server> {
         let config = self.config;
@@ -182,11 +214,47 @@ impl ServerBuilder {
             hubs.insert(lifetime.definition().path.clone(), lifetime);
         }
         let hub_list: Arc<Vec<Arc<HubLifetime>>> = Arc::new(hubs.values().cloned().collect());
+        let router = crate::http::relay::Router::new(config.node_id.clone(), backplane.clone());
         for rx in receivers {
-            tokio::spawn(dispatch_worker(rx, hub_list.clone()));
+            tokio::spawn(dispatch_worker(rx, hub_list.clone(), router.clone()));
+        }
+        if let Err(e) = backplane.subscribe(&[router.channel()]).await {
+            // As with the hub channels: keep trying in the background (relays to this node
+            // fail, and clients start over, until it is active).
+            tracing::warn!(error = %e, "node channel subscribe failed; retrying");
+            let (backplane, channel) = (backplane.clone(), router.channel());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if backplane
+                        .subscribe(std::slice::from_ref(&channel))
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            });
         }
 
         let feed_hub = config.feed_hub.as_ref().and_then(|p| hubs.get(p).cloned());
+        // The demo post service runs only where demo identities do.
+        let demo = match (&feed_hub, config.dev_identities) {
+            (Some(hub), true) => {
+                let store = self.demo_store.unwrap_or_else(|| {
+                    Arc::new(MemoryStore::new(crate::demo::MEMORY_STORE_CAPACITY))
+                });
+                let publisher = self
+                    .demo_publisher
+                    .unwrap_or_else(|| Arc::new(HubPublisher::new(hub.clone())));
+                Some(Arc::new(DemoService::new(
+                    store,
+                    publisher,
+                    self.demo_users,
+                )))
+            }
+            _ => None,
+        };
         let token_key = match &config.jwt_secret {
             // Nodes sharing the JWT secret accept each other's connection tokens.
             Some(s) => format!("feedhub-connection-token:{s}").into_bytes(),
@@ -217,12 +285,15 @@ impl ServerBuilder {
             hubs,
             auth: Authenticator::new(config.jwt_secret.as_deref()),
             tokens: Tokens::new(&token_key),
+            connections: crate::http::connections::Connections::new(),
             config,
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
             ready,
             feed_hub,
             demo_page: self.demo_page,
+            router: router.clone(),
+            demo,
         });
         if state.auth.is_development() {
             tracing::warn!(
@@ -254,8 +325,16 @@ async fn retry_hub_start(hub: Arc<HubLifetime>, shutdown: CancellationToken) {
     }
 }
 
-async fn dispatch_worker(mut rx: mpsc::Receiver<Delivery>, hubs: Arc<Vec<Arc<HubLifetime>>>) {
+async fn dispatch_worker(
+    mut rx: mpsc::Receiver<Delivery>,
+    hubs: Arc<Vec<Arc<HubLifetime>>>,
+    router: Arc<crate::http::relay::Router>,
+) {
     while let Some(d) = rx.recv().await {
+        if let crate::backplane::BackplanePayload::Relay(frame) = &d.message.payload {
+            router.on_frame(frame);
+            continue;
+        }
         for hub in hubs.iter() {
             if let Some(target) = hub.scheme().parse(&d.channel) {
                 hub.on_delivery(&target, &d.message);

@@ -19,6 +19,8 @@ pub fn feed_hub() -> HubDefinition {
             o.require_auth = true;
             o.user_channels = UserChannelStyle::Plain("feed-".to_string());
             o.feed_target = FEED_TARGET.to_string();
+            // A feed must not lose events over a network blip: resume on a new socket.
+            o.stateful_reconnect = true;
         })
         // Lets a page show who it is connected as (and check the connection end to end).
         .method("WhoAmI", |ctx: HubContext, (): ()| async move {

@@ -17,6 +17,7 @@
 //! - [`ingest`]: feed events from the HTTP publish API and RabbitMQ ([`ingest::amqp`]).
 //! - [`http`]: hyper routing: negotiate, the WebSocket upgrade, health, metrics, CORS.
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
+//! - [`demo`]: the feed page's assets and its post service (development identities only).
 //!
 //! # Data path
 //! A feed event (`POST /api/feed` or a RabbitMQ message) is decoded by
@@ -36,6 +37,7 @@ pub mod app;
 pub mod auth;
 pub mod backplane;
 pub mod connection;
+pub mod demo;
 pub mod feed;
 pub mod http;
 pub mod hub;

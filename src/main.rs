@@ -3,8 +3,12 @@
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use clap::Parser;
 use feedhub::backplane::redis::RedisConfig;
+use feedhub::demo::amqp_publisher::AmqpPublisher;
+use feedhub::demo::redis_store::RedisStore;
 use feedhub::ingest::amqp::{self, AmqpConfig, AmqpIngest};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
@@ -73,9 +77,10 @@ async fn main() -> anyhow::Result<()> {
         cors_origins: args.cors_origin,
         dev_identities: development || args.dev_identities,
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
-        channel_prefix: Some(args.channel_prefix),
+        channel_prefix: Some(args.channel_prefix.clone()),
         ..ServerConfig::default()
     };
+    let dev_identities = config.dev_identities;
     let max_publish_body = config.max_publish_body;
     let ingest = args.amqp_url.map(|url| {
         AmqpIngest::new(AmqpConfig {
@@ -93,6 +98,20 @@ async fn main() -> anyhow::Result<()> {
     if let Some(redis) = redis {
         tracing::info!(redis = %redis.address(), "using the Redis backplane");
         builder = builder.redis(redis);
+    }
+    if let (Some(url), true) = (&args.redis_url, dev_identities) {
+        // The demo's posts in the same Redis, so every instance serves the same history.
+        let store = RedisStore::new(url, &format!("{}:demo:", args.channel_prefix))
+            .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+        builder = builder.demo_store(Arc::new(store));
+    }
+    if let (Some(ingest), true) = (&ingest, dev_identities) {
+        // The demo's posts go to the FeedUpdate exchange, like any post service's.
+        let c = ingest.config();
+        builder = builder.demo_publisher(Arc::new(AmqpPublisher::new(
+            c.url.clone(),
+            c.exchange.clone(),
+        )));
     }
     let server = builder.start().await?;
     tracing::info!(

@@ -53,6 +53,12 @@ pub struct Metrics {
     pub feed_events: AtomicU64,
     /// Feed events rejected as malformed.
     pub feed_rejected: AtomicU64,
+    /// Stateful connections resumed on a new transport.
+    pub stateful_resumes: AtomicU64,
+    /// Messages written again after a stateful resume.
+    pub stateful_resent: AtomicU64,
+    /// Transports relayed to the owning node (requests that landed on another node).
+    pub relays_opened: AtomicU64,
 }
 
 /// The process's metrics.
@@ -78,6 +84,9 @@ pub static METRICS: Metrics = Metrics {
     backplane_malformed: AtomicU64::new(0),
     feed_events: AtomicU64::new(0),
     feed_rejected: AtomicU64::new(0),
+    stateful_resumes: AtomicU64::new(0),
+    stateful_resent: AtomicU64::new(0),
+    relays_opened: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -143,6 +152,24 @@ impl Metrics {
             "feedhub_slow_consumer_closes_total",
             "Connections closed as slow consumers.",
             &self.slow_consumer_closes,
+        );
+        counter(
+            &mut out,
+            "feedhub_stateful_resumes_total",
+            "Stateful connections resumed on a new transport.",
+            &self.stateful_resumes,
+        );
+        counter(
+            &mut out,
+            "feedhub_stateful_resent_total",
+            "Messages resent after a stateful resume.",
+            &self.stateful_resent,
+        );
+        counter(
+            &mut out,
+            "feedhub_relays_opened_total",
+            "Transports relayed to the owning node (no sticky sessions).",
+            &self.relays_opened,
         );
         counter(
             &mut out,

@@ -2,6 +2,7 @@
 // feedhub's /testhub. It speaks negotiate version 0: it sends no
 // negotiateVersion, expects no connectionToken and connects with
 // ?id=<connectionId>; over WebSockets in Node the token goes in ?access_token=.
+// FEEDHUB_TRANSPORT (WebSockets | ServerSentEvents | LongPolling) picks the transport.
 
 import assert from "node:assert/strict";
 
@@ -14,6 +15,12 @@ const signalR = require("@aspnet/signalr");
 const BASE_URL = env("FEEDHUB_URL").replace(/\/+$/, "");
 const JWT_SECRET = env("FEEDHUB_JWT_SECRET");
 const TESTHUB = `${BASE_URL}/testhub`;
+const TRANSPORT_NAME = env("FEEDHUB_TRANSPORT", "WebSockets");
+const TRANSPORT = signalR.HttpTransportType[TRANSPORT_NAME];
+if (TRANSPORT === undefined) {
+    console.error(`unknown FEEDHUB_TRANSPORT '${TRANSPORT_NAME}'`);
+    process.exit(2);
+}
 
 const T_CALL = 5000;
 const T_START = 10000;
@@ -39,7 +46,7 @@ class SpyHttpClient extends signalR.DefaultHttpClient {
     }
 }
 
-function build(t, { token, transport = signalR.HttpTransportType.WebSockets } = {}) {
+function build(t, { token, transport = TRANSPORT } = {}) {
     const httpClient = new SpyHttpClient(t.logger);
     const options = { transport, logger: t.logger, logMessageContent: true, httpClient };
     if (token !== undefined) {
@@ -64,7 +71,7 @@ function call(c, method, ...args) {
     return withTimeout(c.invoke(method, ...args), T_CALL, `invoke ${method}`);
 }
 
-const runner = new Runner("@aspnet/signalr 1.1.4 (negotiate v0)");
+const runner = new Runner(`@aspnet/signalr 1.1.4 (negotiate v0, ${TRANSPORT_NAME})`);
 const test = (name, fn, opts) => runner.test(name, fn, opts);
 
 test("negotiate v0: no negotiateVersion sent, connectionId and no connectionToken returned", async (t) => {
@@ -93,7 +100,7 @@ test("Echo round-trips", async (t) => {
     const c = await connect(t);
     const message = "你好，世界！";
     assert.equal(await call(c, "Echo", message), message);
-    assert.equal(await call(c, "GetActiveTransportName"), "WebSockets");
+    assert.equal(await call(c, "GetActiveTransportName"), TRANSPORT_NAME);
 });
 
 test("InvokeWithString pushes Message", async (t) => {

@@ -1,6 +1,8 @@
 // Conformance of feedhub's /testhub and /authorizedhub against the official
 // @microsoft/signalr client, run once per hub protocol (FEEDHUB_PROTOCOL =
-// json | messagepack). Modelled on ASP.NET Core's own TS client functional
+// json | messagepack) and transport (FEEDHUB_TRANSPORT = WebSockets |
+// ServerSentEvents | LongPolling; default WebSockets). Checks that only make
+// sense on one transport are skipped on the others with the reason printed. Modelled on ASP.NET Core's own TS client functional
 // tests (HubConnectionTests.ts against FunctionalTests/TestHub.cs).
 
 import assert from "node:assert/strict";
@@ -20,6 +22,19 @@ if (PROTOCOL !== "json" && PROTOCOL !== "messagepack") {
     process.exit(2);
 }
 const IS_MSGPACK = PROTOCOL === "messagepack";
+const TRANSPORT_NAME = env("FEEDHUB_TRANSPORT", "WebSockets");
+const TRANSPORT = signalR.HttpTransportType[TRANSPORT_NAME];
+if (TRANSPORT === undefined || TRANSPORT_NAME === "None") {
+    console.error(`FEEDHUB_TRANSPORT must be WebSockets, ServerSentEvents or LongPolling, not '${TRANSPORT_NAME}'`);
+    process.exit(2);
+}
+if (IS_MSGPACK && TRANSPORT_NAME === "ServerSentEvents") {
+    console.error("MessagePack cannot run over Server-Sent Events (Text only)");
+    process.exit(2);
+}
+const IS_WS = TRANSPORT_NAME === "WebSockets";
+/** Skip reason for checks of skipNegotiation, which exists only for WebSockets. */
+const WS_ONLY = IS_WS ? null : `WebSockets only: skipNegotiation requires the WebSockets transport (running ${TRANSPORT_NAME})`;
 const TESTHUB = `${BASE_URL}/testhub`;
 const AUTHHUB = `${BASE_URL}/authorizedhub`;
 
@@ -35,7 +50,7 @@ function protocol() {
 /** Builds (not starts) a HubConnection; stop() is registered as cleanup. */
 function build(t, { url = TESTHUB, token, options = {}, reconnect = false } = {}) {
     const httpOptions = {
-        transport: signalR.HttpTransportType.WebSockets,
+        transport: TRANSPORT,
         logMessageContent: true,
         logger: t.logger,
         ...options,
@@ -79,16 +94,16 @@ function collect(connection, method, ...args) {
     return withTimeout(done.promise, T_CALL, `stream ${method}`);
 }
 
-const runner = new Runner(`conformance (${PROTOCOL})`);
+const runner = new Runner(`conformance (${PROTOCOL}, ${TRANSPORT_NAME})`);
 const test = (name, fn, opts) => runner.test(name, fn, opts);
 
 // ---------------------------------------------------------------- basics
 
-test("connects over WebSockets, Echo round-trips unicode", async (t) => {
+test(`connects over ${TRANSPORT_NAME}, Echo round-trips unicode`, async (t) => {
     const c = await connect(t);
     const message = "你好，世界！ — emoji 🎉 and \"quotes\" \\ \u0000 end";
     assert.equal(await call(c, "Echo", message), message);
-    assert.equal(await call(c, "GetActiveTransportName"), "WebSockets");
+    assert.equal(await call(c, "GetActiveTransportName"), TRANSPORT_NAME);
 });
 
 test("hub method names are case-insensitive", async (t) => {
@@ -386,7 +401,7 @@ test("edge-case strings round-trip through Echo", async (t) => {
 
 // ---------------------------------------------------------------- HTTP context
 
-test("GetContentTypeHeader is null for a WebSocket connect request", async (t) => {
+test("GetContentTypeHeader is null for the connect request (a GET)", async (t) => {
     const c = await connect(t);
     assert.equal(await call(c, "GetContentTypeHeader"), null);
 });
@@ -635,7 +650,7 @@ test("Disconnect(true) without automatic reconnect closes the connection", async
 
 test("withStatefulReconnect: a server that does not offer it still connects normally", async (t) => {
     const c = new signalR.HubConnectionBuilder()
-        .withUrl(TESTHUB, { transport: signalR.HttpTransportType.WebSockets, logger: t.logger, logMessageContent: true })
+        .withUrl(TESTHUB, { transport: TRANSPORT, logger: t.logger, logMessageContent: true })
         .withHubProtocol(protocol())
         .withStatefulReconnect()
         .configureLogging(t.logger)
@@ -662,7 +677,12 @@ if (!IS_MSGPACK) {
         assert.deepEqual(closed.map((e) => e && e.message), [], "the connection must not time out");
         assert.equal(c.state, signalR.HubConnectionState.Connected);
         assert.equal(await call(c, "Echo", "after idle"), "after idle");
-    }, { timeoutMs: 40000 });
+    }, {
+        timeoutMs: 40000,
+        skip: TRANSPORT_NAME === "LongPolling"
+            ? "Long Polling has inherent keep-alive: no server pings, and the client arms no server timeout"
+            : null,
+    });
 }
 
 // ---------------------------------------------------------------- skipNegotiation
@@ -677,13 +697,13 @@ test("skipNegotiation with WebSockets transport works", async (t) => {
     assert.ok(serverId.length > 0);
     assert.deepEqual(await collect(c, "Stream"), ["a", "b", "c"]);
     assert.equal(await call(c, "GetUserIdentifier"), null);
-});
+}, { skip: WS_ONLY });
 
 test("skipNegotiation passes the access token", async (t) => {
     const user = uniq("skipper");
     const c = await connect(t, { token: makeJwt(JWT_SECRET, user), options: { skipNegotiation: true } });
     assert.equal(await call(c, "GetUserIdentifier"), user);
-});
+}, { skip: WS_ONLY });
 
 test("skipNegotiation + automatic reconnect survives Disconnect(true)", async (t) => {
     const c = build(t, { reconnect: true, options: { skipNegotiation: true } });
@@ -693,7 +713,7 @@ test("skipNegotiation + automatic reconnect survives Disconnect(true)", async (t
     await withTimeout(c.send("Disconnect", true), T_CALL, "send Disconnect(true)");
     assert.equal(await withTimeout(reconnected.promise, T_START, "onreconnected"), undefined);
     assert.equal(await call(c, "Echo", "test"), "test");
-});
+}, { skip: WS_ONLY });
 
 // ---------------------------------------------------------------- authentication
 
@@ -739,7 +759,7 @@ test("/authorizedhub: skipNegotiation without a token is refused", async (t) => 
     const err = await rejectsWith(c.start(), T_START, "start without token");
     t.log(`start error: ${err.message}`);
     assert.equal(c.state, signalR.HubConnectionState.Disconnected);
-});
+}, { skip: WS_ONLY });
 
 test("/authorizedhub: a valid token connects; Echo and GetUserIdentifier work", async (t) => {
     const user = uniq("authorized");

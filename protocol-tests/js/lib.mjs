@@ -127,8 +127,9 @@ export class Runner {
         });
     }
 
-    test(name, fn, { timeoutMs = 20000 } = {}) {
-        this.tests.push({ name, fn, timeoutMs });
+    /** `skip`: a reason string; the test is not run and the reason is printed. */
+    test(name, fn, { timeoutMs = 20000, skip = null } = {}) {
+        this.tests.push({ name, fn, timeoutMs, skip });
     }
 
     async run() {
@@ -136,10 +137,16 @@ export class Runner {
         const verbose = process.env.FEEDHUB_VERBOSE === "1";
         let passed = 0;
         let failed = 0;
+        let skipped = 0;
         const failures = [];
         console.log(`# ${this.suite}: running ${this.tests.length} tests against ${process.env.FEEDHUB_URL}`);
         for (const test of this.tests) {
             if (only && !test.name.includes(only)) {
+                continue;
+            }
+            if (test.skip) {
+                skipped += 1;
+                console.log(`skip ${test.name}: ${test.skip}`);
                 continue;
             }
             const lines = [];
@@ -201,7 +208,7 @@ export class Runner {
         for (const f of failures) {
             console.log(`FAILED: ${f.name}: ${firstLine(f.error)}`);
         }
-        console.log(`${passed} passed, ${failed} failed`);
+        console.log(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped (reasons above)` : ""}`);
         // Exit explicitly: a failed test may leave sockets or timers behind.
         process.exit(failed === 0 ? 0 : 1);
     }

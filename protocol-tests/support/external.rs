@@ -368,7 +368,7 @@ pub fn node() -> Option<Runtime> {
     static READY: OnceLock<Result<Runtime, String>> = OnceLock::new();
     let result = READY.get_or_init(|| {
         let _guard = setup_mutex().lock().unwrap_or_else(|e| e.into_inner());
-        prepare_node()
+        prepare_node(js_dir(), ".feedhub-npm-ci.lock")
     });
     match result {
         Ok(rt) => Some(rt.clone()),
@@ -376,7 +376,46 @@ pub fn node() -> Option<Runtime> {
     }
 }
 
-fn prepare_node() -> Result<Runtime, String> {
+/// Node with the demo page's build dependencies (`js-client-demo`: esbuild and the SignalR
+/// packages) installed, or `None` (skipped).
+pub fn demo_node() -> Option<Runtime> {
+    static READY: OnceLock<Result<Runtime, String>> = OnceLock::new();
+    let result = READY.get_or_init(|| {
+        let _guard = setup_mutex().lock().unwrap_or_else(|e| e.into_inner());
+        prepare_node(
+            repo_root().join("js-client-demo"),
+            ".feedhub-demo-npm-ci.lock",
+        )
+    });
+    match result {
+        Ok(rt) => Some(rt.clone()),
+        Err(reason) => unavailable("the demo page build (node + npm)", reason),
+    }
+}
+
+/// Chromium for the browser tests (`FEEDHUB_CHROMIUM`, default `/usr/bin/chromium`), or
+/// `None` (skipped; a failure under `CI=true`). `.ci/run` installs it with apt.
+pub fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("FEEDHUB_CHROMIUM")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    if !path.exists() {
+        return unavailable(
+            "Chromium (browser tests)",
+            &format!("{} not found (apt-get install chromium)", path.display()),
+        );
+    }
+    match version_of(path.as_os_str()) {
+        Ok(v) => {
+            println!("{v}");
+            Some(path)
+        }
+        Err(reason) => unavailable("Chromium (browser tests)", &reason),
+    }
+}
+
+fn prepare_node(dir: PathBuf, lock_name: &str) -> Result<Runtime, String> {
     let node = PathBuf::from("node");
     let version = version_of(node.as_os_str())?;
     println!("node {version}");
@@ -389,7 +428,6 @@ fn prepare_node() -> Result<Runtime, String> {
     if major < 18 {
         return Err(format!("node {version} is too old (need >= 18)"));
     }
-    let dir = js_dir();
     let lock_file = dir.join("package-lock.json");
     let installed_marker = dir.join("node_modules").join(".package-lock.json");
     let needs_install = |marker: &Path| match (mtime(marker), mtime(&lock_file)) {
@@ -399,14 +437,14 @@ fn prepare_node() -> Result<Runtime, String> {
     if needs_install(&installed_marker) {
         let npm = PathBuf::from("npm");
         version_of(npm.as_os_str())?;
-        let _lock = DirLock::acquire(target_dir().join(".feedhub-npm-ci.lock"), INSTALL_TIMEOUT)
+        let _lock = DirLock::acquire(target_dir().join(lock_name), INSTALL_TIMEOUT)
             .map_err(|e| format!("npm lock: {e}"))?;
         // Another process may have installed while we waited for the lock.
         if needs_install(&installed_marker) {
             let mut cmd = Command::new(&npm);
             cmd.args(["ci", "--no-audit", "--no-fund", "--prefer-offline"])
                 .current_dir(&dir);
-            run_setup(cmd, "npm ci in protocol-tests/js")?;
+            run_setup(cmd, &format!("npm ci in {}", dir.display()))?;
         }
     }
     Ok(Runtime {

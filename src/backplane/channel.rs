@@ -7,6 +7,7 @@
 //! | a group | `<prefix>:group:<name>` |
 //! | every connection of a hub | `<prefix>:all` |
 //! | one connection | `<prefix>:conn:<connectionId>` |
+//! | one node (relay replies) | `feedhub:node:<nodeId>` ([`node_channel`]) |
 //!
 //! `<prefix>` is `<channel prefix>:<hub path>` (for example `feedhub:/hubs/feed`); the channel
 //! prefix is `HubOptions::channel_prefix` (default `feedhub`), so several deployments (or
@@ -44,6 +45,11 @@ impl fmt::Display for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// The channel of one node: relayed transport bytes addressed to it.
+pub fn node_channel(node_id: &str) -> Channel {
+    Channel::new(&format!("feedhub:node:{node_id}"))
 }
 
 /// How a user's channel is named for one hub.

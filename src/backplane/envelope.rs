@@ -16,6 +16,7 @@
 //! | 1 raw JSON | `json: str` |
 //! | 2 group | `connection: str`, `group: str`, `add: bool` |
 //! | 3 close | `connection: str`, `error: str or nil` |
+//! | 4 relay | `relay: uint`, `sub: uint`, then by `sub`: 0 open `connection: str, reply_node: str`; 1 opened `owner: str`; 2 data `seq: uint, data: bin, binary: bool`; 3 close (nothing) |
 //!
 //! An argument keeps its original encoding: `enc` 0 is followed by a `str` holding JSON
 //! text, `enc` 1 by the MessagePack value itself (inline, sliced out without copying on
@@ -25,7 +26,7 @@
 
 use bytes::Bytes;
 
-use super::{BackplaneMessage, BackplanePayload};
+use super::{BackplaneMessage, BackplanePayload, RelayFrame, RelayKind};
 use crate::ids::{ConnectionId, GroupName};
 use crate::protocol::mp::{self, Reader};
 use crate::protocol::Value;
@@ -37,6 +38,7 @@ const KIND_INVOCATION: u64 = 0;
 const KIND_RAW_JSON: u64 = 1;
 const KIND_GROUP: u64 = 2;
 const KIND_CLOSE: u64 = 3;
+const KIND_RELAY: u64 = 4;
 const ENC_JSON: u64 = 0;
 const ENC_MSGPACK: u64 = 1;
 
@@ -119,8 +121,52 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
                 None => mp::write_nil(&mut out),
             }
         }
+        BackplanePayload::Relay(RelayFrame { relay, kind }) => {
+            let (sub, n) = match kind {
+                RelayKind::Open { .. } => (0, 6),
+                RelayKind::Opened { .. } => (1, 5),
+                RelayKind::Data { .. } => (2, 7),
+                RelayKind::Close => (3, 4),
+            };
+            mp::write_array_len(&mut out, n);
+            mp::write_str(&mut out, &msg.origin);
+            mp::write_uint(&mut out, KIND_RELAY);
+            mp::write_uint(&mut out, *relay);
+            mp::write_uint(&mut out, sub);
+            match kind {
+                RelayKind::Open {
+                    connection,
+                    reply_node,
+                } => {
+                    mp::write_str(&mut out, connection.as_str());
+                    mp::write_str(&mut out, reply_node);
+                }
+                RelayKind::Opened { owner } => mp::write_str(&mut out, owner),
+                RelayKind::Data { seq, data, binary } => {
+                    mp::write_uint(&mut out, *seq);
+                    write_bin(&mut out, data);
+                    mp::write_bool(&mut out, *binary);
+                }
+                RelayKind::Close => {}
+            }
+        }
     }
     Ok(out)
+}
+
+fn write_bin(out: &mut Vec<u8>, b: &[u8]) {
+    let n = b.len();
+    if n < 256 {
+        out.push(0xc4);
+        out.push(n as u8);
+    } else if n < 65_536 {
+        out.push(0xc5);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0xc6);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+    out.extend_from_slice(b);
 }
 
 fn write_json_str(out: &mut Vec<u8>, json: &[u8]) -> Result<(), EnvelopeError> {
@@ -213,6 +259,42 @@ pub fn decode(payload: Bytes) -> Result<BackplaneMessage, EnvelopeError> {
             let error = r.str_or_nil("error")?.map(str::to_string);
             BackplanePayload::CloseConnection { connection, error }
         }
+        KIND_RELAY => {
+            let relay = r.uint("relay")?;
+            let kind = match r.uint("relay kind")? {
+                0 => {
+                    expect(6)?;
+                    let connection = connection_id(r.str("connection")?)?;
+                    let reply_node = r.str("reply node")?.to_string();
+                    RelayKind::Open {
+                        connection,
+                        reply_node,
+                    }
+                }
+                1 => {
+                    expect(5)?;
+                    RelayKind::Opened {
+                        owner: r.str("owner")?.to_string(),
+                    }
+                }
+                2 => {
+                    expect(7)?;
+                    let seq = r.uint("seq")?;
+                    let data = match r.item()? {
+                        mp::Item::Bin(b) => Bytes::copy_from_slice(b),
+                        _ => return Err(EnvelopeError("relay data is not bin".to_string())),
+                    };
+                    let binary = r.bool("binary")?;
+                    RelayKind::Data { seq, data, binary }
+                }
+                3 => {
+                    expect(4)?;
+                    RelayKind::Close
+                }
+                other => return Err(EnvelopeError(format!("unknown relay kind {other}"))),
+            };
+            BackplanePayload::Relay(RelayFrame { relay, kind })
+        }
         other => return Err(EnvelopeError(format!("unknown kind {other}"))),
     };
     if r.remaining() != 0 {
@@ -228,6 +310,33 @@ fn connection_id(s: &str) -> Result<ConnectionId, EnvelopeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_frames_round_trip() {
+        let kinds = vec![
+            RelayKind::Open {
+                connection: ConnectionId::new("c1").unwrap(),
+                reply_node: "node-b".into(),
+            },
+            RelayKind::Opened {
+                owner: "node-a".into(),
+            },
+            RelayKind::Data {
+                seq: 7,
+                data: Bytes::from(vec![0x1e; 70_000]),
+                binary: true,
+            },
+            RelayKind::Close,
+        ];
+        for kind in kinds {
+            let msg = BackplaneMessage {
+                origin: "node-a".into(),
+                payload: BackplanePayload::Relay(RelayFrame { relay: 42, kind }),
+            };
+            let back = round_trip(msg.clone());
+            assert_eq!(format!("{back:?}"), format!("{msg:?}"));
+        }
+    }
 
     fn round_trip(msg: BackplaneMessage) -> BackplaneMessage {
         let bytes = encode(&msg).expect("encode");

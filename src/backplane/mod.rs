@@ -70,6 +70,48 @@ pub enum BackplanePayload {
         /// Close error text.
         error: Option<String>,
     },
+    /// A transport relayed between the node a client's request landed on and the node that
+    /// owns the connection (no sticky sessions; see `http::relay`).
+    Relay(RelayFrame),
+}
+
+/// One message of a relayed transport.
+#[derive(Debug, Clone)]
+pub struct RelayFrame {
+    /// The relay's id (chosen by the node the client is connected to).
+    pub relay: u64,
+    /// What it carries.
+    pub kind: RelayKind,
+}
+
+/// Relay message kinds.
+#[derive(Debug, Clone)]
+pub enum RelayKind {
+    /// Client node → owner, on the connection's channel: attach a transport to
+    /// `connection`; answer on `reply_node`'s node channel.
+    Open {
+        /// The connection.
+        connection: ConnectionId,
+        /// The node the client is connected to.
+        reply_node: String,
+    },
+    /// Owner → client node: the answer to `Open` (`owner`: the owner's node id, or empty
+    /// when the connection is not resumable there).
+    Opened {
+        /// The owning node, empty when refused.
+        owner: String,
+    },
+    /// Bytes, in order (`seq` starts at 1 in each direction; a gap closes the relay).
+    Data {
+        /// Sequence number.
+        seq: u64,
+        /// Transport bytes.
+        data: Bytes,
+        /// Binary (MessagePack) rather than text: the WebSocket frame type to use.
+        binary: bool,
+    },
+    /// Either side ended the relay.
+    Close,
 }
 
 /// Backplane failures.

@@ -190,11 +190,36 @@ impl Outbound {
         }
     }
 
+    /// Waits until a close is requested and returns it, leaving queued frames in place. The
+    /// session waits on this instead of [`Outbound::next`] while it may not drain (a stateful
+    /// connection without a transport, or with a full replay buffer): a close request (the
+    /// slow-consumer policy, an app abort) must still end the connection.
+    pub async fn closing(&self) -> CloseRequest {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if let Some(req) = st.close.take() {
+                    st.closed = true;
+                    return req;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Takes what is queued, waiting until there is something. Frames come before a
     /// pending close, so a Completion queued before a Close still reaches the client.
     pub async fn next(&self, max_batch_bytes: usize) -> Outgoing {
+        self.next_limited(max_batch_bytes, usize::MAX).await
+    }
+
+    /// [`Outbound::next`] taking at most `max_frames` frames (at least one).
+    pub async fn next_limited(&self, max_batch_bytes: usize, max_frames: usize) -> Outgoing {
         loop {
-            if let Some(out) = self.try_next(max_batch_bytes) {
+            if let Some(out) = self.try_next_limited(max_batch_bytes, max_frames) {
                 return out;
             }
             self.notify.notified().await;
@@ -203,12 +228,19 @@ impl Outbound {
 
     /// Non-waiting form of [`Outbound::next`].
     pub fn try_next(&self, max_batch_bytes: usize) -> Option<Outgoing> {
+        self.try_next_limited(max_batch_bytes, usize::MAX)
+    }
+
+    /// Non-waiting form of [`Outbound::next_limited`].
+    pub fn try_next_limited(&self, max_batch_bytes: usize, max_frames: usize) -> Option<Outgoing> {
         let mut st = self.lock();
         if !st.items.is_empty() {
             let mut batch = Vec::new();
             let mut size = 0;
             while let Some(front) = st.items.front() {
-                if !batch.is_empty() && size + front.len() > max_batch_bytes {
+                if !batch.is_empty()
+                    && (size + front.len() > max_batch_bytes || batch.len() >= max_frames)
+                {
                     break;
                 }
                 size += front.len();

@@ -1,42 +1,56 @@
 //! The HTTP face of the server, on hyper 1: routing, negotiate, the WebSocket upgrade,
 //! health and metrics, the publish API, CORS. It parses requests and hands upgraded sockets
-//! to `session::run`; it holds no hub state of its own.
+//! to the transports; the only state it keeps is the table of live transports
+//! ([`connections`]).
 //!
 //! | route | what |
 //! |---|---|
 //! | `POST {hub}/negotiate` | [`negotiate`]: connection id and token, transports |
 //! | `GET {hub}` + `Upgrade: websocket` | the WebSocket transport (with `id=`, or without negotiate: `skipNegotiation`) |
+//! | `GET {hub}?id=` + `Accept: text/event-stream` | Server-Sent Events ([`transports`]) |
+//! | `GET`, `POST`, `DELETE {hub}?id=` | long polls, sends, Long Polling end ([`transports`]) |
 //! | `POST /api/feed` | publish a feed event (`Authorization: Bearer <api key>`) |
 //! | `POST /dev/token?user=ID` | development mode only: a token for a demo user |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness (backplane and ingest connected), Prometheus text |
-//! | `GET /` | the demo page |
+//! | `GET /`, `/app.js`, `/app.css` | the demo page ([`crate::demo`]) |
+//! | `/demo/users`, `/demo/feed`, `/demo/posts` | the demo's post service, with development identities only ([`crate::demo`]) |
 
+pub mod connections;
 pub mod negotiate;
+pub mod relay;
+pub mod transports;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::app::AppState;
 use crate::auth::{token_from_request, AuthError, Identity};
-use crate::connection::{RequestInfo, TransportKind};
+use crate::connection::RequestInfo;
 use crate::hub::HubLifetime;
-use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
-use crate::session::{self, SessionParams};
-use negotiate::{requested_version, AvailableTransport, NegotiateResponse, TokenError};
+use negotiate::{
+    requested_version, wants_stateful_reconnect, AvailableTransport, NegotiateResponse,
+};
 
-/// Response body type.
-pub type Body = Full<Bytes>;
+/// Response body type: whole bodies, or a stream (Server-Sent Events).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(msg.into())));
+    let mut r = Response::new(full(msg.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -45,8 +59,18 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// A `text/plain` response (also used by [`crate::demo`]).
+pub(crate) fn text_response(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    text(status, msg)
+}
+
+/// A non-cacheable `application/json` response (also used by [`crate::demo`]).
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    json(status, body)
+}
+
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(
@@ -147,13 +171,13 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         }
         "/api/feed" => return publish(state, req).await,
         "/dev/token" => return dev_token(state, &req),
-        "/" if req.method() == Method::GET => {
-            let mut r = text(StatusCode::OK, state.demo_page.clone());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            return r;
+        "/" | "/app.js" | "/app.css" if req.method() == Method::GET => {
+            if let Some(r) = crate::demo::asset(&path, &state.demo_page) {
+                return r;
+            }
+        }
+        p if p.starts_with("/demo/") => {
+            return crate::demo::handle(state.demo.as_deref(), &state.auth, p, req).await;
         }
         _ => {}
     }
@@ -163,7 +187,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         }
     }
     if let Some(hub) = state.hubs.get(path.as_str()).cloned() {
-        return connect(state, hub, req);
+        return connect(state, hub, req).await;
     }
     text(StatusCode::NOT_FOUND, "Not Found")
 }
@@ -211,8 +235,13 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         }
     };
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
+    // Stateful reconnect needs a token (v1) and a hub that allows it (ASP.NET's
+    // `AllowStatefulReconnects`); the flag travels signed inside the token.
+    let stateful = version >= 1
+        && hub.definition().options.stateful_reconnect
+        && wants_stateful_reconnect(req.uri().query().unwrap_or(""));
     let (connection_id, connection_token) = if version >= 1 {
-        let (id, token) = state.tokens.issue(user);
+        let (id, token) = state.tokens.issue_with(user, stateful);
         (id, Some(token))
     } else {
         (state.tokens.issue_v0(), None)
@@ -221,15 +250,37 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         negotiate_version: version,
         connection_id: connection_id.to_string(),
         connection_token,
-        available_transports: vec![AvailableTransport {
-            transport: "WebSockets",
-            transfer_formats: vec!["Text", "Binary"],
-        }],
+        available_transports: available_transports(&hub.definition().options.transports),
+        use_stateful_reconnect: stateful,
     };
     json(
         StatusCode::OK,
         serde_json::to_vec(&body).unwrap_or_default(),
     )
+}
+
+/// The transports negotiate lists, in ASP.NET's order (the client tries them in order).
+fn available_transports(allowed: &crate::hub::Transports) -> Vec<AvailableTransport> {
+    let mut out = Vec::with_capacity(3);
+    if allowed.websockets {
+        out.push(AvailableTransport {
+            transport: "WebSockets",
+            transfer_formats: vec!["Text", "Binary"],
+        });
+    }
+    if allowed.server_sent_events {
+        out.push(AvailableTransport {
+            transport: "ServerSentEvents",
+            transfer_formats: vec!["Text"],
+        });
+    }
+    if allowed.long_polling {
+        out.push(AvailableTransport {
+            transport: "LongPolling",
+            transfer_formats: vec!["Text", "Binary"],
+        });
+    }
+    out
 }
 
 fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
@@ -244,115 +295,55 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }
 
-fn connect(
+/// A request on the hub path: one of the three transports, a send, or a delete
+/// (see [`transports`]). Every request is authenticated, and a token only works for the
+/// user it was issued to.
+async fn connect(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_string();
     let id_param = form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "id")
-        .map(|(_, v)| v.into_owned());
-    if !is_websocket_upgrade(&req) {
-        return match (req.method().clone(), id_param) {
-            (_, None) => text(StatusCode::BAD_REQUEST, "Connection ID required"),
-            (Method::POST, Some(_)) => text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "POST requests are not allowed for WebSocket connections.",
-            ),
-            (Method::DELETE, Some(_)) => text(
-                StatusCode::BAD_REQUEST,
-                "Cannot terminate this connection using the DELETE endpoint.",
-            ),
-            (_, Some(_)) => text(
-                StatusCode::BAD_REQUEST,
-                "This server offers only the WebSockets transport; use a WebSocket upgrade.",
-            ),
-        };
-    }
-    if req.method() != Method::GET {
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty());
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::POST && method != Method::DELETE {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
     let identity = match authenticate(state, &hub, &req) {
         Ok(i) => i,
         Err(r) => return *r,
     };
-    let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    let connection_id = match id_param {
-        // skipNegotiation: no id; the connection gets a fresh one.
-        None => ConnectionId::random(),
-        Some(token) => match state.tokens.check(&token, user) {
-            Ok(id) => id,
-            Err(TokenError::Unknown) => {
-                return text(StatusCode::NOT_FOUND, "No Connection with that ID")
-            }
-        },
+    let is_ws = method == Method::GET && is_websocket_upgrade(&req);
+    let Some(token) = id_param else {
+        if is_ws {
+            return transports::websocket(state, hub, None, identity, req).await;
+        }
+        return text(StatusCode::BAD_REQUEST, "Connection ID required");
     };
-    if hub.registry().get(&connection_id).is_some() {
-        return text(
-            StatusCode::CONFLICT,
-            "Connection already has an active transport.",
-        );
+    let user = identity
+        .user_id
+        .as_ref()
+        .map_or(String::new(), |u| u.as_str().to_string());
+    if method == Method::POST {
+        return transports::send(state, &hub, &token, &user, req).await;
     }
-    let version_ok = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v.as_bytes() == b"13");
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key");
-    };
-    if !version_ok {
-        let mut r = text(
-            StatusCode::UPGRADE_REQUIRED,
-            "Unsupported WebSocket version",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return r;
+    if method == Method::DELETE {
+        return transports::delete(state, &token, &user);
     }
-    let request_info = RequestInfo {
+    if is_ws {
+        return transports::websocket(state, hub, Some(&token), identity, req).await;
+    }
+    let request = RequestInfo {
         query,
         headers: owned_headers(req.headers()),
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let state2 = state.clone();
-    let max = hub.definition().options.max_message_size;
-    state.tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return;
-            }
-        };
-        let (source, sink) = crate::transport::websocket::accept(TokioIo::new(upgraded), max).await;
-        let ended_id = connection_id.clone();
-        session::run(
-            source,
-            sink,
-            SessionParams {
-                hub,
-                connection_id,
-                identity,
-                request: request_info,
-                transport: TransportKind::WebSockets,
-                shutdown: state2.shutdown.clone(),
-            },
-        )
-        .await;
-        state2.tokens.mark_ended(&ended_id);
-    });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    if transports::accepts_event_stream(&req) {
+        return transports::server_sent_events(state, hub, &token, identity, request);
     }
-    r
+    transports::long_poll(state, hub, &token, identity, request).await
 }
 
 /// A copy of `headers` that owns its bytes. hyper's header values are slices of the

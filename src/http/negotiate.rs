@@ -6,6 +6,11 @@
 //! negotiate state kept in memory, so negotiate and connect need no sticky session.
 //! Negotiate v0 has no token (the client sends the connection id itself); those ids are kept
 //! in a small bounded, expiring table on the node that issued them.
+//!
+//! The top bit of the signed expiry marks a connection negotiated with
+//! `useStatefulReconnect=true` (stateful reconnect, see `session::replay`): the flag is
+//! covered by the MAC, so any node can tell from the token alone whether the connection may
+//! resume on a new WebSocket.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,6 +31,20 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 
 /// Most v0 negotiations remembered at once.
 const MAX_V0_PENDING: usize = 100_000;
+
+/// Bit of the signed expiry that marks a stateful-reconnect connection.
+const STATEFUL_BIT: u64 = 1 << 63;
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// The connection id.
+    pub id: ConnectionId,
+    /// Negotiated with `useStatefulReconnect=true`.
+    pub stateful: bool,
+    /// The connect deadline passed (a live stateful connection may still resume with it).
+    pub expired: bool,
+}
 
 /// Why a token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,9 +105,17 @@ impl Tokens {
 
     /// A new connection id and its v1 token for `user` ("" when anonymous).
     pub fn issue(&self, user: &str) -> (ConnectionId, String) {
+        self.issue_with(user, false)
+    }
+
+    /// A new connection id and its v1 token; `stateful` marks a stateful-reconnect connection.
+    pub fn issue_with(&self, user: &str, stateful: bool) -> (ConnectionId, String) {
         let raw: [u8; 16] = rand::random();
         let id_text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
-        let expiry = unix_now() + TOKEN_TTL.as_secs();
+        let mut expiry = unix_now() + TOKEN_TTL.as_secs();
+        if stateful {
+            expiry |= STATEFUL_BIT;
+        }
         let mut token = Vec::with_capacity(40);
         token.extend_from_slice(&raw);
         token.extend_from_slice(&expiry.to_be_bytes());
@@ -114,17 +141,9 @@ impl Tokens {
         id
     }
 
-    /// Checks the `id=` value of a connect request and returns the connection id.
-    pub fn check(&self, token: &str, user: &str) -> Result<ConnectionId, TokenError> {
-        {
-            let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(t) = v0.remove(token) {
-                if t.elapsed() < TOKEN_TTL {
-                    return ConnectionId::new(token).map_err(|_| TokenError::Unknown);
-                }
-                return Err(TokenError::Unknown);
-            }
-        }
+    /// Decodes a v1 token and checks its MAC for `user`: the connection id and the raw
+    /// signed expiry (with the stateful flag bit).
+    fn open(&self, token: &str, user: &str) -> Result<(ConnectionId, u64), TokenError> {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Unknown)?;
@@ -136,29 +155,64 @@ impl Tokens {
         let mut exp_arr = [0u8; 8];
         exp_arr.copy_from_slice(exp);
         let expiry = u64::from_be_bytes(exp_arr);
-        let ok_for = |u: &str| {
-            let expected = self.mac(raw, expiry, u);
-            // Constant-time comparison: the MAC must not leak through timing.
-            expected
-                .iter()
-                .zip(mac)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        };
-        if !ok_for(user) {
+        let expected = self.mac(raw, expiry, user);
+        // Constant-time comparison: the MAC must not leak through timing.
+        let ok = expected
+            .iter()
+            .zip(mac)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        if !ok {
             // Forged, corrupted, or issued to another user: all look the same from here.
             return Err(TokenError::Unknown);
         }
-        if expiry < unix_now() {
-            return Err(TokenError::Unknown);
-        }
         let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let id = ConnectionId::new(&id).map_err(|_| TokenError::Unknown)?;
+        Ok((id, expiry))
+    }
+
+    /// The connection id a genuine v1 token of `user` names, expired or not. For requests
+    /// on a connection that is already running (polls and sends outlive the token's TTL,
+    /// which only bounds how long a negotiation may wait for its transport).
+    pub fn id_of(&self, token: &str, user: &str) -> Option<ConnectionId> {
+        self.open(token, user).ok().map(|(id, _)| id)
+    }
+
+    /// Checks the `id=` value of a request that starts a connection and returns the
+    /// connection id.
+    pub fn check(&self, token: &str, user: &str) -> Result<ConnectionId, TokenError> {
+        {
+            let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = v0.remove(token) {
+                if t.elapsed() < TOKEN_TTL {
+                    return ConnectionId::new(token).map_err(|_| TokenError::Unknown);
+                }
+                return Err(TokenError::Unknown);
+            }
+        }
+        match self.inspect(token, user)? {
+            TokenInfo { expired: true, .. } => Err(TokenError::Unknown),
+            info => Ok(info.id),
+        }
+    }
+
+    /// Checks a v1 token's signature and the ended list and reports what it says, including
+    /// whether it expired (the caller decides: a live stateful connection may resume with an
+    /// expired token, nothing else may).
+    pub fn inspect(&self, token: &str, user: &str) -> Result<TokenInfo, TokenError> {
+        let (id, expiry) = self.open(token, user)?;
+        let stateful = expiry & STATEFUL_BIT != 0;
+        let expired = (expiry & !STATEFUL_BIT) < unix_now();
         let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.contains_key(&id) {
+        if ended.contains_key(id.as_str()) {
             return Err(TokenError::Unknown);
         }
         drop(ended);
-        ConnectionId::new(&id).map_err(|_| TokenError::Unknown)
+        Ok(TokenInfo {
+            id,
+            stateful,
+            expired,
+        })
     }
 }
 
@@ -185,6 +239,16 @@ pub struct NegotiateResponse {
     pub connection_token: Option<String>,
     /// Transports, in order of preference.
     pub available_transports: Vec<AvailableTransport>,
+    /// Present (true) only when the client asked for stateful reconnect and the hub allows it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub use_stateful_reconnect: bool,
+}
+
+/// Whether the negotiate query asks for stateful reconnect (`useStatefulReconnect=true`).
+pub fn wants_stateful_reconnect(query: &str) -> bool {
+    form_urlencoded::parse(query.as_bytes()).any(|(k, v)| {
+        k.eq_ignore_ascii_case("useStatefulReconnect") && v.eq_ignore_ascii_case("true")
+    })
 }
 
 /// Reads `negotiateVersion` from a query string, case-insensitively; ASP.NET's error texts.
@@ -223,6 +287,27 @@ mod tests {
             t.check(std::str::from_utf8(&bad).unwrap(), "alice"),
             Err(TokenError::Unknown)
         );
+    }
+
+    #[test]
+    fn stateful_flag_is_signed() {
+        let t = Tokens::new(b"key");
+        let (id, token) = t.issue_with("u", true);
+        let info = t.inspect(&token, "u").unwrap();
+        assert_eq!(info.id, id);
+        assert!(info.stateful && !info.expired);
+        assert!(!t.inspect(&t.issue("u").1, "u").unwrap().stateful);
+        // Flipping the flag bit (first byte of the expiry) breaks the MAC.
+        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&token)
+            .unwrap();
+        raw[16] ^= 0x80;
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(t.inspect(&forged, "u"), Err(TokenError::Unknown));
+        assert!(wants_stateful_reconnect(
+            "negotiateVersion=1&useStatefulReconnect=true"
+        ));
+        assert!(!wants_stateful_reconnect("negotiateVersion=1"));
     }
 
     #[test]

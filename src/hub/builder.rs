@@ -24,7 +24,41 @@ use super::method::{FromArgs, IntoValue, MethodEntry};
 use super::{HubContext, HubError};
 use crate::backplane::channel::UserChannelStyle;
 use crate::connection::outbound::{OutboundLimits, SlowConsumerPolicy};
+use crate::connection::TransportKind;
 use crate::protocol::DEFAULT_MAX_MESSAGE_SIZE;
+
+/// The transports a hub accepts (ASP.NET's `HttpConnectionDispatcherOptions.Transports`,
+/// default all three). Negotiate lists only these; a request on another one gets 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transports {
+    /// WebSockets (also the only transport `skipNegotiation` can use).
+    pub websockets: bool,
+    /// Server-Sent Events plus POST (JSON only).
+    pub server_sent_events: bool,
+    /// Long Polling plus POST and DELETE.
+    pub long_polling: bool,
+}
+
+impl Default for Transports {
+    fn default() -> Self {
+        Transports {
+            websockets: true,
+            server_sent_events: true,
+            long_polling: true,
+        }
+    }
+}
+
+impl Transports {
+    /// Whether `kind` is allowed.
+    pub fn allows(&self, kind: TransportKind) -> bool {
+        match kind {
+            TransportKind::WebSockets => self.websockets,
+            TransportKind::ServerSentEvents => self.server_sent_events,
+            TransportKind::LongPolling => self.long_polling,
+        }
+    }
+}
 
 /// Per-hub options. Defaults are ASP.NET's `HubOptions` defaults.
 #[derive(Debug, Clone)]
@@ -65,6 +99,27 @@ pub struct HubOptions {
     /// Delay before unsubscribing a channel whose last local member left, so a page reload
     /// does not thrash the backplane.
     pub unsubscribe_debounce: Duration,
+    /// Offer stateful reconnect to clients that ask for it (`AllowStatefulReconnects`,
+    /// default false as in ASP.NET). WebSockets only.
+    pub stateful_reconnect: bool,
+    /// Bounds of the replay buffer of unacknowledged messages per stateful connection
+    /// (ASP.NET's `StatefulReconnectBufferSize`: 100,000 bytes).
+    pub replay: crate::session::replay::ReplayLimits,
+    /// How long a stateful connection whose transport dropped waits for the client to come
+    /// back before it ends normally (OnDisconnected).
+    pub reconnect_window: Duration,
+    /// Delay between receiving a message and acknowledging it (ASP.NET: 1 s timer).
+    pub ack_interval: Duration,
+    /// Transports this hub accepts (default all).
+    pub transports: Transports,
+    /// How long a long poll waits for messages before answering an empty 200
+    /// (`LongPolling.PollTimeout`, 90 s; keep it below the client's 100 s).
+    pub long_poll_timeout: Duration,
+    /// A Long Polling connection with no poll for this long is ended and OnDisconnected runs
+    /// (`DisconnectTimeout`, 15 s).
+    pub disconnect_timeout: Duration,
+    /// An SSE stream idle this long gets a `:` comment line, so proxies keep it open.
+    pub sse_keep_alive: Duration,
 }
 
 impl Default for HubOptions {
@@ -86,6 +141,14 @@ impl Default for HubOptions {
             channel_prefix: "feedhub".to_string(),
             feed_target: "FeedUpdated".to_string(),
             unsubscribe_debounce: Duration::from_secs(1),
+            stateful_reconnect: false,
+            replay: crate::session::replay::ReplayLimits::default(),
+            reconnect_window: Duration::from_secs(15),
+            ack_interval: Duration::from_secs(1),
+            transports: Transports::default(),
+            long_poll_timeout: Duration::from_secs(90),
+            disconnect_timeout: Duration::from_secs(15),
+            sse_keep_alive: Duration::from_secs(10),
         }
     }
 }

@@ -421,6 +421,8 @@ impl HubLifetime {
                     conn.close(error.clone(), false);
                 }
             }
+            // Handled by the node's relay router before hubs see deliveries.
+            BackplanePayload::Relay(_) => {}
         }
     }
 

@@ -22,7 +22,7 @@ pub mod subscriptions;
 
 use std::fmt;
 
-pub use builder::{HubBuilder, HubDefinition, HubOptions};
+pub use builder::{HubBuilder, HubDefinition, HubOptions, Transports};
 pub use clients::{ClientProxy, Clients, Groups, SingleClientProxy};
 pub use context::HubContext;
 pub use lifetime::{HubLifetime, Target};

@@ -551,8 +551,8 @@ impl Consumer {
                     }
                     tokio::select! {
                         _ = self.cancel.cancelled() => {
+                            // Closing the connection (by the caller) returns the rest.
                             let _ = self.flush(&mut pending).await;
-                            let _ = tokio::time::timeout(Duration::from_secs(2), channel.close(200, "shutting down")).await;
                             return Ended::Cancelled;
                         }
                         n = consumer.next() => n,

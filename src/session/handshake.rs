@@ -43,18 +43,18 @@ pub fn select_protocol(
     Ok(kind)
 }
 
-/// Runs the handshake. `Some(protocol)` on success: the request was valid, and the caller
-/// sends the OK response with [`send_ok`] once the connection is registered (so a client
-/// whose `start()` resolved is already subscribed on the backplane); `None` if the session
-/// must end (an error response has been sent where there was one to send). Bytes after the
-/// handshake stay in `inbuf`.
+/// Runs the handshake. `Some((protocol, requested version))` on success: the request was
+/// valid, and the caller sends the OK response with [`send_ok`] once the connection is
+/// registered (so a client whose `start()` resolved is already subscribed on the backplane);
+/// `None` if the session must end (an error response has been sent where there was one to
+/// send). Bytes after the handshake stay in `inbuf`.
 pub async fn perform<Src: FrameSource, Snk: FrameSink>(
     source: &mut Src,
     sink: &mut Snk,
     inbuf: &mut BytesMut,
     options: &HubOptions,
     transport: TransportKind,
-) -> Option<ProtocolKind> {
+) -> Option<(ProtocolKind, u32)> {
     let deadline = tokio::time::Instant::now() + options.handshake_timeout;
     let request = loop {
         match handshake::parse_request(inbuf, options.max_message_size) {
@@ -76,9 +76,9 @@ pub async fn perform<Src: FrameSource, Snk: FrameSink>(
             Ok(Some(Ok(bytes))) => inbuf.extend_from_slice(&bytes),
         }
     };
-    let result = request.and_then(|r| select_protocol(&r, transport));
+    let result = request.and_then(|r| select_protocol(&r, transport).map(|k| (k, r.version)));
     match result {
-        Ok(kind) => Some(kind),
+        Ok((kind, version)) => Some((kind, version)),
         Err(text) => {
             inc(&METRICS.protocol_errors);
             tracing::debug!(error = %text, "handshake failed");

@@ -14,6 +14,16 @@
 //! 5. a Close message when the server ends the connection, then the transport close;
 //! 6. the `on_disconnected` hook and unregistration.
 //!
+//! With stateful reconnect (negotiated, hub protocol version 2, WebSockets; see [`replay`])
+//! a transport that drops does not end the session: the hub connection stays registered for
+//! `reconnect_window` while the loop waits for a new WebSocket carrying the same connection
+//! token (a fresh link handed over through the [`Resume`] channel by the HTTP layer). Then it writes
+//! `Sequence` and every unacknowledged message again, and carries on; OnDisconnected and
+//! OnConnected do not run. Window expiry ends the session as a normal disconnect.
+//! The session does not own a socket: [`spawn`] runs it as its own task behind a
+//! [`Link`] (an inbound channel and an outbound wire), and the WebSocket pump, an SSE
+//! response or a long poll serve that link while they last.
+//!
 //! Hub methods run inside this task (a `FuturesUnordered`), not in spawned tasks: an idle
 //! connection costs one task, and a slow method only delays its own connection. Unary
 //! invocations take one of `max_parallel_invocations` slots (ASP.NET's
@@ -22,6 +32,7 @@
 
 pub mod handshake;
 mod invoke;
+pub mod replay;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -41,10 +52,17 @@ use crate::connection::{Connection, ConnectionHandle, RequestInfo, TransportKind
 use crate::hub::{HubContext, HubLifetime};
 use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
-use crate::protocol::{Close, CompletionResult, HubMessage, ProtocolKind};
+use crate::protocol::{Ack, Close, CompletionResult, HubMessage, ProtocolKind, Sequence};
+use crate::transport::link::{Link, LinkSink, LinkSource};
 use crate::transport::{FrameSink, FrameSource, TransportError};
 
 use invoke::{Dispatcher, TaskDone};
+use replay::{InboundSeq, Received, ReplayBuffer};
+
+/// New transports for a stateful connection (a fresh [`Link`]'s halves), sent by the HTTP
+/// layer when a client comes back with the connection's token. Capacity 1; a pair the session does not take is dropped
+/// (which closes that socket).
+pub type Resume<Src, Snk> = mpsc::Receiver<(Src, Snk)>;
 
 /// Most bytes written as one transport frame when draining the outbound queue.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -52,6 +70,10 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// How long a single write may take before the connection is considered dead
 /// (ASP.NET's `TransportSendTimeout`).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A duration that never elapses within a connection's life (Long Polling's keep-alive and
+/// send timeout).
+const NO_PINGS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The generic text of a Close caused by an error, as ASP.NET words it.
 pub const CLOSE_ERROR_TEXT: &str = "Connection closed with an error.";
@@ -70,6 +92,9 @@ pub struct SessionParams {
     pub transport: TransportKind,
     /// Fires on server shutdown: the session sends Close with `allowReconnect: true`.
     pub shutdown: CancellationToken,
+    /// The connection was negotiated with `useStatefulReconnect=true` (and the hub allows
+    /// it); stateful reconnect is on if the handshake also asks for protocol version 2.
+    pub stateful: bool,
 }
 
 /// Why the loop ended.
@@ -82,17 +107,40 @@ enum End {
     ServerClose(Option<String>),
 }
 
-/// Runs one connection to completion.
+/// Starts a session as its own task on `tracker`, detached from any socket or request,
+/// reading `source` and writing `link` (from [`Link::new`]): transports feed `link.inbound`
+/// and drain `link.wire`, and report their end with [`Link::transport_gone`]. `on_end` runs
+/// after the session has finished (OnDisconnected done, connection unregistered).
+pub fn spawn(
+    params: SessionParams,
+    link: &Link,
+    source: LinkSource,
+    tracker: &tokio_util::task::TaskTracker,
+    resume: Option<Resume<LinkSource, LinkSink>>,
+    on_end: impl FnOnce() + Send + 'static,
+) {
+    let sink = link.sink();
+    let wire = link.wire.clone();
+    tracker.spawn(async move {
+        run(source, sink, params, resume).await;
+        // Whatever way the session ended, drainers see the end after what is queued.
+        wire.end(1000, "");
+        on_end();
+    });
+}
+
+/// Runs one connection to completion over any source and sink.
 pub async fn run<Src: FrameSource, Snk: FrameSink>(
     mut source: Src,
     mut sink: Snk,
     params: SessionParams,
+    resume: Option<Resume<Src, Snk>>,
 ) {
     let options = params.hub.definition().options.clone();
     let mut inbuf = BytesMut::new();
 
     // 1. Handshake.
-    let protocol = match handshake::perform(
+    let (protocol, version) = match handshake::perform(
         &mut source,
         &mut sink,
         &mut inbuf,
@@ -160,10 +208,26 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
         }
     }
 
-    // 4. The loop.
-    let end = Loop::new(conn.clone(), ctx.clone(), &params.hub, protocol)
-        .run(&mut source, &mut sink, inbuf, params.shutdown)
-        .await;
+    // 4. The loop. Stateful reconnect needs the negotiate opt-in and protocol version 2
+    // (older clients send 1), on WebSockets, as ASP.NET.
+    let stateful = params.stateful
+        && options.stateful_reconnect
+        && version >= 2
+        && params.transport == TransportKind::WebSockets
+        && resume.is_some();
+    let mut lp = Loop::new(conn.clone(), ctx.clone(), &params.hub, protocol);
+    if stateful {
+        lp.stateful = Some(Stateful {
+            replay: ReplayBuffer::new(options.replay),
+            inbound: InboundSeq::new(),
+            ack_at: None,
+            ack_interval: options.ack_interval,
+            window: options.reconnect_window,
+            detached_until: None,
+            lost: String::new(),
+        });
+    }
+    let (end, sink) = lp.run(source, sink, inbuf, params.shutdown, resume).await;
 
     // 5. Close the transport.
     let error = match &end {
@@ -171,9 +235,9 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
         End::TransportGone(e) => Some(e.clone()),
         End::ServerClose(e) => e.clone(),
     };
-    match end {
-        End::TransportGone(_) => {}
-        _ => sink.close(1000, "").await,
+    match (end, sink) {
+        (End::TransportGone(_), _) | (_, None) => {}
+        (_, Some(mut sink)) => sink.close(1000, "").await,
     }
 
     // 6. OnDisconnected, then unregister (hooks may still use Groups and Clients).
@@ -199,9 +263,25 @@ async fn write_close<Snk: FrameSink>(sink: &mut Snk, protocol: ProtocolKind, clo
     }
 }
 
+/// Stateful reconnect state of one connection.
+struct Stateful {
+    replay: ReplayBuffer,
+    inbound: InboundSeq,
+    /// When the next Ack is due (armed by the first unacknowledged received message).
+    ack_at: Option<Instant>,
+    ack_interval: Duration,
+    window: Duration,
+    /// Set while no transport is attached: the session ends at this instant.
+    detached_until: Option<Instant>,
+    /// Why the last transport went away (the OnDisconnected error if the window expires).
+    lost: String,
+}
+
 /// The state of the main loop.
 struct Loop {
     conn: ConnectionHandle,
+    /// How long one write onto the link may wait for room.
+    send_timeout: Duration,
     protocol: ProtocolKind,
     dispatcher: Dispatcher,
     keep_alive: Duration,
@@ -212,6 +292,26 @@ struct Loop {
     last_received: Instant,
     /// Armed by the client's first Ping (ASP.NET never times out clients that never ping).
     client_timeout_armed: bool,
+    /// Stateful reconnect, when negotiated.
+    stateful: Option<Stateful>,
+}
+
+/// Receives from the transport, if one is attached.
+async fn recv_opt<Src: FrameSource>(
+    source: &mut Option<Src>,
+) -> Option<Result<Bytes, TransportError>> {
+    match source {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Receives a resumed transport, if resuming is possible.
+async fn resume_opt<Src, Snk>(resume: &mut Option<Resume<Src, Snk>>) -> Option<(Src, Snk)> {
+    match resume {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Loop {
@@ -226,37 +326,72 @@ impl Loop {
         // Encoding a Ping cannot fail; an empty frame would only be a wasted write.
         let _ = protocol.encode(&HubMessage::Ping, &mut ping);
         let now = Instant::now();
+        // Long Polling has inherent keep-alive (every poll is one): ASP.NET sends no pings
+        // there, and the client arms no server timeout.
+        let keep_alive = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            options.keep_alive_interval
+        };
+        // Between polls nothing drains the wire, and that is normal: a Long Polling session
+        // waits for the next poll (the disconnect timeout ends it if none comes) instead of
+        // timing out its write. Other transports' writes are bounded by `SEND_TIMEOUT`.
+        let send_timeout = if conn.transport == TransportKind::LongPolling {
+            NO_PINGS
+        } else {
+            SEND_TIMEOUT
+        };
         Loop {
+            send_timeout,
             protocol,
             dispatcher: Dispatcher::new(ctx, hub.clone()),
-            keep_alive: options.keep_alive_interval,
+            keep_alive,
             client_timeout: options.client_timeout,
             max_message_size: options.max_message_size,
             ping: Bytes::from(ping),
             last_sent: now,
             last_received: now,
             client_timeout_armed: false,
+            stateful: None,
             conn,
         }
     }
 
     fn next_deadline(&self) -> Instant {
-        let ping_at = self.last_sent + self.keep_alive;
-        if self.client_timeout_armed {
-            ping_at.min(self.last_received + self.client_timeout)
-        } else {
-            ping_at
+        if let Some(until) = self.stateful.as_ref().and_then(|s| s.detached_until) {
+            return until;
         }
+        let mut at = self.last_sent + self.keep_alive;
+        if self.client_timeout_armed {
+            at = at.min(self.last_received + self.client_timeout);
+        }
+        if let Some(ack) = self.stateful.as_ref().and_then(|s| s.ack_at) {
+            at = at.min(ack);
+        }
+        at
+    }
+
+    /// Bytes and messages the replay buffer can still take (unbounded without stateful
+    /// reconnect).
+    fn replay_room(&self) -> (usize, usize) {
+        self.stateful
+            .as_ref()
+            .map_or((usize::MAX, usize::MAX), |s| {
+                (s.replay.room(), s.replay.room_messages())
+            })
     }
 
     async fn send<Snk: FrameSink>(
         &mut self,
-        sink: &mut Snk,
+        sink: &mut Option<Snk>,
         data: Bytes,
     ) -> Result<(), TransportError> {
+        let Some(sink) = sink.as_mut() else {
+            return Err(TransportError::Closed("no transport".into()));
+        };
         self.last_sent = Instant::now();
         match tokio::time::timeout(
-            SEND_TIMEOUT,
+            self.send_timeout,
             sink.send(data, self.protocol.transfer_format()),
         )
         .await
@@ -266,13 +401,93 @@ impl Loop {
         }
     }
 
+    async fn send_message<Snk: FrameSink>(
+        &mut self,
+        sink: &mut Option<Snk>,
+        msg: &HubMessage,
+    ) -> Result<(), TransportError> {
+        let mut out = Vec::new();
+        if self.protocol.encode(msg, &mut out).is_err() {
+            return Ok(());
+        }
+        self.send(sink, Bytes::from(out)).await
+    }
+
+    /// The transport is gone. A stateful connection detaches and waits for the client to
+    /// come back (`None`); otherwise the session ends.
+    fn lost<Src, Snk>(
+        &mut self,
+        reason: String,
+        source: &mut Option<Src>,
+        sink: &mut Option<Snk>,
+        shutting_down: bool,
+    ) -> Option<End> {
+        match self.stateful.as_mut() {
+            Some(st) if !shutting_down => {
+                tracing::debug!(reason = %reason, "transport lost; waiting for a stateful reconnect");
+                *source = None;
+                *sink = None;
+                st.detached_until = Some(Instant::now() + st.window);
+                st.ack_at = None;
+                st.lost = reason;
+                None
+            }
+            _ => Some(End::TransportGone(reason)),
+        }
+    }
+
+    /// A new transport for this stateful connection: write `Sequence` and everything not
+    /// acknowledged, then carry on.
+    async fn resume<Snk: FrameSink>(
+        &mut self,
+        sink: &mut Option<Snk>,
+    ) -> Result<(), TransportError> {
+        let Some(st) = self.stateful.as_mut() else {
+            return Ok(());
+        };
+        st.detached_until = None;
+        let seq = HubMessage::Sequence(Sequence {
+            sequence_id: st.replay.resume_id(),
+        });
+        let frames: Vec<Bytes> = st.replay.frames().cloned().collect();
+        let resent = frames.len();
+        if st.inbound.ack_due() {
+            st.ack_at = Some(Instant::now() + st.ack_interval);
+        }
+        inc(&METRICS.stateful_resumes);
+        METRICS
+            .stateful_resent
+            .fetch_add(resent as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(resent, "stateful reconnect: resending");
+        let now = Instant::now();
+        self.last_received = now;
+        self.send_message(sink, &seq).await?;
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for f in frames {
+            if !batch.is_empty() && size + f.len() > MAX_BATCH_BYTES {
+                self.send(sink, concat(std::mem::take(&mut batch))).await?;
+                size = 0;
+            }
+            size += f.len();
+            batch.push(f);
+        }
+        if !batch.is_empty() {
+            self.send(sink, concat(batch)).await?;
+        }
+        Ok(())
+    }
+
     async fn run<Src: FrameSource, Snk: FrameSink>(
         mut self,
-        source: &mut Src,
-        sink: &mut Snk,
+        source: Src,
+        sink: Snk,
         mut inbuf: BytesMut,
         shutdown: CancellationToken,
-    ) -> End {
+        mut resume: Option<Resume<Src, Snk>>,
+    ) -> (End, Option<Snk>) {
+        let mut source = Some(source);
+        let mut sink = Some(sink);
         let mut tasks: FuturesUnordered<BoxFuture<'static, TaskDone>> = FuturesUnordered::new();
         let timer = tokio::time::sleep_until(self.next_deadline());
         tokio::pin!(timer);
@@ -281,25 +496,58 @@ impl Loop {
         // Bytes that followed the handshake in the same frame are hub messages.
         if !inbuf.is_empty() {
             if let Err(end) = self.process_input(&mut inbuf, &mut tasks).await {
-                return self.finish(sink, end).await;
+                let end = self.finish(&mut sink, end).await;
+                return (end, sink);
             }
+        }
+
+        macro_rules! lost {
+            ($reason:expr) => {{
+                if self.stateful.is_some() && !shutting_down {
+                    // End the old transport for good (a half-open socket, a silent relay):
+                    // the client resumes on a new one.
+                    if let Some(mut old) = sink.take() {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), old.close(1000, "")).await;
+                    }
+                }
+                match self.lost($reason, &mut source, &mut sink, shutting_down) {
+                    Some(end) => return (end, sink),
+                    None => {
+                        inbuf.clear();
+                        continue;
+                    }
+                }
+            }};
         }
 
         loop {
             self.dispatcher.start_pending(&mut tasks);
             timer.as_mut().reset(self.next_deadline());
-            let can_read = !self.dispatcher.saturated();
+            let attached = sink.is_some();
+            let can_read = attached && !self.dispatcher.saturated();
+            let (room, room_messages) = self.replay_room();
+            let can_drain = attached && room > 0 && room_messages > 0;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
+                    if !attached {
+                        let reason = self.stateful.as_ref().map(|s| s.lost.clone()).unwrap_or_default();
+                        return (End::TransportGone(reason), sink);
+                    }
                     self.conn.close(None, true);
                 }
-                out = self.conn.outbound.next(MAX_BATCH_BYTES) => match out {
+                out = self.conn.outbound.next_limited(MAX_BATCH_BYTES.min(room), room_messages), if can_drain => match out {
                     Outgoing::Frames(frames) => {
+                        if let Some(st) = self.stateful.as_mut() {
+                            for f in &frames {
+                                st.replay.push(f.clone());
+                            }
+                        }
                         let data = concat(frames);
-                        if let Err(e) = self.send(sink, data).await {
-                            return End::TransportGone(e.to_string());
+                        if let Err(e) = self.send(&mut sink, data).await {
+                            lost!(e.to_string());
                         }
                     }
                     Outgoing::Close(req) => {
@@ -307,40 +555,103 @@ impl Loop {
                             inc(&METRICS.slow_consumer_closes);
                         }
                         let close = Close { error: req.error.clone(), allow_reconnect: req.allow_reconnect };
-                        let mut out = Vec::new();
-                        if self.protocol.encode(&HubMessage::Close(close), &mut out).is_ok() {
-                            let _ = self.send(sink, Bytes::from(out)).await;
-                        }
-                        return End::ServerClose(req.error);
+                        let _ = self.send_message(&mut sink, &HubMessage::Close(close)).await;
+                        return (End::ServerClose(req.error), sink);
                     }
                 },
+                // Not draining (no transport, or the replay buffer is full and waits for
+                // acks): a close request still ends the connection.
+                req = self.conn.outbound.closing(), if !can_drain => {
+                    if req.error.as_deref() == Some(SLOW_CONSUMER_REASON) {
+                        inc(&METRICS.slow_consumer_closes);
+                    }
+                    if attached {
+                        let close = Close { error: req.error.clone(), allow_reconnect: req.allow_reconnect };
+                        let _ = self.send_message(&mut sink, &HubMessage::Close(close)).await;
+                    }
+                    return (End::ServerClose(req.error), sink);
+                }
                 Some(done) = tasks.next(), if !tasks.is_empty() => {
                     self.dispatcher.on_task_done(done);
                 }
-                chunk = source.recv(), if can_read => match chunk {
-                    None => return End::TransportGone("transport closed by the client".into()),
+                chunk = recv_opt(&mut source), if can_read => match chunk {
+                    // A stateful connection survives even a clean end of its socket (a
+                    // proxy closing it): the client resumes without a hub Close.
+                    None if self.stateful.is_some() => lost!("transport closed by the client".to_string()),
+                    // A clean end of the transport (WebSocket close frame, SSE stream closed,
+                    // Long Polling DELETE): OnDisconnected gets no error, as in ASP.NET.
+                    None => return (End::ClientClose(None), sink),
                     Some(Err(TransportError::TooLarge)) => {
                         let error = crate::protocol::ProtocolError::TooLarge { limit: self.max_message_size }.to_string();
-                        return self.finish(sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}")))).await;
+                        let end = self.finish(&mut sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}")))).await;
+                        return (end, sink);
                     }
-                    Some(Err(e)) => return End::TransportGone(e.to_string()),
+                    Some(Err(e)) => lost!(e.to_string()),
                     Some(Ok(bytes)) => {
                         self.last_received = Instant::now();
                         inbuf.extend_from_slice(&bytes);
                         if let Err(end) = self.process_input(&mut inbuf, &mut tasks).await {
-                            return self.finish(sink, end).await;
+                            let end = self.finish(&mut sink, end).await;
+                            return (end, sink);
                         }
                     }
                 },
+                pair = resume_opt(&mut resume), if resume.is_some() => match pair {
+                    Some((src, snk)) if self.stateful.is_some() && !shutting_down => {
+                        // A new socket replaces the old one, even if the old one still looks
+                        // alive (a half-open connection the client gave up on).
+                        if let Some(mut old) = sink.take() {
+                            let _ = tokio::time::timeout(Duration::from_secs(1), old.close(1000, "")).await;
+                        }
+                        source = Some(src);
+                        sink = Some(snk);
+                        // A partial message of the old transport is gone with it; the
+                        // client resends whole messages after its Sequence.
+                        inbuf.clear();
+                        if let Err(e) = self.resume(&mut sink).await {
+                            lost!(e.to_string());
+                        }
+                    }
+                    // Not stateful (or shutting down): the new socket is dropped, closing it.
+                    Some(_) => {}
+                    None => resume = None,
+                },
                 () = &mut timer => {
                     let now = Instant::now();
+                    if let Some(until) = self.stateful.as_ref().and_then(|s| s.detached_until) {
+                        if now >= until {
+                            tracing::debug!("stateful reconnect window expired");
+                            let reason = self.stateful.as_ref().map(|s| s.lost.clone()).unwrap_or_default();
+                            return (End::TransportGone(reason), sink);
+                        }
+                        continue;
+                    }
                     if self.client_timeout_armed && now >= self.last_received + self.client_timeout {
                         tracing::debug!("client timeout");
+                        if self.stateful.is_some() {
+                            // A silent transport (half-open TCP, a dead relay node) is a lost
+                            // transport: the client may still come back within the window.
+                            self.client_timeout_armed = false;
+                            lost!("client timeout".to_string());
+                        }
                         self.conn.close(Some(format!("{CLOSE_ERROR_TEXT} Client hasn't sent a message/ping within the configured ClientTimeoutInterval.")), true);
+                        continue;
+                    }
+                    let ack = match self.stateful.as_mut() {
+                        Some(st) if st.ack_at.is_some_and(|at| now >= at) => {
+                            st.ack_at = None;
+                            st.inbound.take_ack()
+                        }
+                        _ => None,
+                    };
+                    if let Some(id) = ack {
+                        if let Err(e) = self.send_message(&mut sink, &HubMessage::Ack(Ack { sequence_id: id })).await {
+                            lost!(e.to_string());
+                        }
                     } else if now >= self.last_sent + self.keep_alive {
                         let ping = self.ping.clone();
-                        if let Err(e) = self.send(sink, ping).await {
-                            return End::TransportGone(e.to_string());
+                        if let Err(e) = self.send(&mut sink, ping).await {
+                            lost!(e.to_string());
                         }
                     }
                 }
@@ -349,7 +660,7 @@ impl Loop {
     }
 
     /// Sends the Close for an error end decided while processing input.
-    async fn finish<Snk: FrameSink>(&mut self, sink: &mut Snk, end: End) -> End {
+    async fn finish<Snk: FrameSink>(&mut self, sink: &mut Option<Snk>, end: End) -> End {
         match end {
             End::ServerClose(error) => {
                 // ASP.NET keeps allowReconnect true unless the app aborted, the client closed
@@ -358,14 +669,7 @@ impl Loop {
                     error: error.clone(),
                     allow_reconnect: true,
                 };
-                let mut out = Vec::new();
-                if self
-                    .protocol
-                    .encode(&HubMessage::Close(close), &mut out)
-                    .is_ok()
-                {
-                    let _ = self.send(sink, Bytes::from(out)).await;
-                }
+                let _ = self.send_message(sink, &HubMessage::Close(close)).await;
                 End::ServerClose(error)
             }
             other => other,
@@ -391,6 +695,16 @@ impl Loop {
                 }
             };
             inc(&METRICS.messages_in);
+            if let Some(st) = self.stateful.as_mut() {
+                if replay::is_sequenced(&msg) {
+                    if st.inbound.received() == Received::Duplicate {
+                        continue;
+                    }
+                    if st.ack_at.is_none() {
+                        st.ack_at = Some(Instant::now() + st.ack_interval);
+                    }
+                }
+            }
             match msg {
                 HubMessage::Ping => self.client_timeout_armed = true,
                 HubMessage::Close(c) => return Err(End::ClientClose(c.error)),
@@ -415,9 +729,23 @@ impl Loop {
                     }
                 },
                 HubMessage::CancelInvocation(c) => self.dispatcher.cancel(&c.invocation_id),
-                // Stateful reconnect is negotiated off on WebSockets-only sessions for now;
-                // Ack and Sequence are accepted and ignored, as an old server would.
-                HubMessage::Ack(_) | HubMessage::Sequence(_) => {}
+                HubMessage::Ack(a) => {
+                    if let Some(st) = self.stateful.as_mut() {
+                        st.replay.ack(a.sequence_id);
+                    }
+                }
+                HubMessage::Sequence(s) => {
+                    if let Some(st) = self.stateful.as_mut() {
+                        if let Err(e) = st.inbound.reset(s.sequence_id) {
+                            inc(&METRICS.protocol_errors);
+                            return Err(End::ServerClose(Some(format!(
+                                "{CLOSE_ERROR_TEXT} InvalidDataException: {e}"
+                            ))));
+                        }
+                    }
+                    // Without stateful reconnect, Ack and Sequence are ignored, as an
+                    // older server would.
+                }
             }
         }
     }

@@ -2,8 +2,12 @@
 //!
 //! A session reads from a [`FrameSource`] (whole transport messages: a WebSocket message, a
 //! POST body) and writes to a [`FrameSink`]. Each `send` is one transport unit (one
-//! WebSocket message, later one SSE event or poll response) holding only whole hub messages.
+//! WebSocket message, one SSE event, or part of one poll response) holding only whole hub
+//! messages. Sessions are detached from sockets by a [`link::Link`]: the session reads the
+//! link's inbound channel and writes its wire; [`websocket::pump`], the SSE response body and
+//! long polls (in `http/`) feed and drain it.
 
+pub mod link;
 pub mod websocket;
 
 use std::future::Future;

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
+use super::link::{Link, WireItem};
 use super::{FrameSink, FrameSource, TransportError};
 use crate::protocol::TransferFormat;
 
@@ -98,4 +99,70 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send> FrameSink for WsSink<IO> {
         let _ = self.sink.send(Message::Close(Some(frame))).await;
         let _ = self.sink.close().await;
     }
+}
+
+/// How long one socket write may take before the transport counts as dead
+/// (ASP.NET's `TransportSendTimeout`).
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `link` over an upgraded socket until either side ends: socket messages feed the
+/// session, wire units become WebSocket messages, the wire's end marker becomes the close
+/// frame. Reports the end of the socket to the session with [`Link::transport_gone`].
+pub async fn pump<IO>(io: IO, max_message_size: usize, link: Link)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (source, sink) = accept(io, max_message_size).await;
+    pump_split(source, sink, link).await;
+}
+
+/// [`pump`] over an already accepted socket (the HTTP layer may have read a first frame to
+/// decide what the socket is for; it feeds that frame to the link first).
+pub async fn pump_split<IO>(mut source: WsSource<IO>, mut sink: WsSink<IO>, link: Link)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let reader = async {
+        loop {
+            match source.recv().await {
+                None => return None,
+                Some(Ok(bytes)) => {
+                    if link.feed(bytes).await.is_err() {
+                        return None;
+                    }
+                }
+                Some(Err(TransportError::TooLarge)) => {
+                    // The session answers with a Close naming the limit; stop reading.
+                    let _ = link.inbound.send(Err(TransportError::TooLarge)).await;
+                    std::future::pending::<()>().await;
+                }
+                Some(Err(e)) => return Some(e.to_string()),
+            }
+        }
+    };
+    let writer = async {
+        loop {
+            match link.wire.next().await {
+                WireItem::Unit(data, format) => {
+                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(data, format)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Some(e.to_string()),
+                        Err(_) => return Some(TransportError::SendTimeout.to_string()),
+                    }
+                }
+                WireItem::End(code, reason) => {
+                    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close(code, &reason)).await;
+                    return None;
+                }
+            }
+        }
+    };
+    let gone = link.gone_token();
+    let reason = tokio::select! {
+        r = reader => r,
+        r = writer => r,
+        // The session ended the link another way (or a newer transport replaced this one).
+        _ = gone.cancelled() => None,
+    };
+    link.transport_gone(reason);
 }

@@ -1,0 +1,391 @@
+//! The detachable link between a session task and whatever physical transport currently
+//! serves it (ASP.NET's duplex pipe between `HttpConnectionContext` and its transports).
+//!
+//! A session does not own a socket. It reads from a [`LinkSource`] (a bounded channel that a
+//! WebSocket reader or the POST handler feeds) and writes to a [`LinkSink`] (the bounded
+//! [`Wire`], which a WebSocket writer, an SSE response body, or a long poll drains). The
+//! session therefore runs as its own task, independent of any one HTTP request: polls come
+//! and go, and a later transport swap (stateful reconnect) only has to attach a new drainer
+//! and feeder to the same [`Link`].
+//!
+//! Bounds: the inbound channel holds [`INBOUND_CHUNKS`] chunks (feeders wait, which is
+//! back-pressure on their own request or socket only); the wire holds at most
+//! [`WIRE_MAX_BYTES`] (the session waits, under its send timeout, when no drainer keeps up).
+//! The end of the transport is a [`CancellationToken`] with a reason, so signalling it never
+//! waits.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{FrameSink, FrameSource, TransportError};
+use crate::protocol::TransferFormat;
+
+/// Inbound chunks buffered between a transport and its session.
+pub const INBOUND_CHUNKS: usize = 16;
+
+/// Most bytes waiting on the wire for a drainer (ASP.NET's `ApplicationMaxBufferSize` is
+/// 64 KiB; a unit may be up to the session's 64 KiB batch, so allow two of them). A unit is
+/// always accepted onto an empty wire, whatever its size.
+pub const WIRE_MAX_BYTES: usize = 128 * 1024;
+
+/// What a drainer gets from the wire.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WireItem {
+    /// One transport unit (whole hub messages only) and its format.
+    Unit(Bytes, TransferFormat),
+    /// The session ended the transport (WebSocket close code and reason); nothing follows.
+    End(u16, String),
+}
+
+#[derive(Debug, Default)]
+struct WireState {
+    units: VecDeque<(Bytes, TransferFormat)>,
+    bytes: usize,
+    end: Option<(u16, String)>,
+    /// Set once a drainer has taken the end marker.
+    ended: bool,
+}
+
+/// The outbound queue between a session and its current physical transport.
+#[derive(Debug)]
+pub struct Wire {
+    state: Mutex<WireState>,
+    readable: Notify,
+    writable: Notify,
+    max_bytes: usize,
+}
+
+impl Wire {
+    /// An empty wire holding at most `max_bytes`.
+    pub fn new(max_bytes: usize) -> Wire {
+        Wire {
+            state: Mutex::new(WireState::default()),
+            readable: Notify::new(),
+            writable: Notify::new(),
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WireState> {
+        // A poisoned lock only means a panic elsewhere mid-push; the state is still valid.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a unit, waiting while the wire is full. Fails once the wire has ended or the
+    /// transport is gone (`gone` fired).
+    pub async fn push(
+        &self,
+        data: Bytes,
+        format: TransferFormat,
+        gone: &CancellationToken,
+    ) -> Result<(), TransportError> {
+        loop {
+            let writable = self.writable.notified();
+            tokio::pin!(writable);
+            writable.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.end.is_some() || st.ended {
+                    return Err(TransportError::Closed("transport ended".into()));
+                }
+                if st.units.is_empty() || st.bytes + data.len() <= self.max_bytes {
+                    st.bytes += data.len();
+                    st.units.push_back((data, format));
+                    drop(st);
+                    self.readable.notify_waiters();
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                _ = &mut writable => {}
+                _ = gone.cancelled() => return Err(TransportError::Closed("transport gone".into())),
+            }
+        }
+    }
+
+    /// Marks the end of the stream after what is queued (the first end wins).
+    pub fn end(&self, code: u16, reason: &str) {
+        let mut st = self.lock();
+        if st.end.is_none() && !st.ended {
+            st.end = Some((code, reason.to_string()));
+        }
+        drop(st);
+        self.readable.notify_waiters();
+        self.writable.notify_waiters();
+    }
+
+    /// Whether the end marker was queued or taken.
+    pub fn is_ended(&self) -> bool {
+        let st = self.lock();
+        st.end.is_some() || st.ended
+    }
+
+    /// Takes the next unit (or the end marker), waiting until there is one.
+    pub async fn next(&self) -> WireItem {
+        loop {
+            let readable = self.readable.notified();
+            tokio::pin!(readable);
+            readable.as_mut().enable();
+            if let Some(item) = self.try_next() {
+                return item;
+            }
+            readable.await;
+        }
+    }
+
+    /// Non-waiting form of [`Wire::next`]; after the end marker it keeps answering `End`.
+    pub fn try_next(&self) -> Option<WireItem> {
+        let mut st = self.lock();
+        if let Some((data, format)) = st.units.pop_front() {
+            st.bytes -= data.len();
+            drop(st);
+            self.writable.notify_waiters();
+            return Some(WireItem::Unit(data, format));
+        }
+        if let Some((code, reason)) = st.end.take() {
+            st.ended = true;
+            return Some(WireItem::End(code, reason));
+        }
+        if st.ended {
+            return Some(WireItem::End(1000, String::new()));
+        }
+        None
+    }
+
+    /// Takes everything queued as one body (a long-poll response), waiting until there is
+    /// something. `None` means the wire ended with nothing left: the connection is over.
+    pub async fn take_all(&self) -> Option<Bytes> {
+        loop {
+            let readable = self.readable.notified();
+            tokio::pin!(readable);
+            readable.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if !st.units.is_empty() {
+                    let mut out = BytesMut::with_capacity(st.bytes);
+                    for (u, _) in st.units.drain(..) {
+                        out.extend_from_slice(&u);
+                    }
+                    st.bytes = 0;
+                    drop(st);
+                    self.writable.notify_waiters();
+                    return Some(out.freeze());
+                }
+                if st.end.is_some() || st.ended {
+                    st.end = None;
+                    st.ended = true;
+                    return None;
+                }
+            }
+            readable.await;
+        }
+    }
+
+    /// Queued units and bytes.
+    pub fn depth(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.units.len(), st.bytes)
+    }
+}
+
+/// Why and whether the physical transport went away.
+#[derive(Debug, Default)]
+struct GoneState {
+    reason: Mutex<Option<String>>,
+    token: CancellationToken,
+}
+
+/// Both directions of one session's transport, shared by the session and its transports.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// Feeds the session (POST bodies, WebSocket messages).
+    pub inbound: mpsc::Sender<Result<Bytes, TransportError>>,
+    /// What the session writes; drained by the transport.
+    pub wire: Arc<Wire>,
+    gone: Arc<GoneState>,
+}
+
+impl Link {
+    /// A new link, and the source half the session reads from.
+    pub fn new() -> (Link, LinkSource) {
+        let (tx, rx) = mpsc::channel(INBOUND_CHUNKS);
+        let link = Link {
+            inbound: tx,
+            wire: Arc::new(Wire::new(WIRE_MAX_BYTES)),
+            gone: Arc::new(GoneState::default()),
+        };
+        let source = LinkSource {
+            rx,
+            gone: link.gone.clone(),
+        };
+        (link, source)
+    }
+
+    /// The sink half the session writes to.
+    pub fn sink(&self) -> LinkSink {
+        LinkSink {
+            wire: self.wire.clone(),
+            gone: self.gone.token.clone(),
+        }
+    }
+
+    /// Tells the session its transport went away: `None` for a clean end (the client closed
+    /// or deleted the connection), `Some(reason)` for a failure. The first call wins.
+    pub fn transport_gone(&self, reason: Option<String>) {
+        {
+            let mut r = self.gone.reason.lock().unwrap_or_else(|p| p.into_inner());
+            if self.gone.token.is_cancelled() {
+                return;
+            }
+            *r = reason;
+        }
+        self.gone.token.cancel();
+    }
+
+    /// Whether [`Link::transport_gone`] was called.
+    pub fn is_gone(&self) -> bool {
+        self.gone.token.is_cancelled()
+    }
+
+    /// Fires when the transport is gone.
+    pub fn gone_token(&self) -> CancellationToken {
+        self.gone.token.clone()
+    }
+
+    /// Hands a chunk of client bytes to the session, waiting for room. Fails when the
+    /// session no longer reads (it ended) or the transport is gone.
+    pub async fn feed(&self, chunk: Bytes) -> Result<(), TransportError> {
+        tokio::select! {
+            r = self.inbound.send(Ok(chunk)) => r.map_err(|_| TransportError::Closed("session ended".into())),
+            _ = self.gone.token.cancelled() => Err(TransportError::Closed("transport gone".into())),
+        }
+    }
+}
+
+/// The session's reading half.
+#[derive(Debug)]
+pub struct LinkSource {
+    rx: mpsc::Receiver<Result<Bytes, TransportError>>,
+    gone: Arc<GoneState>,
+}
+
+impl FrameSource for LinkSource {
+    async fn recv(&mut self) -> Option<Result<Bytes, TransportError>> {
+        // Data already fed is processed before the end of the transport is noticed.
+        if let Ok(item) = self.rx.try_recv() {
+            return Some(item);
+        }
+        tokio::select! {
+            biased;
+            item = self.rx.recv() => match item {
+                Some(item) => Some(item),
+                // Every feeder is gone: the transport ended.
+                None => self.gone_result(),
+            },
+            _ = self.gone.token.cancelled() => self.gone_result(),
+        }
+    }
+}
+
+impl LinkSource {
+    fn gone_result(&self) -> Option<Result<Bytes, TransportError>> {
+        let reason = self
+            .gone
+            .reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        reason.map(|r| Err(TransportError::Closed(r)))
+    }
+}
+
+/// The session's writing half.
+#[derive(Debug, Clone)]
+pub struct LinkSink {
+    wire: Arc<Wire>,
+    gone: CancellationToken,
+}
+
+impl FrameSink for LinkSink {
+    async fn send(&mut self, data: Bytes, format: TransferFormat) -> Result<(), TransportError> {
+        self.wire.push(data, format, &self.gone).await
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        self.wire.end(code, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wire_keeps_order_and_ends_after_queued_units() {
+        let w = Wire::new(10);
+        let gone = CancellationToken::new();
+        w.push(Bytes::from_static(b"ab"), TransferFormat::Text, &gone)
+            .await
+            .unwrap();
+        w.push(Bytes::from_static(b"cd"), TransferFormat::Text, &gone)
+            .await
+            .unwrap();
+        w.end(1000, "");
+        assert_eq!(w.take_all().await.as_deref(), Some(&b"abcd"[..]));
+        assert_eq!(w.take_all().await, None);
+        assert!(w
+            .push(Bytes::from_static(b"x"), TransferFormat::Text, &gone)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn full_wire_waits_for_a_drainer_or_gone() {
+        let w = Arc::new(Wire::new(4));
+        let gone = CancellationToken::new();
+        // An oversize unit is accepted on an empty wire.
+        w.push(Bytes::from_static(b"12345"), TransferFormat::Binary, &gone)
+            .await
+            .unwrap();
+        let w2 = w.clone();
+        let g2 = gone.clone();
+        let pusher = tokio::spawn(async move {
+            w2.push(Bytes::from_static(b"6"), TransferFormat::Binary, &g2)
+                .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!pusher.is_finished());
+        assert!(matches!(w.next().await, WireItem::Unit(b, _) if b.len() == 5));
+        pusher.await.unwrap().unwrap();
+        let w3 = w.clone();
+        let g3 = gone.clone();
+        w.push(Bytes::from_static(b"789"), TransferFormat::Binary, &gone)
+            .await
+            .unwrap();
+        let blocked = tokio::spawn(async move {
+            w3.push(Bytes::from_static(b"abc"), TransferFormat::Binary, &g3)
+                .await
+        });
+        gone.cancel();
+        assert!(blocked.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn source_delivers_fed_data_before_gone() {
+        let (link, mut source) = Link::new();
+        link.feed(Bytes::from_static(b"hi")).await.unwrap();
+        link.transport_gone(Some("boom".into()));
+        assert_eq!(
+            source.recv().await.unwrap().unwrap(),
+            Bytes::from_static(b"hi")
+        );
+        assert!(matches!(source.recv().await, Some(Err(TransportError::Closed(r))) if r == "boom"));
+        let (link, mut source) = Link::new();
+        link.transport_gone(None);
+        assert!(source.recv().await.is_none());
+    }
+}
