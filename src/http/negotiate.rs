@@ -59,7 +59,33 @@ pub struct Tokens {
     v0: Mutex<HashMap<String, Instant>>,
     /// Connections that ended while their token was still valid, so the token cannot open
     /// a second connection with the same id (ASP.NET forgets a disposed connection's token).
-    ended: Mutex<HashMap<String, Instant>>,
+    ended: Mutex<Ended>,
+}
+
+/// The ended-connection list: a map for lookups plus the same ids in arrival order, so
+/// entries older than a token's lifetime are dropped as new ones arrive (not only when the
+/// list is full) and the map's memory is given back after a burst.
+#[derive(Default)]
+struct Ended {
+    ids: HashMap<String, Instant>,
+    order: std::collections::VecDeque<(Instant, String)>,
+}
+
+impl Ended {
+    fn prune(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < TOKEN_TTL {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.ids.remove(&id);
+            }
+        }
+        if self.ids.capacity() > 64 && self.ids.len() < self.ids.capacity() / 4 {
+            self.ids.shrink_to_fit();
+            self.order.shrink_to_fit();
+        }
+    }
 }
 
 impl std::fmt::Debug for Tokens {
@@ -74,7 +100,7 @@ impl Tokens {
         Tokens {
             key: key.to_vec(),
             v0: Mutex::new(HashMap::new()),
-            ended: Mutex::new(HashMap::new()),
+            ended: Mutex::new(Ended::default()),
         }
     }
 
@@ -82,11 +108,11 @@ impl Tokens {
     pub fn mark_ended(&self, id: &ConnectionId) {
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if ended.len() >= MAX_V0_PENDING {
-            ended.retain(|_, t| now.duration_since(*t) < TOKEN_TTL);
-        }
-        if ended.len() < MAX_V0_PENDING {
-            ended.insert(id.as_str().to_string(), now);
+        ended.prune(now);
+        if ended.ids.len() < MAX_V0_PENDING
+            && ended.ids.insert(id.as_str().to_string(), now).is_none()
+        {
+            ended.order.push_back((now, id.as_str().to_string()));
         }
     }
 
@@ -204,7 +230,7 @@ impl Tokens {
         let stateful = expiry & STATEFUL_BIT != 0;
         let expired = (expiry & !STATEFUL_BIT) < unix_now();
         let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.contains_key(id.as_str()) {
+        if ended.ids.contains_key(id.as_str()) {
             return Err(TokenError::Unknown);
         }
         drop(ended);
@@ -268,6 +294,30 @@ pub fn requested_version(query: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_ids_expire_in_arrival_order_and_memory_is_returned() {
+        let now = Instant::now();
+        let Some(old) = now.checked_sub(TOKEN_TTL + Duration::from_secs(1)) else {
+            return; // the clock is too young to fake an old entry
+        };
+        let mut ended = Ended::default();
+        for i in 0..10_000 {
+            ended.ids.insert(format!("old{i}"), old);
+            ended.order.push_back((old, format!("old{i}")));
+        }
+        ended.ids.insert("fresh".into(), now);
+        ended.order.push_back((now, "fresh".into()));
+        let grown = ended.ids.capacity();
+        ended.prune(now);
+        assert_eq!(ended.ids.len(), 1);
+        assert!(ended.ids.contains_key("fresh"));
+        assert_eq!(ended.order.len(), 1);
+        assert!(
+            ended.ids.capacity() < grown / 4,
+            "memory given back after a burst"
+        );
+    }
 
     #[test]
     fn tokens_round_trip_and_bind_user() {
