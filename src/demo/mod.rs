@@ -31,7 +31,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
+
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
@@ -449,22 +449,9 @@ pub async fn handle(
                 Ok(u) => u,
                 Err(r) => return *r,
             };
-            let body = match Limited::new(req.into_body(), MAX_POST_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    if e.downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some()
-                    {
-                        return text_response(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            format!("Body larger than {MAX_POST_BODY} bytes."),
-                        );
-                    }
-                    return text_response(
-                        StatusCode::BAD_REQUEST,
-                        format!("Could not read the body: {e}"),
-                    );
-                }
+            let body = match crate::http::read_body(req, MAX_POST_BODY).await {
+                Ok(b) => b,
+                Err(r) => return r,
             };
             let new_post: NewPost = match serde_json::from_slice(&body) {
                 Ok(p) => p,

@@ -49,6 +49,29 @@ fn empty() -> Body {
     full(Bytes::new())
 }
 
+/// Reads a request body of at most `limit` bytes: 413 above it, 400 when it cannot be read.
+pub(crate) async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("The request body exceeds the limit of {limit} bytes."),
+            ))
+        }
+        Err(e) => Err(text(
+            StatusCode::BAD_REQUEST,
+            format!("Could not read the request body: {e}"),
+        )),
+    }
+}
+
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(full(msg.into()));
     *r.status_mut() = status;
@@ -401,22 +424,9 @@ async fn publish(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body
         );
     }
     let limit = state.config.max_publish_body;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("Body larger than {limit} bytes."),
-                );
-            }
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("Could not read the body: {e}"),
-            );
-        }
+    let body = match read_body(req, limit).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let event = match crate::ingest::event::decode_recipients_body(&body) {
         Ok(e) => e,

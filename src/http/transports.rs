@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 
@@ -491,22 +491,9 @@ pub(crate) async fn send(
     let limit = max_post_body(hub);
     // Sends of one connection are applied in arrival order, one at a time.
     let _lock = conn.send_lock.lock().await;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("The request body exceeds the limit of {limit} bytes."),
-                );
-            }
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("Could not read the request body: {e}"),
-            );
-        }
+    let body = match super::read_body(req, limit).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     if body.is_empty() {
         return text(StatusCode::OK, "");
