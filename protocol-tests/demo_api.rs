@@ -229,7 +229,7 @@ async fn bad_requests_get_clear_errors() {
             Some(alice.clone()),
             vec![b' '; 17 * 1024],
             413,
-            "larger than",
+            "exceeds the limit",
         ),
         ("GET", "/demo/posts", Some(alice.clone()), vec![], 405, ""),
         ("DELETE", "/demo/users", None, vec![], 405, ""),
