@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use feedhub::backplane::memory::MemoryBus;
+use feedhub::backplane::redis::{RedisBackplane, RedisConfig};
 use feedhub::connection::outbound::OutboundLimits;
 use feedhub::hub::{HubBuilder, HubContext, HubError, Transports};
 use feedhub::ids::ConnectionId;
@@ -40,7 +42,21 @@ struct Fixture {
 
 /// `/t` (all transports, short timeouts), `/wsonly` (WebSockets only).
 async fn start() -> Fixture {
-    let disconnects: Disconnects = Arc::default();
+    start_node(&Net::Alone, Arc::default(), "t").await
+}
+
+/// The backplane of a test node.
+enum Net {
+    /// Its own (nothing to share).
+    Alone,
+    /// An in-process bus shared with other nodes.
+    Memory(MemoryBus),
+    /// The shared Redis, with this channel prefix.
+    Redis(String),
+}
+
+/// [`start`] as one node of several on `net` (with one `disconnects` list).
+async fn start_node(net: &Net, disconnects: Disconnects, name: &str) -> Fixture {
     let seen = disconnects.clone();
     let hub = HubBuilder::new("/t")
         .configure(|o| {
@@ -109,15 +125,36 @@ async fn start() -> Fixture {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some(TEST_SECRET.to_string()),
+        node_id: unique_prefix(name),
         ..ServerConfig::default()
     };
-    let server = ServerBuilder::new(config)
-        .hub(hub)
-        .hub(ws_only)
-        .hub(small)
-        .start()
-        .await
-        .expect("server");
+    let mut config = config;
+    let mut builder_redis = None;
+    if let Net::Redis(prefix) = net {
+        config.channel_prefix = Some(prefix.clone());
+        builder_redis = Some(RedisConfig::from_url(&support::cluster::redis_url()).unwrap());
+    }
+    let mut builder = ServerBuilder::new(config).hub(hub).hub(ws_only).hub(small);
+    if let Net::Memory(bus) = net {
+        builder = builder.memory_bus(bus.clone());
+    }
+    let slot: Arc<Mutex<Option<Arc<RedisBackplane>>>> = Arc::default();
+    if let Some(cfg) = builder_redis {
+        let s = slot.clone();
+        builder = builder.backplane(Box::new(move |c, inbox| {
+            let bp = RedisBackplane::new(cfg, c.node_id.clone(), inbox);
+            *s.lock().unwrap() = Some(bp.clone());
+            bp
+        }));
+    }
+    let server = builder.start().await.expect("server");
+    let redis = slot.lock().unwrap().clone();
+    if let Some(bp) = redis {
+        assert!(
+            bp.wait_ready(Duration::from_secs(10)).await,
+            "Redis backplane did not connect"
+        );
+    }
     Fixture {
         server: TestServer {
             base_url: format!("http://{}", server.local_addr()),
@@ -1146,6 +1183,244 @@ async fn send_before_the_first_poll_is_buffered() {
 }
 
 // ---------------------------------------------------------------------------------------
+// No sticky sessions: two nodes, requests alternating between them
+// ---------------------------------------------------------------------------------------
+
+/// Two nodes sharing a memory backplane (as two instances share Redis) and one list of
+/// OnDisconnected runs.
+async fn two_nodes() -> (Fixture, Fixture) {
+    two_nodes_on(Net::Memory(MemoryBus::new())).await
+}
+
+/// Two nodes on the shared Redis (unique channel prefix); `None` when Redis is unavailable
+/// outside CI (under `CI=true` that panics).
+async fn two_nodes_on_redis() -> Option<(Fixture, Fixture)> {
+    support::cluster::redis().await?;
+    Some(two_nodes_on(Net::Redis(unique_prefix("fwd"))).await)
+}
+
+async fn two_nodes_on(net: Net) -> (Fixture, Fixture) {
+    let disconnects: Disconnects = Arc::default();
+    let a = start_node(&net, disconnects.clone(), "a").await;
+    let b = start_node(&net, disconnects, "b").await;
+    (a, b)
+}
+
+fn forwarded(a: &Fixture, b: &Fixture) -> u64 {
+    a.server.server().forwarded_requests() + b.server.server().forwarded_requests()
+}
+
+/// Negotiate on A, then every Long Polling request alternates between B and A: the
+/// connection lives on A (the token names it) and B forwards. The first poll, the handshake,
+/// invocations, 300 server messages, a poll ended by DELETE on the other node (204), and
+/// OnDisconnected once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polling_across_two_nodes_without_sticky_sessions() {
+    let (a, b) = two_nodes().await;
+    long_polling_across(a, b).await;
+}
+
+/// [`long_polling_across_two_nodes_without_sticky_sessions`] with the nodes on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polling_across_two_nodes_on_redis() {
+    if let Some((a, b)) = two_nodes_on_redis().await {
+        long_polling_across(a, b).await;
+    }
+}
+
+async fn long_polling_across(a: Fixture, b: Fixture) {
+    let (id, token) = a.negotiate("/t", None).await;
+    let at = |i: usize| if i % 2 == 0 { &b } else { &a };
+    let first = b.get(&format!("/t?id={token}")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(
+        first.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(first.header("cache-control"), Some("no-cache, no-store"));
+    let hs = b
+        .post(
+            &format!("/t?id={token}"),
+            format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").as_bytes(),
+        )
+        .await;
+    assert_eq!(hs.status, 200);
+    assert_eq!(
+        a.get(&format!("/t?id={token}")).await.text(),
+        format!("{{}}{RS}")
+    );
+    for i in 0..20 {
+        let r = at(i)
+            .post(
+                &format!("/t?id={token}"),
+                &invocation(&i.to_string(), "Echo", &format!("[{i}]")),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let p = at(i + 1).get(&format!("/t?id={token}")).await;
+        assert_eq!(
+            p.text(),
+            format!("{{\"type\":3,\"invocationId\":\"{i}\",\"result\":{i}}}{RS}")
+        );
+    }
+    let flood = b
+        .post(
+            &format!("/t?id={token}"),
+            &invocation("f", "Flood", "[300]"),
+        )
+        .await;
+    assert_eq!(flood.status, 200);
+    let mut got = String::new();
+    let mut i = 0;
+    while !got.contains("\"invocationId\":\"f\"") {
+        let p = at(i).get(&format!("/t?id={token}")).await;
+        assert_eq!(p.status, 200);
+        got.push_str(&p.text());
+        i += 1;
+    }
+    let items: Vec<String> = (0..300)
+        .map(|n| format!("{{\"type\":1,\"target\":\"Item\",\"arguments\":[{n}]}}{RS}"))
+        .collect();
+    assert!(got.starts_with(&items.concat()), "300 items in order");
+
+    // A waiting poll forwarded by B ends with 204 when A is told to DELETE.
+    let host_b = b.host();
+    let path = format!("/t?id={token}");
+    let waiting = tokio::spawn(async move { http(&host_b, "GET", &path, &[], b"").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.delete(&format!("/t?id={token}")).await.status, 202);
+    let ended = within("the forwarded poll", waiting).await.unwrap();
+    assert_eq!(ended.status, 204);
+    within("OnDisconnected", async {
+        while a.disconnected(&id).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(b.get(&format!("/t?id={token}")).await.status, 404);
+    assert_eq!(b.post(&format!("/t?id={token}"), b"x").await.status, 404);
+    assert!(
+        forwarded(&a, &b) >= 25,
+        "B forwarded {} requests",
+        forwarded(&a, &b)
+    );
+    assert_eq!(a.server.server().forwarded_requests(), 0, "A owns it");
+}
+
+/// Negotiate on A, the event stream through B, sends on both: every event arrives once and
+/// in order through B's relay of A's stream (1,000 of them), with the SSE headers; the
+/// client closing its stream on B ends the connection on A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_across_two_nodes_without_sticky_sessions() {
+    let (a, b) = two_nodes().await;
+    sse_across(a, b).await;
+}
+
+/// [`sse_across_two_nodes_without_sticky_sessions`] with the nodes on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_across_two_nodes_on_redis() {
+    if let Some((a, b)) = two_nodes_on_redis().await {
+        sse_across(a, b).await;
+    }
+}
+
+async fn sse_across(a: Fixture, b: Fixture) {
+    let (id, token) = a.negotiate("/t", None).await;
+    let mut sse = Sse::open(&b.host(), &format!("/t?id={token}")).await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    assert_eq!(sse.header("x-accel-buffering"), Some("no"));
+    assert_eq!(sse.next_block().await, ":\r\n");
+    let r = a
+        .post(
+            &format!("/t?id={token}"),
+            format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sse.next_event().await, format!("data: {{}}{RS}\r\n\r\n"));
+    let r = b
+        .post(
+            &format!("/t?id={token}"),
+            &invocation("1", "Transport", "[]"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        sse.next_event().await,
+        format!("data: {{\"type\":3,\"invocationId\":\"1\",\"result\":\"ServerSentEvents\"}}{RS}\r\n\r\n")
+    );
+    let r = b
+        .post(
+            &format!("/t?id={token}"),
+            &invocation("f", "Flood", "[1000]"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Events carry whatever was queued at once (several records per event, as locally).
+    let mut records = String::new();
+    while !records.contains("\"invocationId\":\"f\"") {
+        let ev = sse.next_event().await;
+        let data = ev
+            .strip_prefix("data: ")
+            .and_then(|d| d.strip_suffix("\r\n\r\n"))
+            .expect("one data line");
+        records.push_str(data);
+    }
+    let expected: String = (0..1000)
+        .map(|n| format!("{{\"type\":1,\"target\":\"Item\",\"arguments\":[{n}]}}{RS}"))
+        .collect();
+    assert!(
+        records.starts_with(&expected),
+        "1,000 items once each, in order"
+    );
+    // A second stream is refused by the owner, whichever node it lands on.
+    let second = Sse::open(&b.host(), &format!("/t?id={token}")).await;
+    assert_eq!(second.status, 409);
+    drop(sse);
+    within(
+        "OnDisconnected after the relayed SSE stream closed",
+        async {
+            while a.disconnected(&id).is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(b.post(&format!("/t?id={token}"), b"x").await.status, 404);
+    assert!(b.server.server().forwarded_requests() >= 3);
+}
+
+/// When the node that negotiated a connection is gone, its requests landing elsewhere get
+/// 404 (the connection is gone with it; clients start over) within the open timeout, and a
+/// token for another user is never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_to_a_dead_owner_get_404() {
+    let (mut a, b) = two_nodes().await;
+    let (_, token) = a.negotiate("/t", None).await;
+    assert_eq!(b.get(&format!("/t?id={token}")).await.status, 200);
+    let server_a = a.server.server.take().unwrap();
+    server_a.shutdown().await;
+    let t0 = Instant::now();
+    let r = b.get(&format!("/t?id={token}")).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.text(), "No Connection with that ID");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let before = b.server.server().forwarded_requests();
+    let alice = b.server.token(&unique_prefix("alice"));
+    let r = http(
+        &b.host(),
+        "GET",
+        &format!("/t?id={token}"),
+        &[("Authorization", &format!("Bearer {alice}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(b.server.server().forwarded_requests(), before);
+}
+
+// ---------------------------------------------------------------------------------------
 // Rates (printed; run with --nocapture to see them)
 // ---------------------------------------------------------------------------------------
 
@@ -1153,108 +1428,144 @@ fn count(hay: &str, needle: &str) -> usize {
     hay.matches(needle).count()
 }
 
-/// One Long Polling client: 10,000 server → client messages, and sequential echo round
-/// trips (POST + poll each).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_long_polling_one_client() {
-    let f = start().await;
-    let (_, token) = f.long_polling().await;
-    const N: usize = 10_000;
+/// One client's figures: server → client messages per second, echo round trips.
+struct Rates {
+    per_second: f64,
+    rtt: Vec<Duration>,
+}
+
+impl Rates {
+    fn line(&self) -> String {
+        let mut v = self.rtt.clone();
+        v.sort();
+        let q = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e3;
+        format!(
+            "{:.0} msg/s server->client; echo RTT p50 {:.2} ms p99 {:.2} ms ({} round trips)",
+            self.per_second,
+            q(0.5),
+            q(0.99),
+            v.len()
+        )
+    }
+}
+
+const RATE_MESSAGES: usize = 10_000;
+const RATE_ECHOES: usize = 300;
+
+/// A Long Polling client of a connection negotiated on `owner` whose requests all go to
+/// `via` (the owner itself: direct; another node: every request forwarded).
+async fn long_polling_rates(owner: &Fixture, via: &Fixture) -> Rates {
+    let (_, token) = owner.negotiate("/t", None).await;
+    let path = format!("/t?id={token}");
+    assert_eq!(via.get(&path).await.status, 200);
+    let hs = format!("{{\"protocol\":\"json\",\"version\":1}}{RS}");
+    assert_eq!(via.post(&path, hs.as_bytes()).await.status, 200);
+    assert_eq!(via.get(&path).await.text(), format!("{{}}{RS}"));
     let t0 = Instant::now();
-    f.post(
-        &format!("/t?id={token}"),
-        &invocation("f", "Flood", &format!("[{N}]")),
-    )
-    .await;
+    let flood = invocation("f", "Flood", &format!("[{RATE_MESSAGES}]"));
+    via.post(&path, &flood).await;
     let mut items = 0;
-    let mut polls = 0;
     let mut done = false;
     while !done {
-        let p = f.get(&format!("/t?id={token}")).await;
+        let p = via.get(&path).await;
         assert_eq!(p.status, 200);
-        polls += 1;
         let text = p.text();
         items += count(&text, "\"target\":\"Item\"");
         done = text.contains("\"invocationId\":\"f\"");
     }
-    let secs = t0.elapsed().as_secs_f64();
-    assert_eq!(items, N, "every item arrives");
-    println!("RATE long polling: {N} server->client messages in {secs:.3} s = {:.0} msg/s ({polls} polls)", N as f64 / secs);
-
-    const ECHOES: usize = 300;
-    let t0 = Instant::now();
-    for i in 0..ECHOES {
-        f.post(
-            &format!("/t?id={token}"),
-            &invocation(&i.to_string(), "Echo", "[\"e\"]"),
-        )
-        .await;
+    let per_second = RATE_MESSAGES as f64 / t0.elapsed().as_secs_f64();
+    assert_eq!(items, RATE_MESSAGES, "every item arrives");
+    let mut rtt = Vec::with_capacity(RATE_ECHOES);
+    for i in 0..RATE_ECHOES {
+        let t = Instant::now();
+        via.post(&path, &invocation(&i.to_string(), "Echo", "[\"e\"]"))
+            .await;
         let want = format!("\"invocationId\":\"{i}\"");
-        while !f
-            .get(&format!("/t?id={token}"))
-            .await
-            .text()
-            .contains(&want)
-        {}
+        while !via.get(&path).await.text().contains(&want) {}
+        rtt.push(t.elapsed());
     }
-    let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "RATE long polling: {ECHOES} echo round trips in {secs:.3} s = {:.0} round trips/s",
-        ECHOES as f64 / secs
-    );
+    Rates { per_second, rtt }
 }
 
-/// One SSE client: 10,000 server → client messages, and sequential echo round trips (POST
-/// + event).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_server_sent_events_one_client() {
-    let f = start().await;
-    let (_, token) = f.negotiate("/t", None).await;
-    let mut sse = Sse::open(&f.host(), &format!("/t?id={token}")).await;
-    f.post(
-        &format!("/t?id={token}"),
-        format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").as_bytes(),
-    )
-    .await;
+/// [`long_polling_rates`] for Server-Sent Events: the stream and the sends go to `via`.
+async fn sse_rates(owner: &Fixture, via: &Fixture) -> Rates {
+    let (_, token) = owner.negotiate("/t", None).await;
+    let path = format!("/t?id={token}");
+    let mut sse = Sse::open(&via.host(), &path).await;
+    let hs = format!("{{\"protocol\":\"json\",\"version\":1}}{RS}");
+    via.post(&path, hs.as_bytes()).await;
     assert_eq!(sse.next_event().await, format!("data: {{}}{RS}\r\n\r\n"));
-    const N: usize = 10_000;
     let t0 = Instant::now();
-    f.post(
-        &format!("/t?id={token}"),
-        &invocation("f", "Flood", &format!("[{N}]")),
-    )
-    .await;
+    let flood = invocation("f", "Flood", &format!("[{RATE_MESSAGES}]"));
+    via.post(&path, &flood).await;
     sse.read_until("the flood", |b| {
         find(b, b"\"invocationId\":\"f\"").is_some()
     })
     .await;
-    let secs = t0.elapsed().as_secs_f64();
+    let per_second = RATE_MESSAGES as f64 / t0.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&sse.body).into_owned();
-    assert_eq!(count(&text, "\"target\":\"Item\""), N, "every item arrives");
-    println!(
-        "RATE server-sent events: {N} server->client messages in {secs:.3} s = {:.0} msg/s",
-        N as f64 / secs
+    assert_eq!(
+        count(&text, "\"target\":\"Item\""),
+        RATE_MESSAGES,
+        "every item arrives"
     );
     sse.body.clear();
-
-    const ECHOES: usize = 300;
-    let t0 = Instant::now();
-    for i in 0..ECHOES {
-        f.post(
-            &format!("/t?id={token}"),
-            &invocation(&i.to_string(), "Echo", "[\"e\"]"),
-        )
-        .await;
+    let mut rtt = Vec::with_capacity(RATE_ECHOES);
+    for i in 0..RATE_ECHOES {
+        let t = Instant::now();
+        via.post(&path, &invocation(&i.to_string(), "Echo", "[\"e\"]"))
+            .await;
         let want = format!("\"invocationId\":\"{i}\"");
-        loop {
-            if sse.next_event().await.contains(&want) {
-                break;
-            }
-        }
+        while !sse.next_event().await.contains(&want) {}
+        rtt.push(t.elapsed());
     }
-    let secs = t0.elapsed().as_secs_f64();
+    Rates { per_second, rtt }
+}
+
+/// One Long Polling client, direct and with every request forwarded by another node:
+/// 10,000 server → client messages, then 300 sequential echo round trips (POST + poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_long_polling_one_client() {
+    let (a, b) = two_nodes().await;
+    let direct = long_polling_rates(&a, &a).await;
+    let forwarded = long_polling_rates(&a, &b).await;
     println!(
-        "RATE server-sent events: {ECHOES} echo round trips in {secs:.3} s = {:.0} round trips/s",
-        ECHOES as f64 / secs
+        "RATE long polling, direct:                    {}",
+        direct.line()
     );
+    println!(
+        "RATE long polling, forwarded (memory bus):    {}",
+        forwarded.line()
+    );
+    if let Some((a, b)) = two_nodes_on_redis().await {
+        let forwarded = long_polling_rates(&a, &b).await;
+        println!(
+            "RATE long polling, forwarded (Redis):         {}",
+            forwarded.line()
+        );
+    }
+}
+
+/// One Server-Sent Events client, direct and relayed by another node: 10,000 server →
+/// client messages, then 300 sequential echo round trips (POST + event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_server_sent_events_one_client() {
+    let (a, b) = two_nodes().await;
+    let direct = sse_rates(&a, &a).await;
+    let forwarded = sse_rates(&a, &b).await;
+    println!(
+        "RATE server-sent events, direct:                 {}",
+        direct.line()
+    );
+    println!(
+        "RATE server-sent events, forwarded (memory bus): {}",
+        forwarded.line()
+    );
+    if let Some((a, b)) = two_nodes_on_redis().await {
+        let forwarded = sse_rates(&a, &b).await;
+        println!(
+            "RATE server-sent events, forwarded (Redis):      {}",
+            forwarded.line()
+        );
+    }
 }

@@ -189,6 +189,12 @@ impl ServerBuilder {
     /// Binds the listener, starts the hubs and the backplane, and begins serving.
     pub async fn start(self) -> anyhow::Result<Server> {
         let config = self.config;
+        if config.node_id.is_empty() || config.node_id.len() > crate::http::negotiate::MAX_NODE_ID {
+            anyhow::bail!(
+                "the node id must be 1 to {} bytes long",
+                crate::http::negotiate::MAX_NODE_ID
+            );
+        }
         let (inbox, receivers) = Inbox::new(config.dispatch_workers, config.dispatch_queue);
         let backplane: Arc<dyn Backplane> = match self.backplane {
             Some(f) => f(&config, inbox),
@@ -284,7 +290,7 @@ impl ServerBuilder {
         let state = Arc::new(AppState {
             hubs,
             auth: Authenticator::new(config.jwt_secret.as_deref()),
-            tokens: Tokens::new(&token_key),
+            tokens: Tokens::for_node(&token_key, &config.node_id),
             connections: crate::http::connections::Connections::new(),
             config,
             shutdown: shutdown.clone(),
@@ -300,6 +306,7 @@ impl ServerBuilder {
                 "DEVELOPMENT MODE: no --jwt-secret given; tokens are signed with a public development secret. Do not expose this server."
             );
         }
+        router.attach(&state);
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!(addr = %local_addr, node = %state.config.node_id, "listening");
         Ok(Server {
@@ -424,7 +431,18 @@ impl Server {
         self.state.hubs.get(hub_path).cloned()
     }
 
-    /// The backplane in use.
+    /// Server-Sent Events and Long Polling requests this server forwarded to the node that
+    /// owns their connection (no sticky sessions, see `http::forward`).
+    pub fn forwarded_requests(&self) -> u64 {
+        self.state.router.forwarded_requests()
+    }
+
+    /// Forwarded requests this server served for other nodes.
+    pub fn served_forwarded_requests(&self) -> u64 {
+        self.state.router.served_requests()
+    }
+
+    /// The backplane.
     pub fn backplane(&self) -> &Arc<dyn Backplane> {
         &self.backplane
     }

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub stateful_resent: AtomicU64,
     /// Transports relayed to the owning node (requests that landed on another node).
     pub relays_opened: AtomicU64,
+    /// Server-Sent Events and Long Polling requests forwarded to the node owning their
+    /// connection.
+    pub http_forwarded: AtomicU64,
 }
 
 /// The process's metrics.
@@ -87,6 +90,7 @@ pub static METRICS: Metrics = Metrics {
     stateful_resumes: AtomicU64::new(0),
     stateful_resent: AtomicU64::new(0),
     relays_opened: AtomicU64::new(0),
+    http_forwarded: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -170,6 +174,12 @@ impl Metrics {
             "feedhub_relays_opened_total",
             "Transports relayed to the owning node (no sticky sessions).",
             &self.relays_opened,
+        );
+        counter(
+            &mut out,
+            "feedhub_http_forwarded_total",
+            "Server-Sent Events and Long Polling requests forwarded to the owning node (no sticky sessions).",
+            &self.http_forwarded,
         );
         counter(
             &mut out,

@@ -16,7 +16,7 @@
 //! | 1 raw JSON | `json: str` |
 //! | 2 group | `connection: str`, `group: str`, `add: bool` |
 //! | 3 close | `connection: str`, `error: str or nil` |
-//! | 4 relay | `relay: uint`, `sub: uint`, then by `sub`: 0 open `connection: str, reply_node: str`; 1 opened `owner: str`; 2 data `seq: uint, data: bin, binary: bool`; 3 close (nothing) |
+//! | 4 relay | `relay: uint`, `sub: uint`, then by `sub`: 0 open `connection: str, reply_node: str`; 1 opened `owner: str`; 2 data `seq: uint, data: bin, binary: bool`; 3 close (nothing); 4 request `reply_node: str, method: str, uri: str, headers: array of (str, bin) pairs, body: bin`; 5 head `status: uint, headers, body: bin, end: bool` |
 //!
 //! An argument keeps its original encoding: `enc` 0 is followed by a `str` holding JSON
 //! text, `enc` 1 by the MessagePack value itself (inline, sliced out without copying on
@@ -127,6 +127,8 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
                 RelayKind::Opened { .. } => (1, 5),
                 RelayKind::Data { .. } => (2, 7),
                 RelayKind::Close => (3, 4),
+                RelayKind::Request { .. } => (4, 9),
+                RelayKind::Head { .. } => (5, 8),
             };
             mp::write_array_len(&mut out, n);
             mp::write_str(&mut out, &msg.origin);
@@ -148,10 +150,62 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
                     mp::write_bool(&mut out, *binary);
                 }
                 RelayKind::Close => {}
+                RelayKind::Request {
+                    reply_node,
+                    method,
+                    uri,
+                    headers,
+                    body,
+                } => {
+                    mp::write_str(&mut out, reply_node);
+                    mp::write_str(&mut out, method);
+                    mp::write_str(&mut out, uri);
+                    write_headers(&mut out, headers);
+                    write_bin(&mut out, body);
+                }
+                RelayKind::Head {
+                    status,
+                    headers,
+                    body,
+                    end,
+                } => {
+                    mp::write_uint(&mut out, u64::from(*status));
+                    write_headers(&mut out, headers);
+                    write_bin(&mut out, body);
+                    mp::write_bool(&mut out, *end);
+                }
             }
         }
     }
     Ok(out)
+}
+
+fn write_headers(out: &mut Vec<u8>, headers: &[(String, Bytes)]) {
+    mp::write_array_len(out, headers.len() * 2);
+    for (name, value) in headers {
+        mp::write_str(out, name);
+        write_bin(out, value);
+    }
+}
+
+fn read_bin(r: &mut Reader<'_>, what: &str) -> Result<Bytes, EnvelopeError> {
+    match r.item()? {
+        mp::Item::Bin(b) => Ok(Bytes::copy_from_slice(b)),
+        _ => Err(EnvelopeError(format!("relay {what} is not bin"))),
+    }
+}
+
+fn read_headers(r: &mut Reader<'_>) -> Result<Vec<(String, Bytes)>, EnvelopeError> {
+    let n = r.array_len("headers")?;
+    if n % 2 != 0 || n as usize > r.remaining() {
+        return Err(EnvelopeError("bad header list".to_string()));
+    }
+    let mut headers = Vec::with_capacity(n as usize / 2);
+    for _ in 0..n / 2 {
+        let name = r.str("header name")?.to_string();
+        headers.push((name, read_bin(r, "header value")?));
+    }
+    Ok(headers)
 }
 
 fn write_bin(out: &mut Vec<u8>, b: &[u8]) {
@@ -280,16 +334,34 @@ pub fn decode(payload: Bytes) -> Result<BackplaneMessage, EnvelopeError> {
                 2 => {
                     expect(7)?;
                     let seq = r.uint("seq")?;
-                    let data = match r.item()? {
-                        mp::Item::Bin(b) => Bytes::copy_from_slice(b),
-                        _ => return Err(EnvelopeError("relay data is not bin".to_string())),
-                    };
+                    let data = read_bin(&mut r, "data")?;
                     let binary = r.bool("binary")?;
                     RelayKind::Data { seq, data, binary }
                 }
                 3 => {
                     expect(4)?;
                     RelayKind::Close
+                }
+                4 => {
+                    expect(9)?;
+                    RelayKind::Request {
+                        reply_node: r.str("reply node")?.to_string(),
+                        method: r.str("method")?.to_string(),
+                        uri: r.str("uri")?.to_string(),
+                        headers: read_headers(&mut r)?,
+                        body: read_bin(&mut r, "body")?,
+                    }
+                }
+                5 => {
+                    expect(8)?;
+                    let status = u16::try_from(r.uint("status")?)
+                        .map_err(|_| EnvelopeError("relay status out of range".to_string()))?;
+                    RelayKind::Head {
+                        status,
+                        headers: read_headers(&mut r)?,
+                        body: read_bin(&mut r, "body")?,
+                        end: r.bool("end")?,
+                    }
                 }
                 other => return Err(EnvelopeError(format!("unknown relay kind {other}"))),
             };
@@ -327,6 +399,19 @@ mod tests {
                 binary: true,
             },
             RelayKind::Close,
+            RelayKind::Request {
+                reply_node: "node-b".into(),
+                method: "POST".into(),
+                uri: "/hub?id=x".into(),
+                headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
+                body: Bytes::from_static(b"{}\x1e"),
+            },
+            RelayKind::Head {
+                status: 204,
+                headers: vec![],
+                body: Bytes::new(),
+                end: true,
+            },
         ];
         for kind in kinds {
             let msg = BackplaneMessage {

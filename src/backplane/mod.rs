@@ -112,6 +112,33 @@ pub enum RelayKind {
     },
     /// Either side ended the relay.
     Close,
+    /// Client node → owner, on the owner's node channel: an HTTP request (a Server-Sent
+    /// Events or Long Polling request for a connection the owner negotiated) to serve as if
+    /// it had arrived there; the answer goes to `reply_node` (see `http::forward`).
+    Request {
+        /// The node the client is connected to.
+        reply_node: String,
+        /// HTTP method.
+        method: String,
+        /// Path and query.
+        uri: String,
+        /// End-to-end request headers, as (name, value) pairs.
+        headers: Vec<(String, Bytes)>,
+        /// The whole request body.
+        body: Bytes,
+    },
+    /// Owner → client node: the response head of a forwarded request, with the first body
+    /// bytes; `end`: that was the whole body (otherwise `Data` frames follow, then `Close`).
+    Head {
+        /// HTTP status.
+        status: u16,
+        /// Response headers.
+        headers: Vec<(String, Bytes)>,
+        /// The start of the body.
+        body: Bytes,
+        /// No more body follows.
+        end: bool,
+    },
 }
 
 /// Backplane failures.

@@ -16,6 +16,7 @@
 //! | `/demo/users`, `/demo/feed`, `/demo/posts` | the demo's post service, with development identities only ([`crate::demo`]) |
 
 pub mod connections;
+pub mod forward;
 pub mod negotiate;
 pub mod relay;
 pub mod transports;
@@ -54,22 +55,32 @@ pub(crate) async fn read_body(
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<Bytes, Response<Body>> {
-    match Limited::new(req.into_body(), limit).collect().await {
+    read_incoming(req.into_body(), limit).await
+}
+
+/// [`read_body`] for a body already split from its request.
+pub(crate) async fn read_incoming(body: Incoming, limit: usize) -> Result<Bytes, Response<Body>> {
+    match Limited::new(body, limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            Err(text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("The request body exceeds the limit of {limit} bytes."),
-            ))
+            Err(body_too_large(limit))
         }
         Err(e) => Err(text(
             StatusCode::BAD_REQUEST,
             format!("Could not read the request body: {e}"),
         )),
     }
+}
+
+/// 413 for a body over `limit` bytes.
+pub(crate) fn body_too_large(limit: usize) -> Response<Body> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("The request body exceeds the limit of {limit} bytes."),
+    )
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
@@ -220,13 +231,13 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
 fn authenticate(
     state: &AppState,
     hub: &HubLifetime,
-    req: &Request<Incoming>,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
 ) -> Result<Identity, Box<Response<Body>>> {
-    let auth_header = req
-        .headers()
+    let auth_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let result = match token_from_request(req.uri().query(), auth_header) {
+    let result = match token_from_request(uri.query(), auth_header) {
         Some(t) => state.auth.verify(&t),
         None if hub.definition().options.require_auth => Err(AuthError::Missing),
         None => Ok(Identity::anonymous()),
@@ -245,7 +256,7 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
-    let identity = match authenticate(state, hub, req) {
+    let identity = match authenticate(state, hub, req.uri(), req.headers()) {
         Ok(i) => i,
         Err(r) => return *r,
     };
@@ -320,53 +331,122 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
 
 /// A request on the hub path: one of the three transports, a send, or a delete
 /// (see [`transports`]). Every request is authenticated, and a token only works for the
-/// user it was issued to.
+/// user it was issued to. A Server-Sent Events or Long Polling request whose token names
+/// another node (the one that negotiated it) is forwarded there ([`forward`]).
 async fn connect(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let query = req.uri().query().unwrap_or("").to_string();
-    let id_param = form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "id")
-        .map(|(_, v)| v.into_owned())
-        .filter(|v| !v.is_empty());
     let method = req.method().clone();
     if method != Method::GET && method != Method::POST && method != Method::DELETE {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
-    let identity = match authenticate(state, &hub, &req) {
+    let identity = match authenticate(state, &hub, req.uri(), req.headers()) {
         Ok(i) => i,
         Err(r) => return *r,
     };
     let is_ws = method == Method::GET && is_websocket_upgrade(&req);
-    let Some(token) = id_param else {
+    let Some(token) = id_param(req.uri()) else {
         if is_ws {
             return transports::websocket(state, hub, None, identity, req).await;
         }
         return text(StatusCode::BAD_REQUEST, "Connection ID required");
     };
-    let user = identity
-        .user_id
-        .as_ref()
-        .map_or(String::new(), |u| u.as_str().to_string());
-    if method == Method::POST {
-        return transports::send(state, &hub, &token, &user, req).await;
-    }
-    if method == Method::DELETE {
-        return transports::delete(state, &token, &user);
-    }
     if is_ws {
+        // A WebSocket connection lives where its socket lands (a stateful resume elsewhere
+        // is relayed, see `relay`).
         return transports::websocket(state, hub, Some(&token), identity, req).await;
     }
-    let request = RequestInfo {
-        query,
-        headers: owned_headers(req.headers()),
-    };
-    if transports::accepts_event_stream(&req) {
-        return transports::server_sent_events(state, hub, &token, identity, request);
+    let user = user_of(&identity);
+    let (parts, body) = req.into_parts();
+    if let Some(owner) = state.tokens.remote_owner(&token, &user) {
+        let body = if method == Method::POST {
+            match read_incoming(body, transports::max_post_body(&hub)).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            }
+        } else {
+            Bytes::new()
+        };
+        return forward::forward(state, &hub, owner, &parts, body).await;
     }
-    transports::long_poll(state, hub, &token, identity, request).await
+    let body = transports::SendBody::Incoming(body);
+    hub_request(state, hub, &parts, identity, &token, &user, body).await
+}
+
+/// The `id=` query value, if any.
+fn id_param(uri: &http::Uri) -> Option<String> {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "id")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn user_of(identity: &Identity) -> String {
+    identity
+        .user_id
+        .as_ref()
+        .map_or(String::new(), |u| u.as_str().to_string())
+}
+
+/// Serves a Server-Sent Events, Long Polling, send or delete request of this node's
+/// connection `token` (arrived here, or forwarded by the node it landed on).
+async fn hub_request(
+    state: &Arc<AppState>,
+    hub: Arc<HubLifetime>,
+    parts: &http::request::Parts,
+    identity: Identity,
+    token: &str,
+    user: &str,
+    body: transports::SendBody,
+) -> Response<Body> {
+    if parts.method == Method::POST {
+        return transports::send(state, &hub, token, user, body).await;
+    }
+    if parts.method == Method::DELETE {
+        return transports::delete(state, token, user);
+    }
+    let request = RequestInfo {
+        query: parts.uri.query().unwrap_or("").to_string(),
+        headers: owned_headers(&parts.headers),
+    };
+    if transports::accepts_event_stream(&parts.headers) {
+        return transports::server_sent_events(state, hub, token, identity, request);
+    }
+    transports::long_poll(state, hub, token, identity, request).await
+}
+
+/// Owner side of [`forward`]: serves a request another node forwarded, as [`connect`]
+/// would have had it landed here (authenticated again: nodes trust the token, not each
+/// other's word).
+pub(crate) async fn serve_forwarded(
+    state: &Arc<AppState>,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> Response<Body> {
+    let path = parts.uri.path().trim_end_matches('/');
+    let Some(hub) = state.hubs.get(path).cloned() else {
+        return text(StatusCode::NOT_FOUND, "Not Found");
+    };
+    let method = &parts.method;
+    if method != Method::GET && method != Method::POST && method != Method::DELETE {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+    }
+    let identity = match authenticate(state, &hub, &parts.uri, &parts.headers) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    let Some(token) = id_param(&parts.uri) else {
+        return text(StatusCode::BAD_REQUEST, "Connection ID required");
+    };
+    let user = user_of(&identity);
+    if state.tokens.remote_owner(&token, &user).is_some() {
+        // Not this node's connection: never forward twice.
+        return transports::not_found();
+    }
+    let body = transports::SendBody::Ready(body);
+    hub_request(state, hub, &parts, identity, &token, &user, body).await
 }
 
 /// A copy of `headers` that owns its bytes. hyper's header values are slices of the

@@ -1,9 +1,12 @@
 //! `POST {hub}/negotiate` and the connection tokens it issues.
 //!
 //! Tokens (negotiate v1) are signed and self-contained: `base64url(id[16] ‖ expiry[8] ‖
-//! mac[16])`, where the MAC (HMAC-SHA256, truncated) covers the id, the expiry and the user
-//! id. Any node that knows the key can check a token and recover the connection id, with no
-//! negotiate state kept in memory, so negotiate and connect need no sticky session.
+//! mac[16] ‖ node)`, where the MAC (HMAC-SHA256, truncated) covers the id, the expiry, the
+//! issuing node's id and the user id. Any node that knows the key can check a token and
+//! recover the connection id and the node that negotiated it, with no negotiate state kept
+//! in memory, so negotiate and connect need no sticky session. Server-Sent Events and Long
+//! Polling connections live on the negotiating node (the token's *owner*); their requests
+//! that land elsewhere are forwarded there (`http::forward`).
 //! Negotiate v0 has no token (the client sends the connection id itself); those ids are kept
 //! in a small bounded, expiring table on the node that issued them.
 //!
@@ -53,9 +56,14 @@ pub enum TokenError {
     Unknown,
 }
 
+/// Longest node id a token can carry.
+pub const MAX_NODE_ID: usize = 128;
+
 /// Issues and checks connection tokens.
 pub struct Tokens {
     key: Vec<u8>,
+    /// This node's id, written into the tokens it issues ("" writes none).
+    node: String,
     v0: Mutex<HashMap<String, Instant>>,
     /// Connections that ended while their token was still valid, so the token cannot open
     /// a second connection with the same id (ASP.NET forgets a disposed connection's token).
@@ -97,8 +105,16 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Tokens signed with `key`. Nodes that must accept each other's tokens share the key.
     pub fn new(key: &[u8]) -> Tokens {
+        Tokens::for_node(key, "")
+    }
+
+    /// Tokens signed with `key` that name node `node` as the owner of the connections it
+    /// negotiates (at most [`MAX_NODE_ID`] bytes; a longer id is not written).
+    pub fn for_node(key: &[u8], node: &str) -> Tokens {
+        let node = if node.len() <= MAX_NODE_ID { node } else { "" };
         Tokens {
             key: key.to_vec(),
+            node: node.to_string(),
             v0: Mutex::new(HashMap::new()),
             ended: Mutex::new(Ended::default()),
         }
@@ -116,12 +132,15 @@ impl Tokens {
         }
     }
 
-    fn mac(&self, id: &[u8], expiry: u64, user: &str) -> [u8; 16] {
+    fn mac(&self, id: &[u8], expiry: u64, node: &[u8], user: &str) -> [u8; 16] {
         let mut out = [0u8; 16];
         // HMAC accepts keys of any length, so `new_from_slice` cannot fail here.
         if let Ok(mut m) = HmacSha256::new_from_slice(&self.key) {
             m.update(id);
             m.update(&expiry.to_be_bytes());
+            // Length-prefixed (at most MAX_NODE_ID < 256): node and user cannot be confused.
+            m.update(&[node.len() as u8]);
+            m.update(node);
             m.update(user.as_bytes());
             let full = m.finalize().into_bytes();
             out.copy_from_slice(&full[..16]);
@@ -142,10 +161,11 @@ impl Tokens {
         if stateful {
             expiry |= STATEFUL_BIT;
         }
-        let mut token = Vec::with_capacity(40);
+        let mut token = Vec::with_capacity(40 + self.node.len());
         token.extend_from_slice(&raw);
         token.extend_from_slice(&expiry.to_be_bytes());
-        token.extend_from_slice(&self.mac(&raw, expiry, user));
+        token.extend_from_slice(&self.mac(&raw, expiry, self.node.as_bytes(), user));
+        token.extend_from_slice(self.node.as_bytes());
         let id = ConnectionId::new(&id_text).unwrap_or_else(|_| ConnectionId::random());
         (
             id,
@@ -167,21 +187,26 @@ impl Tokens {
         id
     }
 
-    /// Decodes a v1 token and checks its MAC for `user`: the connection id and the raw
-    /// signed expiry (with the stateful flag bit).
-    fn open(&self, token: &str, user: &str) -> Result<(ConnectionId, u64), TokenError> {
+    /// Decodes a v1 token and checks its MAC for `user`: the connection id, the raw signed
+    /// expiry (with the stateful flag bit) and the owning node ("" when none is named).
+    fn open(&self, token: &str, user: &str) -> Result<(ConnectionId, u64, String), TokenError> {
+        // 40 bytes plus the node id, base64url: longer input is not a token of ours.
+        if token.len() > (40 + MAX_NODE_ID) * 4 / 3 + 4 {
+            return Err(TokenError::Unknown);
+        }
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Unknown)?;
-        if bytes.len() != 40 {
+        if bytes.len() < 40 || bytes.len() > 40 + MAX_NODE_ID {
             return Err(TokenError::Unknown);
         }
         let (raw, rest) = bytes.split_at(16);
-        let (exp, mac) = rest.split_at(8);
+        let (exp, rest) = rest.split_at(8);
+        let (mac, node) = rest.split_at(16);
         let mut exp_arr = [0u8; 8];
         exp_arr.copy_from_slice(exp);
         let expiry = u64::from_be_bytes(exp_arr);
-        let expected = self.mac(raw, expiry, user);
+        let expected = self.mac(raw, expiry, node, user);
         // Constant-time comparison: the MAC must not leak through timing.
         let ok = expected
             .iter()
@@ -194,14 +219,23 @@ impl Tokens {
         }
         let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
         let id = ConnectionId::new(&id).map_err(|_| TokenError::Unknown)?;
-        Ok((id, expiry))
+        let node = String::from_utf8(node.to_vec()).map_err(|_| TokenError::Unknown)?;
+        Ok((id, expiry, node))
+    }
+
+    /// The node that negotiated a genuine v1 token of `user`, when it is another node than
+    /// this one: where the token's Server-Sent Events and Long Polling requests are served.
+    /// `None` for tokens of this node, tokens naming no node, and anything not valid.
+    pub fn remote_owner(&self, token: &str, user: &str) -> Option<String> {
+        let (_, _, node) = self.open(token, user).ok()?;
+        (!node.is_empty() && node != self.node).then_some(node)
     }
 
     /// The connection id a genuine v1 token of `user` names, expired or not. For requests
     /// on a connection that is already running (polls and sends outlive the token's TTL,
     /// which only bounds how long a negotiation may wait for its transport).
     pub fn id_of(&self, token: &str, user: &str) -> Option<ConnectionId> {
-        self.open(token, user).ok().map(|(id, _)| id)
+        self.open(token, user).ok().map(|(id, _, _)| id)
     }
 
     /// Checks the `id=` value of a request that starts a connection and returns the
@@ -226,7 +260,7 @@ impl Tokens {
     /// whether it expired (the caller decides: a live stateful connection may resume with an
     /// expired token, nothing else may).
     pub fn inspect(&self, token: &str, user: &str) -> Result<TokenInfo, TokenError> {
-        let (id, expiry) = self.open(token, user)?;
+        let (id, expiry, _) = self.open(token, user)?;
         let stateful = expiry & STATEFUL_BIT != 0;
         let expired = (expiry & !STATEFUL_BIT) < unix_now();
         let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
@@ -358,6 +392,38 @@ mod tests {
             "negotiateVersion=1&useStatefulReconnect=true"
         ));
         assert!(!wants_stateful_reconnect("negotiateVersion=1"));
+    }
+
+    #[test]
+    fn tokens_name_their_node_under_the_mac() {
+        let a = Tokens::for_node(b"key", "node-a");
+        let b = Tokens::for_node(b"key", "node-b");
+        let (id, token) = a.issue("u");
+        assert_eq!(b.check(&token, "u"), Ok(id));
+        assert_eq!(b.remote_owner(&token, "u").as_deref(), Some("node-a"));
+        assert_eq!(
+            a.remote_owner(&token, "u"),
+            None,
+            "own tokens are served here"
+        );
+        assert_eq!(b.remote_owner(&token, "other"), None, "MAC binds the user");
+        // Another node name in place of the real one breaks the MAC.
+        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&token)
+            .unwrap();
+        let last = raw.len() - 1;
+        raw[last] = b'b';
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(b.check(&forged, "u"), Err(TokenError::Unknown));
+        assert_eq!(b.remote_owner(&forged, "u"), None);
+        // A node-less token (Tokens::new) is served wherever it lands.
+        let (_, plain) = Tokens::new(b"key").issue("u");
+        assert_eq!(b.remote_owner(&plain, "u"), None);
+        assert!(b.check(&plain, "u").is_ok());
+        assert_eq!(
+            Tokens::for_node(b"key", &"n".repeat(MAX_NODE_ID + 1)).node,
+            ""
+        );
     }
 
     #[test]

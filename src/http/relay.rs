@@ -58,9 +58,16 @@ pub type ResumeSender = mpsc::Sender<(LinkSource, LinkSink)>;
 
 /// Inbound events of one relay.
 #[derive(Debug)]
-enum RelayIn {
+pub(crate) enum RelayIn {
     Data(u64, Bytes, bool),
     Close,
+    /// A forwarded request's response head (`http::forward`).
+    Head {
+        status: u16,
+        headers: Vec<(String, Bytes)>,
+        body: Bytes,
+        end: bool,
+    },
 }
 
 /// Relay state of this node.
@@ -69,8 +76,16 @@ pub struct Router {
     backplane: Arc<dyn Backplane>,
     /// Resume slots of this node's stateful connections.
     pub(crate) resumable: Arc<DashMap<ConnectionId, ResumeSender>>,
-    relays: DashMap<u64, mpsc::Sender<RelayIn>>,
-    pending_opens: DashMap<u64, oneshot::Sender<String>>,
+    pub(crate) relays: DashMap<u64, mpsc::Sender<RelayIn>>,
+    pub(crate) pending_opens: DashMap<u64, oneshot::Sender<String>>,
+    /// The server, for serving forwarded requests (set once it is built).
+    app: std::sync::OnceLock<std::sync::Weak<crate::app::AppState>>,
+    /// Requests this node forwarded to their owner, and forwarded requests it served.
+    pub(crate) forwarded: std::sync::atomic::AtomicU64,
+    pub(crate) served: std::sync::atomic::AtomicU64,
+    /// Forwarded exchanges in flight on this node (either side), bounded by
+    /// `forward::MAX_FORWARDS`.
+    pub(crate) in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Router {
@@ -81,7 +96,7 @@ impl std::fmt::Debug for Router {
     }
 }
 
-fn publish_spawned(
+pub(crate) fn publish_spawned(
     backplane: Arc<dyn Backplane>,
     channel: Channel,
     origin: String,
@@ -107,7 +122,36 @@ impl Router {
             resumable: Arc::new(DashMap::new()),
             relays: DashMap::new(),
             pending_opens: DashMap::new(),
+            app: std::sync::OnceLock::new(),
+            forwarded: Default::default(),
+            served: Default::default(),
+            in_flight: Default::default(),
         })
+    }
+
+    /// Lets the router serve forwarded requests with `state`'s handlers.
+    pub(crate) fn attach(&self, state: &Arc<crate::app::AppState>) {
+        let _ = self.app.set(Arc::downgrade(state));
+    }
+
+    /// This node's id.
+    pub(crate) fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The backplane relays travel on.
+    pub(crate) fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.backplane
+    }
+
+    /// Requests this node forwarded to the node owning their connection.
+    pub fn forwarded_requests(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forwarded requests this node served as the owner.
+    pub fn served_requests(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This node's channel (subscribe it at start).
@@ -193,6 +237,29 @@ impl Router {
             RelayKind::Close => {
                 if let Some((_, tx)) = self.relays.remove(&relay) {
                     let _ = tx.try_send(RelayIn::Close);
+                }
+            }
+            RelayKind::Request { .. } => {
+                if let Some(state) = self.app.get().and_then(std::sync::Weak::upgrade) {
+                    super::forward::accept(self, state, relay, frame.kind.clone());
+                }
+            }
+            RelayKind::Head {
+                status,
+                headers,
+                body,
+                end,
+            } => {
+                let head = RelayIn::Head {
+                    status: *status,
+                    headers: headers.clone(),
+                    body: body.clone(),
+                    end: *end,
+                };
+                if let Some(tx) = self.relays.get(&relay).map(|t| t.clone()) {
+                    if tx.try_send(head).is_err() {
+                        self.relays.remove(&relay);
+                    }
                 }
             }
         }
@@ -353,7 +420,7 @@ pub struct RemoteSource {
 impl RemoteSource {
     async fn recv_with_format(&mut self) -> Option<(Bytes, TransferFormat)> {
         match self.rx.recv().await {
-            None | Some(RelayIn::Close) => None,
+            None | Some(RelayIn::Close | RelayIn::Head { .. }) => None,
             Some(RelayIn::Data(seq, data, binary)) => {
                 if seq != self.next_seq {
                     tracing::debug!(

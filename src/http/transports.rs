@@ -461,13 +461,21 @@ fn spawn_watchdog(state: Arc<AppState>, conn: Arc<HttpConnection>, timeout: Dura
     });
 }
 
+/// A send's body: still to be read, or read already (a forwarded send).
+pub(crate) enum SendBody {
+    /// The request's body.
+    Incoming(Incoming),
+    /// The whole body.
+    Ready(Bytes),
+}
+
 /// `POST {hub}?id=T`: client → server bytes for SSE and Long Polling.
 pub(crate) async fn send(
     state: &Arc<AppState>,
     hub: &HubLifetime,
     token: &str,
     user: &str,
-    req: Request<Incoming>,
+    body: SendBody,
 ) -> Response<Body> {
     let conn = match lookup(state, token, user) {
         Lookup::Live(c) | Lookup::Pending(c) => c,
@@ -491,9 +499,13 @@ pub(crate) async fn send(
     let limit = max_post_body(hub);
     // Sends of one connection are applied in arrival order, one at a time.
     let _lock = conn.send_lock.lock().await;
-    let body = match super::read_body(req, limit).await {
-        Ok(b) => b,
-        Err(r) => return r,
+    let body = match body {
+        SendBody::Incoming(b) => match super::read_incoming(b, limit).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        },
+        SendBody::Ready(b) if b.len() > limit => return super::body_too_large(limit),
+        SendBody::Ready(b) => b,
     };
     if body.is_empty() {
         return text(StatusCode::OK, "");
@@ -760,8 +772,8 @@ pub(crate) async fn websocket(
 }
 
 /// Whether the request's `Accept` header lists `text/event-stream`.
-pub(crate) fn accepts_event_stream<B>(req: &Request<B>) -> bool {
-    req.headers()
+pub(crate) fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -793,8 +805,8 @@ mod tests {
             .header("accept", "text/html, Text/Event-Stream;q=0.9")
             .body(())
             .unwrap();
-        assert!(accepts_event_stream(&r));
+        assert!(accepts_event_stream(r.headers()));
         let r = Request::builder().header("accept", "*/*").body(()).unwrap();
-        assert!(!accepts_event_stream(&r));
+        assert!(!accepts_event_stream(r.headers()));
     }
 }

@@ -1,0 +1,541 @@
+//! No sticky sessions for Server-Sent Events and Long Polling: a request for a connection
+//! that another node owns is forwarded to the owner over the backplane, and the owner's
+//! response streams back.
+//!
+//! A connection token names the node that negotiated it (signed, see `negotiate`). That node
+//! owns the connection's Server-Sent Events or Long Polling transport, so every node can
+//! tell from the token alone where a poll, a send, an event stream or a delete belongs, with
+//! no directory and no race between a first poll and a send landing on different nodes.
+//! (A WebSocket is one long-lived request: its connection lives where it lands, see
+//! `transports::websocket`; a stateful resume that lands elsewhere uses `relay`.)
+//!
+//! One exchange, numbered by a random relay id:
+//!
+//! 1. The landing node has authenticated the request and checked the token for the user. It
+//!    reads the body (bounded like any send) and publishes `Relay(Request { reply_node,
+//!    method, uri, headers, body })` on the owner's node channel (`feedhub:node:<id>`).
+//! 2. The owner answers `Opened { owner }` at once (so a dead owner is told from a long poll
+//!    that simply waits: no answer within [`relay::OPEN_TIMEOUT`] is a 404, the connection is
+//!    gone), then serves the request with the same handlers as a local one
+//!    (`http::serve_forwarded`, which authenticates it again).
+//! 3. The owner publishes `Head { status, headers, body, end }`: a whole response (a poll's
+//!    messages, a send's 200) is one message. A stream (Server-Sent Events) continues as
+//!    numbered `Data` frames, each carrying every event ready at that moment (up to
+//!    [`COALESCE`] bytes), and ends with `Close`.
+//! 4. When the client goes away first, the landing node publishes `Close`; the owner drops
+//!    the response, exactly as if its own client had gone (a poll ends, an event stream
+//!    ends the connection).
+//!
+//! Everything is bounded: [`MAX_FORWARDS`] exchanges in flight per node (503 beyond), the
+//! request body by the hub's send limit, the request headers by [`MAX_HEADER_BYTES`] (431),
+//! [`relay::RELAY_QUEUE`] response frames queued on the landing node (a slow client beyond
+//! that loses its event stream, as a slow consumer does), and every wait has a timeout.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::{mpsc, oneshot};
+
+use super::relay::{self, RelayIn, Router, OPEN_TIMEOUT, RELAY_QUEUE};
+use super::{text, Body};
+use crate::app::AppState;
+use crate::backplane::channel::node_channel;
+use crate::backplane::{BackplaneMessage, BackplanePayload, Channel, RelayFrame, RelayKind};
+use crate::hub::HubLifetime;
+use crate::metrics::{inc, METRICS};
+
+/// Forwarded exchanges in flight per node, each side counted.
+pub const MAX_FORWARDS: usize = 10_000;
+
+/// Largest total size of the request headers a node forwards.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Most body bytes the owner puts into one `Data` frame.
+pub const COALESCE: usize = 64 * 1024;
+
+/// How long the landing node waits for the response head of a send or a delete (a send may
+/// wait on a full inbound queue of the session).
+const SEND_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Headers that describe one hop, not the request: never forwarded (RFC 9110 §7.6.1), nor
+/// the length (the body travels whole).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+            | "host"
+    )
+}
+
+/// The end-to-end headers of `headers`, as the envelope carries them.
+fn end_to_end(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .filter(|(name, _)| !hop_by_hop(name))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_string(),
+                Bytes::copy_from_slice(value.as_bytes()),
+            )
+        })
+        .collect()
+}
+
+/// Rebuilds a header map from the envelope's pairs (invalid ones are dropped).
+fn header_map(pairs: Vec<(String, Bytes)>) -> http::HeaderMap {
+    let mut map = http::HeaderMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        let Ok(value) = HeaderValue::from_maybe_shared(value) else {
+            continue;
+        };
+        if !hop_by_hop(&name) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// Counts one exchange in flight for as long as it lives.
+struct InFlight(Arc<Router>);
+
+impl InFlight {
+    fn enter(router: &Arc<Router>) -> Option<InFlight> {
+        let before = router.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(router.clone());
+        (before < MAX_FORWARDS).then_some(guard)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn relay_message(router: &Router, relay: u64, kind: RelayKind) -> Arc<BackplaneMessage> {
+    Arc::new(BackplaneMessage {
+        origin: router.node_id().to_string(),
+        payload: BackplanePayload::Relay(RelayFrame { relay, kind }),
+    })
+}
+
+/// Landing side: the state of one exchange. Dropping it before the owner ended the response
+/// tells the owner to drop it too.
+struct Exchange {
+    router: Arc<Router>,
+    relay: u64,
+    owner: Channel,
+    ended: bool,
+    _count: InFlight,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.router.relays.remove(&self.relay);
+        self.router.pending_opens.remove(&self.relay);
+        if !self.ended {
+            relay::publish_spawned(
+                self.router.backplane().clone(),
+                self.owner.clone(),
+                self.router.node_id().to_string(),
+                RelayFrame {
+                    relay: self.relay,
+                    kind: RelayKind::Close,
+                },
+            );
+        }
+    }
+}
+
+fn unavailable(why: &str) -> Response<Body> {
+    text(StatusCode::SERVICE_UNAVAILABLE, why)
+}
+
+/// Forwards a Server-Sent Events or Long Polling request (`parts`, with its whole `body`)
+/// to `owner`, the node that negotiated its connection, and returns the owner's response.
+pub(crate) async fn forward(
+    state: &Arc<AppState>,
+    hub: &HubLifetime,
+    owner: String,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Response<Body> {
+    let router = &state.router;
+    let headers = end_to_end(&parts.headers);
+    let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request header fields too large to forward.",
+        );
+    }
+    let Some(count) = InFlight::enter(router) else {
+        return unavailable("Too many forwarded requests; try again.");
+    };
+    let relay: u64 = rand::random();
+    let (in_tx, mut inbound) = mpsc::channel(RELAY_QUEUE);
+    let (open_tx, open_rx) = oneshot::channel();
+    router.relays.insert(relay, in_tx);
+    router.pending_opens.insert(relay, open_tx);
+    let mut exchange = Exchange {
+        router: router.clone(),
+        relay,
+        owner: node_channel(&owner),
+        ended: false,
+        _count: count,
+    };
+    let uri = parts.uri.path_and_query().map_or_else(
+        || parts.uri.path().to_string(),
+        |pq| pq.as_str().to_string(),
+    );
+    let request = relay_message(
+        router,
+        relay,
+        RelayKind::Request {
+            reply_node: router.node_id().to_string(),
+            method: parts.method.as_str().to_string(),
+            uri,
+            headers,
+            body,
+        },
+    );
+    router.forwarded.fetch_add(1, Ordering::Relaxed);
+    inc(&METRICS.http_forwarded);
+    if let Err(e) = router.backplane().publish(&exchange.owner, request).await {
+        exchange.ended = true;
+        return unavailable(&format!("Cannot reach the connection's node: {e}"));
+    }
+    // The owner acknowledges at once; silence means it is gone, and so is the connection.
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, open_rx).await;
+    if !matches!(opened, Ok(Ok(ref o)) if !o.is_empty()) {
+        exchange.ended = true;
+        return super::transports::not_found();
+    }
+    let options = &hub.definition().options;
+    let head_timeout = if parts.method == Method::GET {
+        // A poll waits up to the poll timeout before the owner answers.
+        options.long_poll_timeout + Duration::from_secs(30)
+    } else {
+        SEND_HEAD_TIMEOUT
+    };
+    let head = match tokio::time::timeout(head_timeout, inbound.recv()).await {
+        Ok(Some(RelayIn::Head {
+            status,
+            headers,
+            body,
+            end,
+        })) => (status, headers, body, end),
+        Ok(_) => {
+            exchange.ended = true;
+            return unavailable("The connection's node ended the request.");
+        }
+        Err(_) => {
+            return text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "The connection's node did not answer in time.",
+            )
+        }
+    };
+    let (status, headers, first, end) = head;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = if end {
+        exchange.ended = true;
+        drop(exchange);
+        super::full(first)
+    } else {
+        // Frames of a stream come at least every keep-alive interval; silence for much
+        // longer means the owner is gone.
+        let idle = options.sse_keep_alive * 3;
+        streamed(first, inbound, exchange, idle)
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    *r.headers_mut() = header_map(headers);
+    r
+}
+
+/// The landing side's body of a streamed response: `first`, then the owner's `Data` frames
+/// in order, until `Close`, a gap, or `idle` without a frame.
+fn streamed(
+    first: Bytes,
+    inbound: mpsc::Receiver<RelayIn>,
+    exchange: Exchange,
+    idle: Duration,
+) -> Body {
+    struct St {
+        first: Option<Bytes>,
+        inbound: mpsc::Receiver<RelayIn>,
+        exchange: Exchange,
+        next_seq: u64,
+    }
+    let st = St {
+        first: (!first.is_empty()).then_some(first),
+        inbound,
+        exchange,
+        next_seq: 1,
+    };
+    let stream = futures_util::stream::unfold(Some(st), move |st| async move {
+        let mut st = st?;
+        if let Some(f) = st.first.take() {
+            return Some((Ok::<_, Infallible>(Frame::data(f)), Some(st)));
+        }
+        match tokio::time::timeout(idle, st.inbound.recv()).await {
+            Ok(Some(RelayIn::Data(seq, data, _))) if seq == st.next_seq => {
+                st.next_seq += 1;
+                Some((Ok(Frame::data(data)), Some(st)))
+            }
+            Ok(Some(RelayIn::Close)) => {
+                st.exchange.ended = true;
+                None
+            }
+            // A gap, a stray frame, a full queue (the sender was dropped) or silence:
+            // end the response; the exchange's drop tells the owner.
+            _ => None,
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// Owner side: a forwarded request arrived on this node's channel. Never waits (called by
+/// the backplane dispatch workers): the exchange runs in its own task.
+pub(crate) fn accept(router: &Arc<Router>, state: Arc<AppState>, relay: u64, kind: RelayKind) {
+    let RelayKind::Request {
+        reply_node,
+        method,
+        uri,
+        headers,
+        body,
+    } = kind
+    else {
+        return;
+    };
+    // Registered before anything is answered, so the landing node's Close finds it.
+    let (tx, rx) = mpsc::channel(4);
+    router.relays.insert(relay, tx);
+    let count = InFlight::enter(router);
+    let router = router.clone();
+    state.tracker.clone().spawn(async move {
+        let reply = node_channel(&reply_node);
+        let mut owner = Owner {
+            router: router.clone(),
+            relay,
+            reply,
+            cancel: rx,
+            seq: 0,
+        };
+        let response = match (count, build_parts(&method, &uri, headers)) {
+            (None, _) => unavailable("Too many forwarded requests; try again."),
+            (Some(_), None) => text(StatusCode::BAD_REQUEST, "Malformed forwarded request."),
+            (Some(count), Some(parts)) => {
+                if !owner
+                    .send(RelayKind::Opened {
+                        owner: router.node_id().to_string(),
+                    })
+                    .await
+                {
+                    return;
+                }
+                router.served.fetch_add(1, Ordering::Relaxed);
+                let serve = super::serve_forwarded(&state, parts, body);
+                let response = tokio::select! {
+                    r = serve => r,
+                    _ = owner.cancel.recv() => return,
+                };
+                owner.respond(response).await;
+                drop(count);
+                return;
+            }
+        };
+        // Refused before serving: acknowledge, then answer.
+        if owner
+            .send(RelayKind::Opened {
+                owner: router.node_id().to_string(),
+            })
+            .await
+        {
+            owner.respond(response).await;
+        }
+    });
+}
+
+fn build_parts(
+    method: &str,
+    uri: &str,
+    headers: Vec<(String, Bytes)>,
+) -> Option<http::request::Parts> {
+    let method = Method::from_bytes(method.as_bytes()).ok()?;
+    let uri: http::Uri = uri.parse().ok()?;
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.headers = header_map(headers);
+    Some(parts)
+}
+
+/// Owner side of one exchange.
+struct Owner {
+    router: Arc<Router>,
+    relay: u64,
+    reply: Channel,
+    /// `Close` from the landing node (its client went away).
+    cancel: mpsc::Receiver<RelayIn>,
+    seq: u64,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.router.relays.remove(&self.relay);
+    }
+}
+
+impl Owner {
+    /// Publishes to the landing node; false when the backplane refused.
+    async fn send(&self, kind: RelayKind) -> bool {
+        let msg = relay_message(&self.router, self.relay, kind);
+        match self.router.backplane().publish(&self.reply, msg).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(relay = self.relay, error = %e, "forwarded response lost");
+                false
+            }
+        }
+    }
+
+    /// Streams `response` back: the head with every body byte ready now, then (for a
+    /// stream) `Data` frames until the body ends or the landing node cancels.
+    async fn respond(&mut self, response: Response<Body>) {
+        let (parts, mut body) = response.into_parts();
+        let (first, mut end) = ready_bytes(&mut body);
+        let head = RelayKind::Head {
+            status: parts.status.as_u16(),
+            headers: end_to_end(&parts.headers),
+            body: first,
+            end,
+        };
+        if !self.send(head).await {
+            return;
+        }
+        while !end {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = self.cancel.recv() => return,
+            };
+            let mut chunk = BytesMut::new();
+            match frame {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        chunk.extend_from_slice(&data);
+                    }
+                    let (more, ended) = ready_bytes(&mut body);
+                    chunk.extend_from_slice(&more);
+                    end = ended;
+                }
+                _ => end = true,
+            }
+            if !chunk.is_empty() {
+                self.seq += 1;
+                let data = RelayKind::Data {
+                    seq: self.seq,
+                    data: chunk.freeze(),
+                    binary: false,
+                };
+                if !self.send(data).await {
+                    return;
+                }
+            }
+        }
+        self.send(RelayKind::Close).await;
+    }
+}
+
+/// Takes the body bytes that are ready without waiting (up to about [`COALESCE`]); `true`
+/// when the body ended.
+fn ready_bytes(body: &mut Body) -> (Bytes, bool) {
+    let mut out = BytesMut::new();
+    while out.len() < COALESCE {
+        match body.frame().now_or_never() {
+            None => return (out.freeze(), false),
+            Some(None) => return (out.freeze(), true),
+            Some(Some(Ok(f))) => {
+                if let Ok(data) = f.into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            Some(Some(Err(never))) => match never {},
+        }
+    }
+    (out.freeze(), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("authorization", HeaderValue::from_static("Bearer x"));
+        h.append("accept", HeaderValue::from_static("text/event-stream"));
+        let pairs = end_to_end(&h);
+        let names: Vec<&str> = pairs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["authorization", "accept"]);
+        let back = header_map(pairs);
+        assert_eq!(back.get("accept").unwrap(), "text/event-stream");
+        assert!(back.get("connection").is_none());
+        let odd = header_map(vec![
+            ("bad name".into(), Bytes::from_static(b"x")),
+            ("x-ok".into(), Bytes::from_static(b"bad\nvalue")),
+            ("x-fine".into(), Bytes::from_static(b"1")),
+        ]);
+        assert_eq!(odd.len(), 1);
+    }
+
+    #[test]
+    fn ready_bytes_takes_a_whole_body_and_stops_at_a_pending_stream() {
+        let mut whole = super::super::full(Bytes::from_static(b"abc"));
+        assert_eq!(ready_bytes(&mut whole), (Bytes::from_static(b"abc"), true));
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        tx.try_send(Ok(Frame::data(Bytes::from_static(b":\r\n"))))
+            .unwrap();
+        let frames =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+            );
+        let mut stream = StreamBody::new(frames).boxed_unsync();
+        assert_eq!(
+            ready_bytes(&mut stream),
+            (Bytes::from_static(b":\r\n"), false)
+        );
+        drop(tx);
+        assert_eq!(ready_bytes(&mut stream), (Bytes::new(), true));
+    }
+
+    #[test]
+    fn malformed_forwarded_requests_are_refused() {
+        assert!(build_parts("GET", "/hub?id=x", vec![]).is_some());
+        assert!(build_parts("G ET", "/hub", vec![]).is_none());
+        assert!(build_parts("GET", "not a uri at all \n", vec![]).is_none());
+    }
+}
