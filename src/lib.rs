@@ -15,7 +15,10 @@
 //! - [`hub`]: the typed hub API, the registry, reference-counted subscriptions, local fan-out.
 //! - [`backplane`]: cross-node delivery behind one trait (in-memory here; Redis beside it).
 //! - [`ingest`]: feed events from the HTTP publish API and RabbitMQ ([`ingest::amqp`]).
-//! - [`http`]: hyper routing: negotiate, the WebSocket upgrade, health, metrics, CORS.
+//! - [`http`]: hyper routing: negotiate, the three transports (WebSockets, Server-Sent
+//!   Events, Long Polling), health, metrics, CORS; no sticky sessions: SSE and Long Polling
+//!   requests that land on another instance are forwarded to the connection's instance over
+//!   the backplane ([`http::forward`]), stateful WebSocket resumes relayed ([`http::relay`]).
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
 //! - [`demo`]: the feed page's assets and its post service (development identities only).
 //!
@@ -29,8 +32,8 @@
 //! nodes holding that user subscribe to. On those nodes a dispatch worker
 //! ([`backplane::Inbox`]) hands it to [`hub::HubLifetime::on_delivery`], which does the
 //! same local delivery. Each connection's [`session`] task drains its queue and writes
-//! everything queued as one WebSocket frame. Nothing on the shared path ever awaits a
-//! client socket.
+//! everything queued as one WebSocket frame (or one SSE event, or one poll response).
+//! Nothing on the shared path ever awaits a client socket.
 #![warn(missing_docs)]
 
 pub mod app;

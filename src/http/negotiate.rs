@@ -173,9 +173,17 @@ impl Tokens {
         )
     }
 
-    /// A new connection id for a v0 client, remembered until it connects or expires.
+    /// A new connection id for a v0 client, remembered until it connects or expires. It
+    /// names this node after a dot (`<random>.<base64url(node)>`), as a v1 token does, so
+    /// its Server-Sent Events and Long Polling requests find their way here from any node.
     pub fn issue_v0(&self) -> ConnectionId {
-        let id = ConnectionId::random();
+        let id = if self.node.is_empty() {
+            ConnectionId::random()
+        } else {
+            let node = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.node);
+            ConnectionId::new(&format!("{}.{node}", crate::ids::random_token()))
+                .unwrap_or_else(|_| ConnectionId::random())
+        };
         let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if v0.len() >= MAX_V0_PENDING {
@@ -227,8 +235,19 @@ impl Tokens {
     /// this one: where the token's Server-Sent Events and Long Polling requests are served.
     /// `None` for tokens of this node, tokens naming no node, and anything not valid.
     pub fn remote_owner(&self, token: &str, user: &str) -> Option<String> {
-        let (_, _, node) = self.open(token, user).ok()?;
-        (!node.is_empty() && node != self.node).then_some(node)
+        let node = match self.open(token, user) {
+            Ok((_, _, node)) => node,
+            // A negotiate v0 id (base64url never holds a dot). Unsigned: a made-up one is
+            // forwarded to the node it names, which answers 404.
+            Err(_) => {
+                let (_, tag) = token.split_once('.')?;
+                let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(tag)
+                    .ok()?;
+                String::from_utf8(raw).ok()?
+            }
+        };
+        (!node.is_empty() && node.len() <= MAX_NODE_ID && node != self.node).then_some(node)
     }
 
     /// The connection id a genuine v1 token of `user` names, expired or not. For requests
@@ -424,6 +443,19 @@ mod tests {
             Tokens::for_node(b"key", &"n".repeat(MAX_NODE_ID + 1)).node,
             ""
         );
+    }
+
+    #[test]
+    fn v0_ids_name_their_node() {
+        let a = Tokens::for_node(b"key", "node-a");
+        let b = Tokens::for_node(b"key", "node-b");
+        let id = a.issue_v0();
+        assert_eq!(b.remote_owner(id.as_str(), "").as_deref(), Some("node-a"));
+        assert_eq!(a.remote_owner(id.as_str(), ""), None);
+        assert_eq!(a.check(id.as_str(), ""), Ok(id.clone()));
+        assert_eq!(b.remote_owner("x.!!", ""), None);
+        assert_eq!(b.remote_owner("plain", ""), None);
+        assert!(!Tokens::new(b"key").issue_v0().as_str().contains('.'));
     }
 
     #[test]
