@@ -1522,50 +1522,44 @@ async fn sse_rates(owner: &Fixture, via: &Fixture) -> Rates {
     Rates { per_second, rtt }
 }
 
+/// The transport of a rate run.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    LongPolling,
+    ServerSentEvents,
+}
+
+async fn rates(kind: Kind, owner: &Fixture, via: &Fixture) -> Rates {
+    match kind {
+        Kind::LongPolling => long_polling_rates(owner, via).await,
+        Kind::ServerSentEvents => sse_rates(owner, via).await,
+    }
+}
+
+/// Prints one client's rates direct, forwarded over the memory bus, and forwarded over
+/// Redis (when there is one; under `CI=true` there must be).
+async fn report_rates(kind: Kind) {
+    let (a, b) = two_nodes().await;
+    let direct = rates(kind, &a, &a).await;
+    let memory = rates(kind, &a, &b).await;
+    println!("RATE {kind:?}, direct:                 {}", direct.line());
+    println!("RATE {kind:?}, forwarded (memory bus): {}", memory.line());
+    if let Some((a, b)) = two_nodes_on_redis().await {
+        let redis = rates(kind, &a, &b).await;
+        println!("RATE {kind:?}, forwarded (Redis):      {}", redis.line());
+    }
+}
+
 /// One Long Polling client, direct and with every request forwarded by another node:
 /// 10,000 server → client messages, then 300 sequential echo round trips (POST + poll).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_long_polling_one_client() {
-    let (a, b) = two_nodes().await;
-    let direct = long_polling_rates(&a, &a).await;
-    let forwarded = long_polling_rates(&a, &b).await;
-    println!(
-        "RATE long polling, direct:                    {}",
-        direct.line()
-    );
-    println!(
-        "RATE long polling, forwarded (memory bus):    {}",
-        forwarded.line()
-    );
-    if let Some((a, b)) = two_nodes_on_redis().await {
-        let forwarded = long_polling_rates(&a, &b).await;
-        println!(
-            "RATE long polling, forwarded (Redis):         {}",
-            forwarded.line()
-        );
-    }
+    report_rates(Kind::LongPolling).await;
 }
 
 /// One Server-Sent Events client, direct and relayed by another node: 10,000 server →
 /// client messages, then 300 sequential echo round trips (POST + event).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_server_sent_events_one_client() {
-    let (a, b) = two_nodes().await;
-    let direct = sse_rates(&a, &a).await;
-    let forwarded = sse_rates(&a, &b).await;
-    println!(
-        "RATE server-sent events, direct:                 {}",
-        direct.line()
-    );
-    println!(
-        "RATE server-sent events, forwarded (memory bus): {}",
-        forwarded.line()
-    );
-    if let Some((a, b)) = two_nodes_on_redis().await {
-        let forwarded = sse_rates(&a, &b).await;
-        println!(
-            "RATE server-sent events, forwarded (Redis):      {}",
-            forwarded.line()
-        );
-    }
+    report_rates(Kind::ServerSentEvents).await;
 }
