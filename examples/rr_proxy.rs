@@ -33,6 +33,8 @@ struct Inner {
     next: AtomicUsize,
     live: AtomicUsize,
     accepted: AtomicU64,
+    /// Connections accepted per backend, in `backends` order.
+    per_backend: Vec<AtomicU64>,
     /// Cancelled by `drop_connections`; replaced by a fresh one for later connections.
     generation: Mutex<CancellationToken>,
     stop: CancellationToken,
@@ -56,8 +58,10 @@ impl RrProxy {
         }
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let per_backend = backends.iter().map(|_| AtomicU64::new(0)).collect();
         let inner = Arc::new(Inner {
             backends,
+            per_backend,
             next: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
@@ -93,6 +97,16 @@ impl RrProxy {
     /// Connections accepted since start.
     pub fn accepted(&self) -> u64 {
         self.inner.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted since start per backend, in the order the backends were given
+    /// (each was sent to that backend; it says nothing about whether the backend answered).
+    pub fn accepted_per_backend(&self) -> Vec<u64> {
+        self.inner
+            .per_backend
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// A handle that can cut connections from elsewhere (a hub method in a test).
@@ -135,6 +149,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
         inner.accepted.fetch_add(1, Ordering::Relaxed);
         let i = inner.next.fetch_add(1, Ordering::Relaxed) % inner.backends.len();
         let backend = inner.backends[i];
+        inner.per_backend[i].fetch_add(1, Ordering::Relaxed);
         let cut = inner
             .generation
             .lock()
