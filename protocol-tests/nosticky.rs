@@ -191,8 +191,26 @@ async fn http_transport(bus: Bus, transport: &str, protocol: &str) {
         )
         .await;
     let per_backend = pair.proxy.accepted_per_backend();
-    println!("rr_proxy connections per instance: {per_backend:?}");
+    let forwarded = [pair.a.forwarded_requests(), pair.b.forwarded_requests()];
+    let served = [
+        pair.a.served_forwarded_requests(),
+        pair.b.served_forwarded_requests(),
+    ];
+    println!(
+        "rr_proxy connections per instance: {per_backend:?}; requests forwarded by each \
+         instance: {forwarded:?}; forwarded requests served: {served:?}"
+    );
     run.assert_success();
+    assert!(
+        forwarded.iter().sum::<u64>() >= MIN_PER_BACKEND,
+        "requests landing on the instance that does not own the connection are forwarded \
+         to the owner: {forwarded:?}"
+    );
+    assert_eq!(
+        forwarded.iter().sum::<u64>(),
+        served.iter().sum::<u64>(),
+        "every forwarded request was served by the owner"
+    );
     assert!(
         per_backend.iter().all(|&n| n >= MIN_PER_BACKEND),
         "the proxy must have sent at least {MIN_PER_BACKEND} connections to each instance \
