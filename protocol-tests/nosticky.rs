@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use feedhub::backplane::memory::MemoryBus;
 use feedhub::backplane::redis::RedisConfig;
+use feedhub::hub::HubDefinition;
 use feedhub::{Server, ServerBuilder, ServerConfig};
 use statehub::{state_hub, HubState};
 use support::*;
@@ -81,6 +82,10 @@ impl Bus {
 }
 
 async fn node(bus: &Bus, state: &HubState, name: &str) -> Server {
+    node_with(bus, name, vec![state_hub(state, |_| {})]).await
+}
+
+async fn node_with(bus: &Bus, name: &str, hubs: Vec<HubDefinition>) -> Server {
     let mut config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some(TEST_SECRET.to_string()),
@@ -90,7 +95,10 @@ async fn node(bus: &Bus, state: &HubState, name: &str) -> Server {
     if let Bus::Redis { prefix, .. } = bus {
         config.channel_prefix = Some(prefix.clone());
     }
-    let builder = ServerBuilder::new(config).hub(state_hub(state, |_| {}));
+    let mut builder = ServerBuilder::new(config);
+    for hub in hubs {
+        builder = builder.hub(hub);
+    }
     match bus {
         Bus::Memory(bus) => builder
             .memory_bus(bus.clone())
@@ -288,4 +296,57 @@ async fn js_sse_across_two_instances_redis() {
         return;
     };
     http_transport(bus, "ServerSentEvents", "json").await;
+}
+
+/// The old `@aspnet/signalr` 1.1.4 client (negotiate v0: its connection id is the token it
+/// connects with) on each transport, through the proxy to two conformance instances: the
+/// v0 id is signed and names the negotiating instance, so a WebSocket that lands on the
+/// other instance is accepted there, and SSE and Long Polling requests are forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_aspnet_signalr_1x_across_two_instances() {
+    let Some(node_rt) = external::node() else {
+        return;
+    };
+    for transport in ["WebSockets", "ServerSentEvents", "LongPolling"] {
+        let bus = Bus::memory();
+        let hubs = || {
+            vec![
+                support::conformance::test_hub(),
+                support::conformance::authorized_hub(),
+            ]
+        };
+        let a = node_with(&bus, "v0a", hubs()).await;
+        let b = node_with(&bus, "v0b", hubs()).await;
+        let proxy = rr_proxy::RrProxy::start(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![a.local_addr(), b.local_addr()],
+        )
+        .await
+        .expect("proxy");
+        let run = node_rt
+            .run(
+                "aspnet1.mjs",
+                &[
+                    ("FEEDHUB_URL", format!("http://{}", proxy.local_addr())),
+                    ("FEEDHUB_JWT_SECRET", TEST_SECRET.to_string()),
+                    ("FEEDHUB_TRANSPORT", transport.to_string()),
+                ],
+                SCRIPT_TIMEOUT,
+            )
+            .await;
+        let per_backend = proxy.accepted_per_backend();
+        let forwarded = a.forwarded_requests() + b.forwarded_requests();
+        println!(
+            "@aspnet/signalr 1.x over {transport}: proxy connections per instance \
+             {per_backend:?}, requests forwarded {forwarded}"
+        );
+        run.assert_success();
+        assert!(
+            per_backend.iter().all(|&n| n > 0),
+            "both instances were used: {per_backend:?}"
+        );
+        drop(proxy);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
 }

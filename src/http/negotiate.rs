@@ -7,8 +7,8 @@
 //! in memory, so negotiate and connect need no sticky session. Server-Sent Events and Long
 //! Polling connections live on the negotiating node (the token's *owner*); their requests
 //! that land elsewhere are forwarded there (`http::forward`).
-//! Negotiate v0 has no token (the client sends the connection id itself); those ids are kept
-//! in a small bounded, expiring table on the node that issued them.
+//! Negotiate v0 has no token: the client connects with the connection id, so a v0 id is
+//! itself such a token (flagged v0, bound to no user), checked the same way by any node.
 //!
 //! The top bit of the signed expiry marks a connection negotiated with
 //! `useStatefulReconnect=true` (stateful reconnect, see `session::replay`): the flag is
@@ -32,11 +32,17 @@ type HmacSha256 = Hmac<Sha256>;
 /// `DisconnectTimeout` is 15 s for an inactive connection; clients connect at once).
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 
-/// Most v0 negotiations remembered at once.
-const MAX_V0_PENDING: usize = 100_000;
+/// Most ended connection ids remembered at once.
+const MAX_ENDED: usize = 100_000;
 
 /// Bit of the signed expiry that marks a stateful-reconnect connection.
 const STATEFUL_BIT: u64 = 1 << 63;
+
+/// Bit of the signed expiry that marks a negotiate v0 id (the id is the token).
+const V0_BIT: u64 = 1 << 62;
+
+/// The flag bits of the signed expiry.
+const FLAGS: u64 = STATEFUL_BIT | V0_BIT;
 
 /// What a valid token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +70,6 @@ pub struct Tokens {
     key: Vec<u8>,
     /// This node's id, written into the tokens it issues ("" writes none).
     node: String,
-    v0: Mutex<HashMap<String, Instant>>,
     /// Connections that ended while their token was still valid, so the token cannot open
     /// a second connection with the same id (ASP.NET forgets a disposed connection's token).
     ended: Mutex<Ended>,
@@ -115,7 +120,6 @@ impl Tokens {
         Tokens {
             key: key.to_vec(),
             node: node.to_string(),
-            v0: Mutex::new(HashMap::new()),
             ended: Mutex::new(Ended::default()),
         }
     }
@@ -125,9 +129,7 @@ impl Tokens {
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         ended.prune(now);
-        if ended.ids.len() < MAX_V0_PENDING
-            && ended.ids.insert(id.as_str().to_string(), now).is_none()
-        {
+        if ended.ids.len() < MAX_ENDED && ended.ids.insert(id.as_str().to_string(), now).is_none() {
             ended.order.push_back((now, id.as_str().to_string()));
         }
     }
@@ -155,12 +157,14 @@ impl Tokens {
 
     /// A new connection id and its v1 token; `stateful` marks a stateful-reconnect connection.
     pub fn issue_with(&self, user: &str, stateful: bool) -> (ConnectionId, String) {
+        self.sign(user, if stateful { STATEFUL_BIT } else { 0 })
+    }
+
+    /// A token: a fresh random id, the expiry with `flags`, the MAC, this node's id.
+    fn sign(&self, user: &str, flags: u64) -> (ConnectionId, String) {
         let raw: [u8; 16] = rand::random();
         let id_text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
-        let mut expiry = unix_now() + TOKEN_TTL.as_secs();
-        if stateful {
-            expiry |= STATEFUL_BIT;
-        }
+        let expiry = (unix_now() + TOKEN_TTL.as_secs()) | flags;
         let mut token = Vec::with_capacity(40 + self.node.len());
         token.extend_from_slice(&raw);
         token.extend_from_slice(&expiry.to_be_bytes());
@@ -173,30 +177,17 @@ impl Tokens {
         )
     }
 
-    /// A new connection id for a v0 client, remembered until it connects or expires. It
-    /// names this node after a dot (`<random>.<base64url(node)>`), as a v1 token does, so
-    /// its Server-Sent Events and Long Polling requests find their way here from any node.
+    /// A new connection id for a negotiate v0 client. v0 has no separate token: the id is
+    /// the secret the client connects with, so it is a signed token itself (marked v0,
+    /// bound to no user, naming this node): any node checks it, and its Server-Sent Events
+    /// and Long Polling requests find their way here, as with v1.
     pub fn issue_v0(&self) -> ConnectionId {
-        let id = if self.node.is_empty() {
-            ConnectionId::random()
-        } else {
-            let node = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.node);
-            ConnectionId::new(&format!("{}.{node}", crate::ids::random_token()))
-                .unwrap_or_else(|_| ConnectionId::random())
-        };
-        let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if v0.len() >= MAX_V0_PENDING {
-            v0.retain(|_, t| now.duration_since(*t) < TOKEN_TTL);
-        }
-        if v0.len() < MAX_V0_PENDING {
-            v0.insert(id.as_str().to_string(), now);
-        }
-        id
+        let (_, token) = self.sign("", V0_BIT);
+        ConnectionId::new(&token).unwrap_or_else(|_| ConnectionId::random())
     }
 
-    /// Decodes a v1 token and checks its MAC for `user`: the connection id, the raw signed
-    /// expiry (with the stateful flag bit) and the owning node ("" when none is named).
+    /// Decodes a token and checks its MAC for `user`: the connection id, the raw signed
+    /// expiry (with the flag bits) and the owning node ("" when none is named).
     fn open(&self, token: &str, user: &str) -> Result<(ConnectionId, u64, String), TokenError> {
         // 40 bytes plus the node id, base64url: longer input is not a token of ours.
         if token.len() > (40 + MAX_NODE_ID) * 4 / 3 + 4 {
@@ -231,43 +222,54 @@ impl Tokens {
         Ok((id, expiry, node))
     }
 
-    /// The node that negotiated a genuine v1 token of `user`, when it is another node than
-    /// this one: where the token's Server-Sent Events and Long Polling requests are served.
-    /// `None` for tokens of this node, tokens naming no node, and anything not valid.
+    /// A v1 token of `user` (not a v0 id): [`Tokens::open`].
+    fn open_v1(&self, token: &str, user: &str) -> Result<(ConnectionId, u64, String), TokenError> {
+        match self.open(token, user)? {
+            (_, expiry, _) if expiry & V0_BIT != 0 => Err(TokenError::Unknown),
+            opened => Ok(opened),
+        }
+    }
+
+    /// A negotiate v0 id: its expiry and node. The id is the whole text.
+    fn open_v0(&self, id: &str) -> Option<(u64, String)> {
+        match self.open(id, "") {
+            Ok((_, expiry, node)) if expiry & V0_BIT != 0 => Some((expiry, node)),
+            _ => None,
+        }
+    }
+
+    /// The node that negotiated a genuine token of `user` (or a v0 id), when it is another
+    /// node than this one: where its Server-Sent Events and Long Polling requests are
+    /// served. `None` for this node's tokens, tokens naming no node, and anything not valid.
     pub fn remote_owner(&self, token: &str, user: &str) -> Option<String> {
-        let node = match self.open(token, user) {
+        let node = match self.open_v1(token, user) {
             Ok((_, _, node)) => node,
-            // A negotiate v0 id (base64url never holds a dot). Unsigned: a made-up one is
-            // forwarded to the node it names, which answers 404.
-            Err(_) => {
-                let (_, tag) = token.split_once('.')?;
-                let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(tag)
-                    .ok()?;
-                String::from_utf8(raw).ok()?
-            }
+            Err(_) => self.open_v0(token)?.1,
         };
-        (!node.is_empty() && node.len() <= MAX_NODE_ID && node != self.node).then_some(node)
+        (!node.is_empty() && node != self.node).then_some(node)
     }
 
     /// The connection id a genuine v1 token of `user` names, expired or not. For requests
     /// on a connection that is already running (polls and sends outlive the token's TTL,
     /// which only bounds how long a negotiation may wait for its transport).
     pub fn id_of(&self, token: &str, user: &str) -> Option<ConnectionId> {
-        self.open(token, user).ok().map(|(id, _, _)| id)
+        self.open_v1(token, user).ok().map(|(id, _, _)| id)
     }
 
-    /// Checks the `id=` value of a request that starts a connection and returns the
-    /// connection id.
+    fn has_ended(&self, id: &str) -> bool {
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        ended.ids.contains_key(id)
+    }
+
+    /// Checks the `id=` value of a request that starts a connection (a v1 token of `user`,
+    /// or a v0 id) and returns the connection id: unexpired, and not of a connection that
+    /// ended.
     pub fn check(&self, token: &str, user: &str) -> Result<ConnectionId, TokenError> {
-        {
-            let mut v0 = self.v0.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(t) = v0.remove(token) {
-                if t.elapsed() < TOKEN_TTL {
-                    return ConnectionId::new(token).map_err(|_| TokenError::Unknown);
-                }
+        if let Some((expiry, _)) = self.open_v0(token) {
+            if (expiry & !FLAGS) < unix_now() || self.has_ended(token) {
                 return Err(TokenError::Unknown);
             }
+            return ConnectionId::new(token).map_err(|_| TokenError::Unknown);
         }
         match self.inspect(token, user)? {
             TokenInfo { expired: true, .. } => Err(TokenError::Unknown),
@@ -279,14 +281,12 @@ impl Tokens {
     /// whether it expired (the caller decides: a live stateful connection may resume with an
     /// expired token, nothing else may).
     pub fn inspect(&self, token: &str, user: &str) -> Result<TokenInfo, TokenError> {
-        let (id, expiry, _) = self.open(token, user)?;
+        let (id, expiry, _) = self.open_v1(token, user)?;
         let stateful = expiry & STATEFUL_BIT != 0;
-        let expired = (expiry & !STATEFUL_BIT) < unix_now();
-        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.ids.contains_key(id.as_str()) {
+        let expired = (expiry & !FLAGS) < unix_now();
+        if self.has_ended(id.as_str()) {
             return Err(TokenError::Unknown);
         }
-        drop(ended);
         Ok(TokenInfo {
             id,
             stateful,
@@ -446,24 +446,38 @@ mod tests {
     }
 
     #[test]
-    fn v0_ids_name_their_node() {
+    fn v0_ids_are_signed_name_their_node_and_end_with_their_connection() {
         let a = Tokens::for_node(b"key", "node-a");
         let b = Tokens::for_node(b"key", "node-b");
         let id = a.issue_v0();
         assert_eq!(b.remote_owner(id.as_str(), "").as_deref(), Some("node-a"));
+        assert_eq!(
+            b.remote_owner(id.as_str(), "alice").as_deref(),
+            Some("node-a")
+        );
         assert_eq!(a.remote_owner(id.as_str(), ""), None);
+        // Any node checks it, for any user (v0 binds none); the id is the whole text.
+        assert_eq!(b.check(id.as_str(), "alice"), Ok(id.clone()));
         assert_eq!(a.check(id.as_str(), ""), Ok(id.clone()));
-        assert_eq!(b.remote_owner("x.!!", ""), None);
+        // Never a v1 token, not even for the anonymous user.
+        assert_eq!(a.id_of(id.as_str(), ""), None);
+        assert_eq!(a.inspect(id.as_str(), ""), Err(TokenError::Unknown));
+        a.mark_ended(&id);
+        assert_eq!(a.check(id.as_str(), ""), Err(TokenError::Unknown));
+        // Forged or foreign: refused, and never forwarded.
+        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(id.as_str())
+            .unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(b.check(&forged, ""), Err(TokenError::Unknown));
+        assert_eq!(b.remote_owner(&forged, ""), None);
+        assert_eq!(
+            Tokens::for_node(b"other", "node-b").check(id.as_str(), ""),
+            Err(TokenError::Unknown)
+        );
         assert_eq!(b.remote_owner("plain", ""), None);
-        assert!(!Tokens::new(b"key").issue_v0().as_str().contains('.'));
-    }
-
-    #[test]
-    fn v0_ids_are_single_use() {
-        let t = Tokens::new(b"key");
-        let id = t.issue_v0();
-        assert_eq!(t.check(id.as_str(), ""), Ok(id.clone()));
-        assert_eq!(t.check(id.as_str(), ""), Err(TokenError::Unknown));
     }
 
     #[test]
