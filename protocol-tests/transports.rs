@@ -1005,13 +1005,48 @@ async fn unknown_id_is_404_and_missing_id_is_400() {
 #[tokio::test]
 async fn other_transport_on_a_bound_token_is_refused() {
     let f = start().await;
-    let (_, token) = f.negotiate("/t", None).await;
-    let (mut ws, _) = within(
+    transport_mixups(&f, &f, &f).await;
+}
+
+/// [`other_transport_on_a_bound_token_is_refused`] across two nodes: negotiate on A, the
+/// WebSocket on B (B claims the connection from A, the token's node), the other transports
+/// tried on A and on B (forwarded to A): the same answers, never a second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_transport_on_a_token_bound_on_another_node_is_refused() {
+    let (a, b) = two_nodes().await;
+    transport_mixups(&a, &b, &a).await;
+    transport_mixups(&a, &b, &b).await;
+}
+
+async fn ws_connect(
+    f: &Fixture,
+    token: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    within(
         "ws connect",
         tokio_tungstenite::connect_async(format!("{}/t?id={token}", f.server.ws_url())),
     )
     .await
-    .expect("ws");
+    .map(|(ws, _)| ws)
+}
+
+fn refused_status(r: Result<impl Sized, tokio_tungstenite::tungstenite::Error>) -> u16 {
+    match r {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, the WebSocket was accepted"),
+    }
+}
+
+/// Negotiates on `neg`, starts a WebSocket on `ws_at`, then tries the other transports (and
+/// a second WebSocket) on `probe`; then a Long Polling connection's token on a WebSocket
+/// and an event stream.
+async fn transport_mixups(neg: &Fixture, ws_at: &Fixture, probe: &Fixture) {
+    let (_, token) = neg.negotiate("/t", None).await;
+    let mut ws = ws_connect(ws_at, &token).await.expect("ws");
     ws.send(Message::text(format!(
         "{{\"protocol\":\"json\",\"version\":1}}{RS}"
     )))
@@ -1019,16 +1054,19 @@ async fn other_transport_on_a_bound_token_is_refused() {
     .unwrap();
     let hs = within("handshake", ws.next()).await.unwrap().unwrap();
     assert_eq!(hs.into_text().unwrap().as_str(), format!("{{}}{RS}"));
-    let poll = f.get(&format!("/t?id={token}")).await;
+    let poll = probe.get(&format!("/t?id={token}")).await;
     assert_eq!(poll.status, 400);
     assert_eq!(poll.text(), "Cannot change transports mid-connection");
-    let post = f.post(&format!("/t?id={token}"), b"{}").await;
+    let post = probe.post(&format!("/t?id={token}"), b"{}").await;
     assert_eq!(post.status, 405);
     assert_eq!(
         post.text(),
         "POST requests are not allowed for WebSocket connections."
     );
-    assert_eq!(f.delete(&format!("/t?id={token}")).await.status, 400);
+    assert_eq!(probe.delete(&format!("/t?id={token}")).await.status, 400);
+    let sse = Sse::open(&probe.host(), &format!("/t?id={token}")).await;
+    assert_eq!(sse.status, 400);
+    assert_eq!(refused_status(ws_connect(probe, &token).await), 409);
     // The WebSocket is unaffected.
     ws.send(Message::text(
         String::from_utf8(invocation("1", "Transport", "[]")).unwrap(),
@@ -1041,9 +1079,10 @@ async fn other_transport_on_a_bound_token_is_refused() {
         .unwrap()
         .contains("\"result\":\"WebSockets\""));
 
-    let (_, lp_token) = f.long_polling().await;
-    let sse = Sse::open(&f.host(), &format!("/t?id={lp_token}")).await;
+    let (_, lp_token) = neg.long_polling().await;
+    let sse = Sse::open(&probe.host(), &format!("/t?id={lp_token}")).await;
     assert_eq!(sse.status, 400);
+    assert_eq!(refused_status(ws_connect(ws_at, &lp_token).await), 400);
 }
 
 /// Negotiate lists only the hub's transports; requests on the others get ASP.NET's 404.

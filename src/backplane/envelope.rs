@@ -129,6 +129,7 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
                 RelayKind::Close => (3, 4),
                 RelayKind::Request { .. } => (4, 9),
                 RelayKind::Head { .. } => (5, 8),
+                RelayKind::Claim { .. } => (6, 6),
             };
             mp::write_array_len(&mut out, n);
             mp::write_str(&mut out, &msg.origin);
@@ -137,6 +138,10 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
             mp::write_uint(&mut out, sub);
             match kind {
                 RelayKind::Open {
+                    connection,
+                    reply_node,
+                }
+                | RelayKind::Claim {
                     connection,
                     reply_node,
                 } => {
@@ -352,6 +357,13 @@ pub fn decode(payload: Bytes) -> Result<BackplaneMessage, EnvelopeError> {
                         body: read_bin(&mut r, "body")?,
                     }
                 }
+                6 => {
+                    expect(6)?;
+                    RelayKind::Claim {
+                        connection: connection_id(r.str("connection")?)?,
+                        reply_node: r.str("reply node")?.to_string(),
+                    }
+                }
                 5 => {
                     expect(8)?;
                     let status = u16::try_from(r.uint("status")?)
@@ -405,6 +417,10 @@ mod tests {
                 uri: "/hub?id=x".into(),
                 headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
                 body: Bytes::from_static(b"{}\x1e"),
+            },
+            RelayKind::Claim {
+                connection: ConnectionId::new("c2").unwrap(),
+                reply_node: "node-b".into(),
             },
             RelayKind::Head {
                 status: 204,

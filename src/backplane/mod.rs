@@ -127,6 +127,16 @@ pub enum RelayKind {
         /// The whole request body.
         body: Bytes,
     },
+    /// Client node → the node a token names, on that node's channel: a WebSocket is about
+    /// to start `connection` on the client node; the named node records it (so that node
+    /// refuses other transports for it) and answers with a `Head` (200: go ahead; otherwise
+    /// the status and text to answer the WebSocket request with).
+    Claim {
+        /// The connection.
+        connection: ConnectionId,
+        /// The node the client is connected to.
+        reply_node: String,
+    },
     /// Owner → client node: the response head of a forwarded request, with the first body
     /// bytes; `end`: that was the whole body (otherwise `Data` frames follow, then `Close`).
     Head {

@@ -26,6 +26,13 @@
 //!    the response, exactly as if its own client had gone (a poll ends, an event stream
 //!    ends the connection).
 //!
+//! A WebSocket that lands on another node than its token's starts its connection there
+//! (a WebSocket is one long request; nothing to forward), but first *claims* it from the
+//! token's node (`Relay(Claim)`, answered with a `Head`): from then on that node answers
+//! the token's polls, event streams, sends and WebSockets as ASP.NET answers them on a
+//! WebSocket connection (400, 405, 409) instead of starting a second connection with the
+//! same id.
+//!
 //! Everything is bounded: [`MAX_FORWARDS`] exchanges in flight per node (503 beyond), the
 //! request body by the hub's send limit, the request headers by [`MAX_HEADER_BYTES`] (431),
 //! [`relay::RELAY_QUEUE`] response frames queued on the landing node (a slow client beyond
@@ -48,7 +55,9 @@ use super::{text, Body};
 use crate::app::AppState;
 use crate::backplane::channel::node_channel;
 use crate::backplane::{BackplaneMessage, BackplanePayload, Channel, RelayFrame, RelayKind};
+use crate::connection::TransportKind;
 use crate::hub::HubLifetime;
+use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
 
 /// Forwarded exchanges in flight per node, each side counted.
@@ -484,6 +493,84 @@ fn ready_bytes(body: &mut Body) -> (Bytes, bool) {
         }
     }
     (out.freeze(), false)
+}
+
+/// A WebSocket is about to start `connection` on this node, but its token names `owner`:
+/// asks the owner, which refuses the token's other transports from now on (a poll or an
+/// event stream there would otherwise start a second connection with the same id).
+/// `Err(response)`: the owner refused (409/400/404 as ASP.NET answers a transport mix-up or
+/// an ended connection) or did not answer within [`OPEN_TIMEOUT`] (404: the connection's
+/// node is gone; the client negotiates again).
+pub(crate) async fn claim(
+    state: &Arc<AppState>,
+    owner: &str,
+    connection: ConnectionId,
+) -> Result<(), Response<Body>> {
+    let router = &state.router;
+    let relay: u64 = rand::random();
+    let (in_tx, mut inbound) = mpsc::channel(1);
+    router.relays.insert(relay, in_tx);
+    let msg = relay_message(
+        router,
+        relay,
+        RelayKind::Claim {
+            connection,
+            reply_node: router.node_id().to_string(),
+        },
+    );
+    let answer = match router.backplane().publish(&node_channel(owner), msg).await {
+        Ok(()) => tokio::time::timeout(OPEN_TIMEOUT, inbound.recv())
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
+    };
+    router.relays.remove(&relay);
+    match answer {
+        Some(RelayIn::Head { status: 200, .. }) => Ok(()),
+        Some(RelayIn::Head { status, body, .. }) => Err(text(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+            String::from_utf8_lossy(&body).into_owned(),
+        )),
+        _ => Err(super::transports::not_found()),
+    }
+}
+
+/// The token's node side of [`claim`]: grants it unless the connection runs here, waits
+/// here for a stateful resume, ended, or was claimed already. Never waits.
+pub(crate) fn answer_claim(
+    router: &Arc<Router>,
+    state: &AppState,
+    relay: u64,
+    connection: &ConnectionId,
+    reply_node: &str,
+) {
+    const ACTIVE: (u16, &str) = (409, "Connection already has an active transport.");
+    let local = state.connections.get(connection);
+    let (status, reason) = match local.as_ref().and_then(|c| c.transport()) {
+        Some(TransportKind::WebSockets) => ACTIVE,
+        Some(_) => (400, "Cannot change transports mid-connection"),
+        // Sends arrived here before any transport (kept for the first poll or stream).
+        None if local.is_some() => (400, "Cannot change transports mid-connection"),
+        None if router.resumable.contains_key(connection) => ACTIVE,
+        None if state.tokens.has_ended(connection) => (404, "No Connection with that ID"),
+        None if !state.tokens.claim(connection) => ACTIVE,
+        None => (200, ""),
+    };
+    relay::publish_spawned(
+        router.backplane().clone(),
+        node_channel(reply_node),
+        router.node_id().to_string(),
+        RelayFrame {
+            relay,
+            kind: RelayKind::Head {
+                status,
+                headers: Vec::new(),
+                body: Bytes::from_static(reason.as_bytes()),
+                end: true,
+            },
+        },
+    );
 }
 
 #[cfg(test)]

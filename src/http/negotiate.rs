@@ -72,19 +72,40 @@ pub struct Tokens {
     node: String,
     /// Connections that ended while their token was still valid, so the token cannot open
     /// a second connection with the same id (ASP.NET forgets a disposed connection's token).
-    ended: Mutex<Ended>,
+    ended: Mutex<IdSet>,
+    /// Connections of this node's tokens that a WebSocket on another node started
+    /// (`forward::claim`): their SSE, Long Polling and WebSocket requests here are refused
+    /// as ASP.NET refuses them on a WebSocket connection.
+    claimed: Mutex<IdSet>,
 }
 
-/// The ended-connection list: a map for lookups plus the same ids in arrival order, so
-/// entries older than a token's lifetime are dropped as new ones arrive (not only when the
-/// list is full) and the map's memory is given back after a burst.
+/// A set of connection ids that forgets each one a token's lifetime after it was added
+/// (after that the token cannot start a connection anyway): a map for lookups plus the same
+/// ids in arrival order, so old entries are dropped as new ones arrive (not only when the
+/// set is full) and the map's memory is given back after a burst. At most [`MAX_ENDED`].
 #[derive(Default)]
-struct Ended {
+struct IdSet {
     ids: HashMap<String, Instant>,
     order: std::collections::VecDeque<(Instant, String)>,
 }
 
-impl Ended {
+impl IdSet {
+    /// Adds `id`; false when it was present already or the set is full.
+    fn insert(&mut self, id: &str) -> bool {
+        let now = Instant::now();
+        self.prune(now);
+        if self.ids.len() >= MAX_ENDED || self.ids.contains_key(id) {
+            return false;
+        }
+        self.ids.insert(id.to_string(), now);
+        self.order.push_back((now, id.to_string()));
+        true
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains_key(id)
+    }
+
     fn prune(&mut self, now: Instant) {
         while let Some((at, _)) = self.order.front() {
             if now.duration_since(*at) < TOKEN_TTL {
@@ -120,18 +141,38 @@ impl Tokens {
         Tokens {
             key: key.to_vec(),
             node: node.to_string(),
-            ended: Mutex::new(Ended::default()),
+            ended: Mutex::new(IdSet::default()),
+            claimed: Mutex::new(IdSet::default()),
         }
     }
 
     /// Records that connection `id` ended: its token is refused from now on.
     pub fn mark_ended(&self, id: &ConnectionId) {
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        ended.prune(now);
-        if ended.ids.len() < MAX_ENDED && ended.ids.insert(id.as_str().to_string(), now).is_none() {
-            ended.order.push_back((now, id.as_str().to_string()));
-        }
+        ended.insert(id.as_str());
+    }
+
+    /// Records that a WebSocket on another node started connection `id` of one of this
+    /// node's tokens; false when it was claimed already (or the record is full).
+    pub fn claim(&self, id: &ConnectionId) -> bool {
+        let mut claimed = self.claimed.lock().unwrap_or_else(|p| p.into_inner());
+        claimed.insert(id.as_str())
+    }
+
+    /// Whether a WebSocket on another node started connection `id`.
+    pub fn is_claimed(&self, id: &ConnectionId) -> bool {
+        let claimed = self.claimed.lock().unwrap_or_else(|p| p.into_inner());
+        claimed.contains(id.as_str())
+    }
+
+    fn ended_text(&self, id: &str) -> bool {
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        ended.contains(id)
+    }
+
+    /// Whether connection `id` ended (its token is refused).
+    pub fn has_ended(&self, id: &ConnectionId) -> bool {
+        self.ended_text(id.as_str())
     }
 
     fn mac(&self, id: &[u8], expiry: u64, node: &[u8], user: &str) -> [u8; 16] {
@@ -256,17 +297,12 @@ impl Tokens {
         self.open_v1(token, user).ok().map(|(id, _, _)| id)
     }
 
-    fn has_ended(&self, id: &str) -> bool {
-        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        ended.ids.contains_key(id)
-    }
-
     /// Checks the `id=` value of a request that starts a connection (a v1 token of `user`,
     /// or a v0 id) and returns the connection id: unexpired, and not of a connection that
     /// ended.
     pub fn check(&self, token: &str, user: &str) -> Result<ConnectionId, TokenError> {
         if let Some((expiry, _)) = self.open_v0(token) {
-            if (expiry & !FLAGS) < unix_now() || self.has_ended(token) {
+            if (expiry & !FLAGS) < unix_now() || self.ended_text(token) {
                 return Err(TokenError::Unknown);
             }
             return ConnectionId::new(token).map_err(|_| TokenError::Unknown);
@@ -284,7 +320,7 @@ impl Tokens {
         let (id, expiry, _) = self.open_v1(token, user)?;
         let stateful = expiry & STATEFUL_BIT != 0;
         let expired = (expiry & !FLAGS) < unix_now();
-        if self.has_ended(id.as_str()) {
+        if self.ended_text(id.as_str()) {
             return Err(TokenError::Unknown);
         }
         Ok(TokenInfo {
@@ -354,7 +390,7 @@ mod tests {
         let Some(old) = now.checked_sub(TOKEN_TTL + Duration::from_secs(1)) else {
             return; // the clock is too young to fake an old entry
         };
-        let mut ended = Ended::default();
+        let mut ended = IdSet::default();
         for i in 0..10_000 {
             ended.ids.insert(format!("old{i}"), old);
             ended.order.push_back((old, format!("old{i}")));

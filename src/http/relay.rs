@@ -244,6 +244,14 @@ impl Router {
                     super::forward::accept(self, state, relay, frame.kind.clone());
                 }
             }
+            RelayKind::Claim {
+                connection,
+                reply_node,
+            } => {
+                if let Some(state) = self.app.get().and_then(std::sync::Weak::upgrade) {
+                    super::forward::answer_claim(self, &state, relay, connection, reply_node);
+                }
+            }
             RelayKind::Head {
                 status,
                 headers,

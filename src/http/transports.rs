@@ -50,12 +50,16 @@ pub(crate) enum Lookup {
     New(ConnectionId, bool),
     /// Nothing: 404.
     Unknown,
+    /// A token of this node whose connection a WebSocket on another node started
+    /// (`forward::claim`): the requests here get what they would on a WebSocket connection.
+    Elsewhere,
 }
 
 /// Resolves `token` for a request of `user`.
 pub(crate) fn lookup(state: &AppState, token: &str, user: &str) -> Lookup {
     match find(state, token, user) {
         Lookup::Live(c) if c.transport().is_none() => Lookup::Pending(c),
+        Lookup::New(id, _) if state.tokens.is_claimed(&id) => Lookup::Elsewhere,
         other => other,
     }
 }
@@ -236,6 +240,10 @@ fn open(
         None => None,
         Some(token) => match lookup(state, token, &user) {
             Lookup::Unknown => return Err(Box::new(not_found())),
+            Lookup::Elsewhere if start.kind == TransportKind::WebSockets => {
+                return Err(Box::new(already_active()))
+            }
+            Lookup::Elsewhere => return Err(Box::new(cannot_change())),
             Lookup::Live(c) => {
                 if c.transport() == Some(start.kind) {
                     return Ok((c, false));
@@ -259,7 +267,9 @@ fn open(
         ),
         Some(Lookup::Pending(c)) => Ok(c),
         Some(Lookup::New(id, v0)) => register(state, id, v0, &user, options.disconnect_timeout),
-        Some(Lookup::Live(_) | Lookup::Unknown) => return Err(Box::new(not_found())),
+        Some(Lookup::Live(_) | Lookup::Unknown | Lookup::Elsewhere) => {
+            return Err(Box::new(not_found()))
+        }
     }
     .map_err(|_| Box::new(already_active()))?;
     bind(state, &conn, start)?;
@@ -461,6 +471,13 @@ fn spawn_watchdog(state: Arc<AppState>, conn: Arc<HttpConnection>, timeout: Dura
     });
 }
 
+fn post_on_websocket() -> Response<Body> {
+    text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "POST requests are not allowed for WebSocket connections.",
+    )
+}
+
 /// A send's body: still to be read, or read already (a forwarded send).
 pub(crate) enum SendBody {
     /// The request's body.
@@ -489,12 +506,10 @@ pub(crate) async fn send(
             }
         }
         Lookup::Unknown => return not_found(),
+        Lookup::Elsewhere => return post_on_websocket(),
     };
     if conn.transport() == Some(TransportKind::WebSockets) {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "POST requests are not allowed for WebSocket connections.",
-        );
+        return post_on_websocket();
     }
     let limit = max_post_body(hub);
     // Sends of one connection are applied in arrival order, one at a time.
@@ -521,15 +536,37 @@ pub(crate) fn delete(state: &AppState, token: &str, user: &str) -> Response<Body
     let conn = match lookup(state, token, user) {
         Lookup::Live(c) | Lookup::Pending(c) => c,
         Lookup::Unknown | Lookup::New(..) => return not_found(),
+        Lookup::Elsewhere => return delete_refused(),
     };
     if conn.transport() != Some(TransportKind::LongPolling) {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "Cannot terminate this connection using the DELETE endpoint.",
-        );
+        return delete_refused();
     }
     finish(state, &conn, None);
     text(StatusCode::ACCEPTED, "")
+}
+
+fn delete_refused() -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        "Cannot terminate this connection using the DELETE endpoint.",
+    )
+}
+
+/// A WebSocket is about to start the connection of `token` here: when the token names
+/// another node, claim the connection from it first (`forward::claim`).
+async fn claim_if_remote(
+    state: &Arc<AppState>,
+    token: &str,
+    user: &str,
+) -> Result<(), Response<Body>> {
+    let Some(owner) = state.tokens.remote_owner(token, user) else {
+        return Ok(());
+    };
+    match lookup(state, token, user) {
+        Lookup::New(id, _) => super::forward::claim(state, &owner, id).await,
+        // Running here already, or unknown: `open` answers.
+        _ => Ok(()),
+    }
 }
 
 /// What a WebSocket request with a stateful-reconnect token is for.
@@ -716,6 +753,11 @@ pub(crate) async fn websocket(
                     }
                     return;
                 }
+                if let Err(r) = claim_if_remote(&state2, &token, &user).await {
+                    let reason = r.status().canonical_reason().unwrap_or("refused");
+                    snk.close(1008, reason).await;
+                    return;
+                }
                 let start = Start {
                     hub,
                     identity,
@@ -741,6 +783,11 @@ pub(crate) async fn websocket(
             return switching_protocols(&key);
         }
         None => {}
+    }
+    if let Some(t) = token {
+        if let Err(r) = claim_if_remote(state, t, &user).await {
+            return r;
+        }
     }
     let start = Start {
         hub,
