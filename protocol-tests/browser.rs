@@ -17,6 +17,10 @@ mod support;
 #[path = "support/external.rs"]
 mod external;
 
+#[allow(dead_code)]
+#[path = "../examples/rr_proxy.rs"]
+mod rr_proxy;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,6 +173,63 @@ async fn browser_screenshot() {
         assert!(png.starts_with(b"\x89PNG"), "screenshot is a PNG");
         assert!(png.len() > 20_000, "screenshot has content");
     }
+}
+
+/// Two instances behind the round-robin proxy, no sticky sessions: both pages load from the
+/// proxy, Bob's page limited by `extra` to a transport other than WebSockets, so his polls,
+/// sends or event stream land on both instances and those on the instance that did not
+/// negotiate are forwarded to it.
+async fn behind_round_robin_proxy(protocol: &str, extra: &[(&'static str, String)]) {
+    let _one = BROWSER.lock().await;
+    let Some(node) = browser_tools() else { return };
+    let bus = MemoryBus::new();
+    let store = Arc::new(MemoryStore::new(1000));
+    let a = start_demo(local(), bus.clone(), store.clone()).await;
+    let b = start_demo(local(), bus, store).await;
+    let proxy = rr_proxy::RrProxy::start(
+        local(),
+        vec![a.server().local_addr(), b.server().local_addr()],
+    )
+    .await
+    .expect("proxy");
+    let url = format!("http://{}", proxy.local_addr());
+    let mut env = script_env(&a, &b, "fallback", protocol);
+    for (k, v) in env.iter_mut() {
+        if *k == "FEEDHUB_URL" || *k == "FEEDHUB_URL_B" {
+            *v = url.clone();
+        }
+    }
+    env.extend(extra.iter().cloned());
+    let run = node.run("browser.mjs", &env, SCRIPT_TIMEOUT).await;
+    let forwarded = a.server().forwarded_requests() + b.server().forwarded_requests();
+    println!(
+        "proxy connections per instance {:?}; requests forwarded {forwarded}",
+        proxy.accepted_per_backend()
+    );
+    drop(proxy);
+    drop((a, b));
+    run.assert_success();
+    assert!(
+        forwarded > 0,
+        "some of Bob's requests landed on the instance that did not negotiate"
+    );
+}
+
+/// [`behind_round_robin_proxy`] with Bob on Long Polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_long_polling_behind_round_robin_proxy() {
+    let extra = [
+        ("FEEDHUB_BOB_TRANSPORT", "longpolling".to_string()),
+        ("FEEDHUB_EXPECT_TRANSPORT", "Long Polling".to_string()),
+    ];
+    behind_round_robin_proxy("json", &extra).await;
+}
+
+/// [`behind_round_robin_proxy`] with Bob's browser lacking WebSocket (falls back to SSE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sse_behind_round_robin_proxy() {
+    let expect = [("FEEDHUB_EXPECT_TRANSPORT", "Server-Sent Events".to_string())];
+    behind_round_robin_proxy("json", &expect).await;
 }
 
 /// Two instances on one in-process bus sharing the post store: Alice on one, Bob and Carol
