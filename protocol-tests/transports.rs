@@ -1322,6 +1322,27 @@ async fn long_polling_across(a: Fixture, b: Fixture) {
         .collect();
     assert!(got.starts_with(&items.concat()), "300 items in order");
 
+    // A waiting poll forwarded by B ends with 204 when a newer poll arrives at A, and the
+    // newer one carries the next message.
+    let host_b = b.host();
+    let path = format!("/t?id={token}");
+    let older = tokio::spawn(async move { http(&host_b, "GET", &path, &[], b"").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let host_a = a.host();
+    let path = format!("/t?id={token}");
+    let newer = tokio::spawn(async move { http(&host_a, "GET", &path, &[], b"").await });
+    let older = within("the older, forwarded poll", older).await.unwrap();
+    assert_eq!(older.status, 204);
+    let r = b
+        .post(&format!("/t?id={token}"), &invocation("n", "Echo", "[1]"))
+        .await;
+    assert_eq!(r.status, 200);
+    let newer = within("the newer poll", newer).await.unwrap();
+    assert_eq!(
+        newer.text(),
+        format!("{{\"type\":3,\"invocationId\":\"n\",\"result\":1}}{RS}")
+    );
+
     // A waiting poll forwarded by B ends with 204 when A is told to DELETE.
     let host_b = b.host();
     let path = format!("/t?id={token}");
