@@ -175,6 +175,15 @@ async fn browser_screenshot() {
     }
 }
 
+/// Two demo instances on one in-process bus, sharing the post store.
+async fn two_demo_instances() -> (TestServer, TestServer) {
+    let bus = MemoryBus::new();
+    let store = Arc::new(MemoryStore::new(1000));
+    let a = start_demo(local(), bus.clone(), store.clone()).await;
+    let b = start_demo(local(), bus, store).await;
+    (a, b)
+}
+
 /// Two instances behind the round-robin proxy, no sticky sessions: both pages load from the
 /// proxy, Bob's page limited by `extra` to a transport other than WebSockets, so his polls,
 /// sends or event stream land on both instances and those on the instance that did not
@@ -182,10 +191,7 @@ async fn browser_screenshot() {
 async fn behind_round_robin_proxy(protocol: &str, extra: &[(&'static str, String)]) {
     let _one = BROWSER.lock().await;
     let Some(node) = browser_tools() else { return };
-    let bus = MemoryBus::new();
-    let store = Arc::new(MemoryStore::new(1000));
-    let a = start_demo(local(), bus.clone(), store.clone()).await;
-    let b = start_demo(local(), bus, store).await;
+    let (a, b) = two_demo_instances().await;
     let proxy = rr_proxy::RrProxy::start(
         local(),
         vec![a.server().local_addr(), b.server().local_addr()],
@@ -238,10 +244,7 @@ async fn browser_sse_behind_round_robin_proxy() {
 async fn browser_two_instances_memory_bus() {
     let _one = BROWSER.lock().await;
     let Some(node) = browser_tools() else { return };
-    let bus = MemoryBus::new();
-    let store = Arc::new(MemoryStore::new(1000));
-    let a = start_demo(local(), bus.clone(), store.clone()).await;
-    let b = start_demo(local(), bus, store).await;
+    let (a, b) = two_demo_instances().await;
     let run = node
         .run(
             "browser.mjs",
