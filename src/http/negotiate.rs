@@ -15,7 +15,7 @@
 //! covered by the MAC, so any node can tell from the token alone whether the connection may
 //! resume on a new WebSocket.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -79,46 +79,63 @@ pub struct Tokens {
     claimed: Mutex<IdSet>,
 }
 
-/// A set of connection ids that forgets each one a token's lifetime after it was added
-/// (after that the token cannot start a connection anyway): a map for lookups plus the same
-/// ids in arrival order, so old entries are dropped as new ones arrive (not only when the
-/// set is full) and the map's memory is given back after a burst. At most [`MAX_ENDED`].
-#[derive(Default)]
+/// A set of connection ids that remembers each one for at least a token's lifetime (after
+/// that the token cannot start a connection anyway) and at most two. Ids are kept as 64-bit
+/// keyed hashes (a false match needs a collision of two live ids' hashes: about 1 in 10⁹
+/// at 100,000 entries) in two generations: new ids go into the current one, and every
+/// [`TOKEN_TTL`] the older generation is dropped whole, which gives its memory back at once.
+/// At most [`MAX_ENDED`] ids.
 struct IdSet {
-    ids: HashMap<String, Instant>,
-    order: std::collections::VecDeque<(Instant, String)>,
+    hasher: std::collections::hash_map::RandomState,
+    current: HashSet<u64>,
+    previous: HashSet<u64>,
+    since: Instant,
+}
+
+impl Default for IdSet {
+    fn default() -> Self {
+        IdSet {
+            hasher: Default::default(),
+            current: HashSet::new(),
+            previous: HashSet::new(),
+            since: Instant::now(),
+        }
+    }
 }
 
 impl IdSet {
+    fn key(&self, id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    /// Starts a new generation when the current one is a token's lifetime old.
+    fn rotate(&mut self, now: Instant) {
+        let age = now.duration_since(self.since);
+        if age < TOKEN_TTL {
+            return;
+        }
+        self.previous = if age < TOKEN_TTL * 2 {
+            std::mem::take(&mut self.current)
+        } else {
+            self.current = HashSet::new();
+            HashSet::new()
+        };
+        self.since = now;
+    }
+
     /// Adds `id`; false when it was present already or the set is full.
     fn insert(&mut self, id: &str) -> bool {
-        let now = Instant::now();
-        self.prune(now);
-        if self.ids.len() >= MAX_ENDED || self.ids.contains_key(id) {
+        self.rotate(Instant::now());
+        let key = self.key(id);
+        if self.current.len() + self.previous.len() >= MAX_ENDED || self.previous.contains(&key) {
             return false;
         }
-        self.ids.insert(id.to_string(), now);
-        self.order.push_back((now, id.to_string()));
-        true
+        self.current.insert(key)
     }
 
     fn contains(&self, id: &str) -> bool {
-        self.ids.contains_key(id)
-    }
-
-    fn prune(&mut self, now: Instant) {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < TOKEN_TTL {
-                break;
-            }
-            if let Some((_, id)) = self.order.pop_front() {
-                self.ids.remove(&id);
-            }
-        }
-        if self.ids.capacity() > 64 && self.ids.len() < self.ids.capacity() / 4 {
-            self.ids.shrink_to_fit();
-            self.order.shrink_to_fit();
-        }
+        let key = self.key(id);
+        self.current.contains(&key) || self.previous.contains(&key)
     }
 }
 
@@ -385,27 +402,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ended_ids_expire_in_arrival_order_and_memory_is_returned() {
-        let now = Instant::now();
-        let Some(old) = now.checked_sub(TOKEN_TTL + Duration::from_secs(1)) else {
-            return; // the clock is too young to fake an old entry
-        };
-        let mut ended = IdSet::default();
+    fn ended_ids_live_one_to_two_token_lifetimes_and_memory_is_returned() {
+        let mut set = IdSet::default();
         for i in 0..10_000 {
-            ended.ids.insert(format!("old{i}"), old);
-            ended.order.push_back((old, format!("old{i}")));
+            assert!(set.insert(&format!("old{i}")));
         }
-        ended.ids.insert("fresh".into(), now);
-        ended.order.push_back((now, "fresh".into()));
-        let grown = ended.ids.capacity();
-        ended.prune(now);
-        assert_eq!(ended.ids.len(), 1);
-        assert!(ended.ids.contains_key("fresh"));
-        assert_eq!(ended.order.len(), 1);
-        assert!(
-            ended.ids.capacity() < grown / 4,
-            "memory given back after a burst"
-        );
+        assert!(!set.insert("old7"), "present already");
+        assert!(set.contains("old7") && !set.contains("new"));
+        let Some(start) = Instant::now().checked_sub(TOKEN_TTL) else {
+            return; // the clock is too young to fake an old generation
+        };
+        // One lifetime later the ids move to the previous generation and are still refused.
+        set.since = start;
+        assert!(set.insert("new"));
+        assert!(set.contains("old7") && set.contains("new"));
+        assert_eq!(set.current.len(), 1);
+        // Two lifetimes: the old generation is dropped whole.
+        let Some(start) = Instant::now().checked_sub(TOKEN_TTL) else {
+            return;
+        };
+        set.since = start;
+        assert!(set.insert("newer"));
+        assert!(!set.contains("old7"));
+        assert!(set.contains("new") && set.contains("newer"));
+        assert!(set.previous.capacity() < 64, "memory given back");
     }
 
     #[test]
