@@ -35,8 +35,8 @@
 //!
 //! Everything is bounded: [`MAX_FORWARDS`] exchanges in flight per node (503 beyond), the
 //! request body by the hub's send limit, the request headers by [`MAX_HEADER_BYTES`] (431),
-//! [`relay::RELAY_QUEUE`] response frames queued on the landing node (a slow client beyond
-//! that loses its event stream, as a slow consumer does), and every wait has a timeout.
+//! [`FORWARD_QUEUE`] response frames of at most about [`COALESCE`] bytes (2 MiB) queued on
+//! the landing node (a slower client loses its event stream, as a slow consumer does), and every wait has a timeout.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -50,7 +50,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::{mpsc, oneshot};
 
-use super::relay::{self, RelayIn, Router, OPEN_TIMEOUT, RELAY_QUEUE};
+use super::relay::{self, RelayIn, Router, OPEN_TIMEOUT};
 use super::{text, Body};
 use crate::app::AppState;
 use crate::backplane::channel::node_channel;
@@ -66,8 +66,12 @@ pub const MAX_FORWARDS: usize = 10_000;
 /// Largest total size of the request headers a node forwards.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
-/// Most body bytes the owner puts into one `Data` frame.
-pub const COALESCE: usize = 64 * 1024;
+/// Most body bytes the owner puts into one `Data` frame (a frame may exceed it by the last
+/// event added).
+pub const COALESCE: usize = 16 * 1024;
+
+/// Response frames of one exchange queued on the landing node before its response ends.
+pub const FORWARD_QUEUE: usize = 128;
 
 /// How long the landing node waits for the response head of a send or a delete (a send may
 /// wait on a full inbound queue of the session).
@@ -201,7 +205,7 @@ pub(crate) async fn forward(
         return unavailable("Too many forwarded requests; try again.");
     };
     let relay: u64 = rand::random();
-    let (in_tx, mut inbound) = mpsc::channel(RELAY_QUEUE);
+    let (in_tx, mut inbound) = mpsc::channel(FORWARD_QUEUE);
     let (open_tx, open_rx) = oneshot::channel();
     router.relays.insert(relay, in_tx);
     router.pending_opens.insert(relay, open_tx);
