@@ -229,12 +229,10 @@ fn string_result(r: CompletionResult) -> String {
     }
 }
 
-/// Needs no URL encoding: base64url, plus the `.` (unreserved, RFC 3986) before the node
-/// part of a negotiate v0 id.
 fn url_safe(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 async fn negotiate_v1(s: &TestServer, hub: &str, headers: &[(&str, &str)]) -> serde_json::Value {

@@ -25,6 +25,11 @@
 //!    carrying on with a hole. Either side's end sends `Relay(Close)`.
 //!
 //! Bounds: [`RELAY_QUEUE`] frames per relay direction; pending opens are removed on timeout.
+//!
+//! The [`Router`] also carries the other cross-node exchanges of the HTTP layer, which share
+//! its relay ids, its node channel and its dispatch: forwarded Server-Sent Events and Long
+//! Polling requests (`Request` → `Opened`, `Head`, `Data`…, `Close`) and WebSocket claims
+//! (`Claim` → `Head`), both in `http::forward`.
 
 use std::sync::Arc;
 use std::time::Duration;
