@@ -119,10 +119,12 @@ pub fn spawn(
     resume: Option<Resume<LinkSource, LinkSink>>,
     on_end: impl FnOnce() + Send + 'static,
 ) {
-    let sink = link.sink();
     let wire = link.wire.clone();
+    // The session's future is made here, not inside the task's block: the block would keep
+    // its own copies of the arguments next to the ones moved into the session.
+    let session = run(source, link.sink(), params, resume);
     tracker.spawn(async move {
-        run(source, sink, params, resume).await;
+        session.await;
         // Whatever way the session ended, drainers see the end after what is queued.
         wire.end(1000, "");
         on_end();
@@ -130,23 +132,48 @@ pub fn spawn(
 }
 
 /// Runs one connection to completion over any source and sink.
-pub async fn run<Src: FrameSource, Snk: FrameSink>(
-    mut source: Src,
-    mut sink: Snk,
+pub fn run<Src: FrameSource, Snk: FrameSink>(
+    source: Src,
+    sink: Snk,
     params: SessionParams,
     resume: Option<Resume<Src, Snk>>,
+) -> impl std::future::Future<Output = ()> {
+    run_session(source, sink, Box::new(params), resume)
+}
+
+/// [`run`]. An async fn keeps its arguments, and every local that lives across an await,
+/// in its future for the connection's whole life, and a future is as large as its largest
+/// state. So the parameters come boxed (freed once taken apart), the options are borrowed
+/// rather than cloned, the `Loop` is built where its future is made, and the rare, large
+/// awaits (handshake here; resume, finish, input processing and Close in `Loop::run`) are
+/// boxed: 4,336 → 3,072 bytes per connection (`size_tests`).
+async fn run_session<Src: FrameSource, Snk: FrameSink>(
+    mut source: Src,
+    mut sink: Snk,
+    params: Box<SessionParams>,
+    resume: Option<Resume<Src, Snk>>,
 ) {
-    let options = params.hub.definition().options.clone();
+    let SessionParams {
+        hub,
+        connection_id,
+        identity,
+        request,
+        transport,
+        shutdown,
+        stateful,
+    } = *params;
+    let definition = hub.definition();
+    let options = &definition.options;
     let mut inbuf = BytesMut::new();
 
     // 1. Handshake.
-    let (protocol, version) = match handshake::perform(
+    let (protocol, version) = match Box::pin(handshake::perform(
         &mut source,
         &mut sink,
         &mut inbuf,
-        &options,
-        params.transport,
-    )
+        options,
+        transport,
+    ))
     .await
     {
         Some(p) => p,
@@ -158,16 +185,16 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
 
     // 2. Registration.
     let conn = Connection::new(
-        params.connection_id,
-        params.identity,
+        connection_id,
+        identity,
         protocol,
-        params.transport,
-        params.request,
+        transport,
+        request,
         Outbound::new(options.outbound, options.slow_consumer),
     );
     let span = tracing::debug_span!("session", conn_id = %conn.id, user = ?conn.user_id().map(|u| u.as_str()), protocol = protocol.name());
     let _enter = span.enter();
-    if let Err(e) = params.hub.connect(&conn).await {
+    if let Err(e) = hub.connect(&conn).await {
         // The handshake is not answered yet: the client's start() fails with this error.
         tracing::warn!(error = %e, "backplane subscribe failed; refusing the connection");
         handshake::send_error(
@@ -181,13 +208,13 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     // Only now is the handshake answered: the user's channel is subscribed, so nothing
     // published after the client's start() resolved is missed.
     if handshake::send_ok(&mut sink, protocol).await.is_none() {
-        params.hub.disconnect(&conn);
+        hub.disconnect(&conn);
         return;
     }
-    let ctx = HubContext::new(conn.clone(), params.hub.clone());
+    let ctx = HubContext::new(conn.clone(), hub.clone());
 
     // 3. OnConnected.
-    if let Some(hook) = params.hub.definition().on_connected.clone() {
+    if let Some(hook) = hub.definition().on_connected.clone() {
         if let Err(e) = hook(ctx.clone()).await {
             let error = format!(
                 "{CLOSE_ERROR_TEXT}{}",
@@ -203,31 +230,36 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
             )
             .await;
             sink.close(1000, "").await;
-            params.hub.disconnect(&conn);
+            hub.disconnect(&conn);
             return;
         }
     }
 
     // 4. The loop. Stateful reconnect needs the negotiate opt-in and protocol version 2
     // (older clients send 1), on WebSockets, as ASP.NET.
-    let stateful = params.stateful
+    let stateful = stateful
         && options.stateful_reconnect
         && version >= 2
-        && params.transport == TransportKind::WebSockets
+        && transport == TransportKind::WebSockets
         && resume.is_some();
-    let mut lp = Loop::new(conn.clone(), ctx.clone(), &params.hub, protocol);
-    if stateful {
-        lp.stateful = Some(Stateful {
-            replay: ReplayBuffer::new(options.replay),
-            inbound: InboundSeq::new(),
-            ack_at: None,
-            ack_interval: options.ack_interval,
-            window: options.reconnect_window,
-            detached_until: None,
-            lost: String::new(),
-        });
-    }
-    let (end, sink) = lp.run(source, sink, inbuf, params.shutdown, resume).await;
+    // Built inside the block that makes the loop's future, so the `Loop` is stored once
+    // (moved into that future), not also as a local of this one.
+    let main_loop = {
+        let mut lp = Loop::new(conn.clone(), ctx.clone(), &hub, protocol);
+        if stateful {
+            lp.stateful = Some(Stateful {
+                replay: ReplayBuffer::new(options.replay),
+                inbound: InboundSeq::new(),
+                ack_at: None,
+                ack_interval: options.ack_interval,
+                window: options.reconnect_window,
+                detached_until: None,
+                lost: String::new(),
+            });
+        }
+        lp.run(source, sink, inbuf, shutdown, resume)
+    };
+    let (end, sink) = main_loop.await;
 
     // 5. Close the transport.
     let error = match &end {
@@ -242,10 +274,10 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
 
     // 6. OnDisconnected, then unregister (hooks may still use Groups and Clients).
     conn.aborted.cancel();
-    if let Some(hook) = params.hub.definition().on_disconnected.clone() {
+    if let Some(hook) = hub.definition().on_disconnected.clone() {
         hook(ctx, error).await;
     }
-    params.hub.disconnect(&conn);
+    hub.disconnect(&conn);
     tracing::debug!("session ended");
 }
 
@@ -495,8 +527,8 @@ impl Loop {
 
         // Bytes that followed the handshake in the same frame are hub messages.
         if !inbuf.is_empty() {
-            if let Err(end) = self.process_input(&mut inbuf, &mut tasks).await {
-                let end = self.finish(&mut sink, end).await;
+            if let Err(end) = Box::pin(self.process_input(&mut inbuf, &mut tasks)).await {
+                let end = Box::pin(self.finish(&mut sink, end)).await;
                 return (end, sink);
             }
         }
@@ -507,8 +539,11 @@ impl Loop {
                     // End the old transport for good (a half-open socket, a silent relay):
                     // the client resumes on a new one.
                     if let Some(mut old) = sink.take() {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(1), old.close(1000, "")).await;
+                        let _ = Box::pin(tokio::time::timeout(
+                            Duration::from_secs(1),
+                            old.close(1000, ""),
+                        ))
+                        .await;
                     }
                 }
                 match self.lost($reason, &mut source, &mut sink, shutting_down) {
@@ -555,7 +590,7 @@ impl Loop {
                             inc(&METRICS.slow_consumer_closes);
                         }
                         let close = Close { error: req.error.clone(), allow_reconnect: req.allow_reconnect };
-                        let _ = self.send_message(&mut sink, &HubMessage::Close(close)).await;
+                        let _ = Box::pin(self.send_message(&mut sink, &HubMessage::Close(close))).await;
                         return (End::ServerClose(req.error), sink);
                     }
                 },
@@ -567,7 +602,7 @@ impl Loop {
                     }
                     if attached {
                         let close = Close { error: req.error.clone(), allow_reconnect: req.allow_reconnect };
-                        let _ = self.send_message(&mut sink, &HubMessage::Close(close)).await;
+                        let _ = Box::pin(self.send_message(&mut sink, &HubMessage::Close(close))).await;
                     }
                     return (End::ServerClose(req.error), sink);
                 }
@@ -583,15 +618,15 @@ impl Loop {
                     None => return (End::ClientClose(None), sink),
                     Some(Err(TransportError::TooLarge)) => {
                         let error = crate::protocol::ProtocolError::TooLarge { limit: self.max_message_size }.to_string();
-                        let end = self.finish(&mut sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}")))).await;
+                        let end = Box::pin(self.finish(&mut sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}"))))).await;
                         return (end, sink);
                     }
                     Some(Err(e)) => lost!(e.to_string()),
                     Some(Ok(bytes)) => {
                         self.last_received = Instant::now();
                         inbuf.extend_from_slice(&bytes);
-                        if let Err(end) = self.process_input(&mut inbuf, &mut tasks).await {
-                            let end = self.finish(&mut sink, end).await;
+                        if let Err(end) = Box::pin(self.process_input(&mut inbuf, &mut tasks)).await {
+                            let end = Box::pin(self.finish(&mut sink, end)).await;
                             return (end, sink);
                         }
                     }
@@ -601,14 +636,14 @@ impl Loop {
                         // A new socket replaces the old one, even if the old one still looks
                         // alive (a half-open connection the client gave up on).
                         if let Some(mut old) = sink.take() {
-                            let _ = tokio::time::timeout(Duration::from_secs(1), old.close(1000, "")).await;
+                            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), old.close(1000, ""))).await;
                         }
                         source = Some(src);
                         sink = Some(snk);
                         // A partial message of the old transport is gone with it; the
                         // client resends whole messages after its Sequence.
                         inbuf.clear();
-                        if let Err(e) = self.resume(&mut sink).await {
+                        if let Err(e) = Box::pin(self.resume(&mut sink)).await {
                             lost!(e.to_string());
                         }
                     }
@@ -768,3 +803,45 @@ pub(crate) type Uploads = HashMap<String, mpsc::Sender<crate::hub::method::Uploa
 
 /// Invocations waiting for a slot.
 pub(crate) type Pending = VecDeque<BoxFuture<'static, TaskDone>>;
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::transport::link::Link;
+
+    /// Every idle connection holds its session future for its whole life, so its size is
+    /// memory per connection (the idle-density benchmark). Guards the boxing and borrowing
+    /// in `run_session` and `Loop::run` (4,336 bytes before, 3,072 after, in release).
+    #[tokio::test]
+    async fn the_session_future_stays_small() {
+        let (inbox, _rx) = crate::backplane::Inbox::new(1, 1);
+        let backplane: Arc<dyn crate::backplane::Backplane> =
+            Arc::new(crate::backplane::memory::MemoryBackplane::new(
+                crate::backplane::memory::MemoryBus::new(),
+                "n",
+                inbox,
+            ));
+        let hub =
+            crate::hub::HubLifetime::new(crate::hub::HubBuilder::new("/h").build(), backplane);
+        let (link, source) = Link::new();
+        let params = SessionParams {
+            hub,
+            connection_id: ConnectionId::random(),
+            identity: crate::auth::Identity::anonymous(),
+            request: RequestInfo {
+                query: String::new(),
+                headers: Default::default(),
+            },
+            transport: TransportKind::WebSockets,
+            shutdown: CancellationToken::new(),
+            stateful: false,
+        };
+        let session = run(source, link.sink(), params, None);
+        let size = std::mem::size_of_val(&session);
+        println!("session future: {size} bytes");
+        // Debug builds lay futures out without optimizations; the bound is for release.
+        if !cfg!(debug_assertions) {
+            assert!(size <= 3_200, "the session future grew to {size} bytes");
+        }
+    }
+}
