@@ -347,46 +347,34 @@ pub(crate) fn accept(router: &Arc<Router>, state: Arc<AppState>, relay: u64, kin
     let count = InFlight::enter(router);
     let router = router.clone();
     state.tracker.clone().spawn(async move {
-        let reply = node_channel(&reply_node);
+        // `count` (the in-flight slot) is held until this task ends.
         let mut owner = Owner {
             router: router.clone(),
             relay,
-            reply,
+            reply: node_channel(&reply_node),
             cancel: rx,
             seq: 0,
         };
-        let response = match (count, build_parts(&method, &uri, headers)) {
+        // Acknowledged at once, whatever the answer: silence is how the landing node tells
+        // a dead owner from a poll that waits.
+        let opened = RelayKind::Opened {
+            owner: router.node_id().to_string(),
+        };
+        if !owner.send(opened).await {
+            return;
+        }
+        let response = match (&count, build_parts(&method, &uri, headers)) {
             (None, _) => unavailable("Too many forwarded requests; try again."),
             (Some(_), None) => text(StatusCode::BAD_REQUEST, "Malformed forwarded request."),
-            (Some(count), Some(parts)) => {
-                if !owner
-                    .send(RelayKind::Opened {
-                        owner: router.node_id().to_string(),
-                    })
-                    .await
-                {
-                    return;
-                }
+            (Some(_), Some(parts)) => {
                 router.served.fetch_add(1, Ordering::Relaxed);
-                let serve = super::serve_forwarded(&state, parts, body);
-                let response = tokio::select! {
-                    r = serve => r,
+                tokio::select! {
+                    r = super::serve_forwarded(&state, parts, body) => r,
                     _ = owner.cancel.recv() => return,
-                };
-                owner.respond(response).await;
-                drop(count);
-                return;
+                }
             }
         };
-        // Refused before serving: acknowledge, then answer.
-        if owner
-            .send(RelayKind::Opened {
-                owner: router.node_id().to_string(),
-            })
-            .await
-        {
-            owner.respond(response).await;
-        }
+        owner.respond(response).await;
     });
 }
 

@@ -339,15 +339,12 @@ async fn connect(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let method = req.method().clone();
-    if method != Method::GET && method != Method::POST && method != Method::DELETE {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
-    }
-    let identity = match authenticate(state, &hub, req.uri(), req.headers()) {
-        Ok(i) => i,
+    let (identity, token) = match admit(state, &hub, &method, req.uri(), req.headers()) {
+        Ok(admitted) => admitted,
         Err(r) => return *r,
     };
     let is_ws = method == Method::GET && is_websocket_upgrade(&req);
-    let Some(token) = id_param(req.uri()) else {
+    let Some(token) = token else {
         if is_ws {
             return transports::websocket(state, hub, None, identity, req).await;
         }
@@ -373,6 +370,25 @@ async fn connect(
     }
     let body = transports::SendBody::Incoming(body);
     hub_request(state, hub, &parts, identity, &token, &user, body).await
+}
+
+/// The checks every hub-path request passes, landed here or forwarded: the method (GET,
+/// POST or DELETE), then authentication. The identity and the `id=` token, if any.
+fn admit(
+    state: &AppState,
+    hub: &HubLifetime,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Result<(Identity, Option<String>), Box<Response<Body>>> {
+    if method != Method::GET && method != Method::POST && method != Method::DELETE {
+        return Err(Box::new(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+        )));
+    }
+    let identity = authenticate(state, hub, uri, headers)?;
+    Ok((identity, id_param(uri)))
 }
 
 /// The `id=` query value, if any.
@@ -429,15 +445,11 @@ pub(crate) async fn serve_forwarded(
     let Some(hub) = state.hubs.get(path).cloned() else {
         return text(StatusCode::NOT_FOUND, "Not Found");
     };
-    let method = &parts.method;
-    if method != Method::GET && method != Method::POST && method != Method::DELETE {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
-    }
-    let identity = match authenticate(state, &hub, &parts.uri, &parts.headers) {
-        Ok(i) => i,
+    let (identity, token) = match admit(state, &hub, &parts.method, &parts.uri, &parts.headers) {
+        Ok(admitted) => admitted,
         Err(r) => return *r,
     };
-    let Some(token) = id_param(&parts.uri) else {
+    let Some(token) = token else {
         return text(StatusCode::BAD_REQUEST, "Connection ID required");
     };
     let user = user_of(&identity);

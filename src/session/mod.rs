@@ -199,7 +199,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     let ctx = HubContext::new(conn.clone(), hub.clone());
 
     // 3. OnConnected.
-    if let Some(hook) = hub.definition().on_connected.clone() {
+    if let Some(hook) = definition.on_connected.clone() {
         if let Err(e) = hook(ctx.clone()).await {
             let error = format!(
                 "{CLOSE_ERROR_TEXT}{}",
@@ -259,7 +259,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
 
     // 6. OnDisconnected, then unregister (hooks may still use Groups and Clients).
     conn.aborted.cancel();
-    if let Some(hook) = hub.definition().on_disconnected.clone() {
+    if let Some(hook) = definition.on_disconnected.clone() {
         hook(ctx, error).await;
     }
     hub.disconnect(&conn);
