@@ -29,7 +29,9 @@ use async_trait::async_trait;
 use feedhub::app::BackplaneFactory;
 use feedhub::backplane::memory::{MemoryBackplane, MemoryBus};
 use feedhub::backplane::redis::{RedisBackplane, RedisConfig};
-use feedhub::backplane::{Backplane, BackplaneError, BackplaneMessage, Channel};
+use feedhub::backplane::{
+    Appended, Backplane, BackplaneError, BackplaneMessage, Channel, FeedAppend, HistoryPage,
+};
 use feedhub::ingest::amqp::{AmqpConfig, AmqpIngest, AMQP_METRICS, REASON_HEADER};
 use feedhub::protocol::{HubMessage, ProtocolKind};
 use feedhub::{feed, ServerBuilder, ServerConfig};
@@ -840,6 +842,24 @@ impl Backplane for FlakyBackplane {
     }
     fn is_ready(&self) -> bool {
         !self.failing.load(Ordering::SeqCst)
+    }
+    async fn append(&self, batch: &[FeedAppend]) -> Result<Vec<Appended>, BackplaneError> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(BackplaneError::Unavailable("test outage".into()));
+        }
+        self.inner.append(batch).await
+    }
+    async fn history(
+        &self,
+        user: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackplaneError::Unavailable("test outage".into()));
+        }
+        self.inner.history(user, since, limit).await
     }
 }
 

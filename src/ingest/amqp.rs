@@ -164,7 +164,7 @@ impl RejectReason {
             EventError::NoRecipients => RejectReason::NoRecipients,
             EventError::TooManyRecipients => RejectReason::TooManyRecipients,
             EventError::BadUserId(_) => RejectReason::BadUserId,
-            EventError::NoPayload => RejectReason::NoPayload,
+            EventError::NoPayload | EventError::ReservedOffset => RejectReason::NoPayload,
             EventError::NoAddress(_) => RejectReason::NoAddress,
         }
     }
