@@ -14,6 +14,8 @@ import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 const HUB_PATH = "hubs/feed";
 const MAX_POSTS_SHOWN = 200;
 const MAX_SEEN_IDS = 5000;
+/** Events held while a gap is being filled; beyond this they are dropped and recovered later. */
+const MAX_HELD = 1000;
 const MAX_TEXT = 1000;
 const RETRY_DELAYS_MS = [0, 1000, 2000, 5000];
 const RETRY_MAX_DELAY_MS = 10000;
@@ -328,29 +330,138 @@ async function startSession(userId) {
         .build();
     window.feedhubDemo = { connection, user: me, protocol: protocolName };
 
-    connection.on("FeedUpdated", (payload) => {
+    // ---- ordered delivery and recovery (see README "Delivery guarantees") ----
+    // Every feed event carries its per-user `offset` (+1 per event) and the hub's `Recover`
+    // returns what came after a position, on whichever instance the page is connected to.
+    // `position` is the last offset applied and the history's epoch; events ahead of it
+    // wait in `held` while a Recover call fills the gap (one call at a time).
+    let position = null;
+    const held = new Map();
+    let recovering = null;
+    // For tests and the console: where the page is in the feed.
+    Object.defineProperty(window.feedhubDemo, "position", { get: () => (position ? { ...position } : null) });
+
+    function applyEvent(payload, live) {
         const post = asPost(payload);
         if (!post) {
             console.warn("ignoring a FeedUpdated that is not a post", payload);
+            return false;
+        }
+        return addPost(post, { live, mine: post.author.id === me.id });
+    }
+
+    /** Applies held events that continue `position`; true when some are still ahead of a gap. */
+    function drainHeld() {
+        for (;;) {
+            const next = held.get(position.offset + 1);
+            if (next === undefined) {
+                break;
+            }
+            held.delete(position.offset + 1);
+            position.offset += 1;
+            applyEvent(next, true);
+        }
+        for (const offset of held.keys()) {
+            if (offset <= position.offset) {
+                held.delete(offset);
+            }
+        }
+        return held.size > 0;
+    }
+
+    /** Asks the hub for everything after `position` (or the newest events when null). */
+    async function recover(reason) {
+        if (recovering) {
+            return recovering;
+        }
+        recovering = (async () => {
+            try {
+                for (let round = 0; round < 5; round += 1) {
+                    const asked = position;
+                    const result = await connection.invoke("Recover", asked ? { offset: asked.offset, epoch: asked.epoch } : null);
+                    let applied = 0;
+                    if (asked && !result.recovered) {
+                        // The history no longer reaches back (or was lost): reload the page's feed.
+                        applied = await loadFeed(true);
+                    } else {
+                        for (const event of result.events) {
+                            if (typeof event.offset === "number" && asked && event.offset <= asked.offset) {
+                                continue;
+                            }
+                            if (applyEvent(event, asked !== null)) {
+                                applied += 1;
+                            }
+                        }
+                    }
+                    position = { offset: result.offset, epoch: result.epoch };
+                    if (!drainHeld()) {
+                        return { applied, recovered: result.recovered || !asked };
+                    }
+                }
+                // Still a gap after several rounds: the events in between are gone for good.
+                const rest = [...held.keys()].sort((a, b) => a - b);
+                for (const offset of rest) {
+                    applyEvent(held.get(offset), true);
+                    position.offset = offset;
+                }
+                held.clear();
+                return { applied: rest.length, recovered: false };
+            } finally {
+                recovering = null;
+            }
+        })();
+        console.debug("recovering", reason);
+        return recovering;
+    }
+
+    connection.on("FeedUpdated", (payload) => {
+        const offset = payload && typeof payload === "object" ? payload.offset : undefined;
+        if (typeof offset !== "number") {
+            // A raw publish (no history, no offset): show it as it comes.
+            applyEvent(payload, true);
             return;
         }
-        addPost(post, { live: true, mine: post.author.id === me.id });
+        if (position === null || recovering) {
+            if (held.size < MAX_HELD) {
+                held.set(offset, payload);
+            }
+            return;
+        }
+        if (offset <= position.offset) {
+            return; // already applied
+        }
+        if (offset === position.offset + 1) {
+            position.offset = offset;
+            applyEvent(payload, true);
+            return;
+        }
+        // A gap: keep this one and fetch what is missing.
+        if (held.size < MAX_HELD) {
+            held.set(offset, payload);
+        }
+        recover("gap").catch((err) => console.warn("recover failed", err));
     });
     connection.onreconnecting((err) => {
         setState("reconnecting");
         showConnectionInfo(connection);
         notice(`Connection lost${err ? ` (${err.message})` : ""}. Reconnecting…`, "warn");
     });
+    /** Recovers after a (re)connection and says what was missed. */
+    async function catchUp(prefix) {
+        try {
+            const { applied, recovered } = await recover("reconnected");
+            const what = applied === 0 ? "No posts were missed." : `${applied} missed post${applied === 1 ? "" : "s"} loaded.`;
+            notice(`${prefix} ${recovered ? what : `The history did not reach back far enough; the feed was reloaded. ${what}`}`);
+        } catch (err) {
+            notice(`${prefix} The feed could not be refreshed: ${err.message}`, "warn");
+        }
+    }
+
     connection.onreconnected(async () => {
         setState("connected");
         showConnectionInfo(connection);
         notice("Reconnected. Checking for posts you missed…");
-        try {
-            const missed = await loadFeed(true);
-            notice(`Reconnected. ${missed === 0 ? "No posts were missed." : `${missed} missed post${missed === 1 ? "" : "s"} loaded.`}`);
-        } catch (err) {
-            notice(`Reconnected, but the feed could not be refreshed: ${err.message}`, "warn");
-        }
+        await catchUp("Reconnected.");
     });
     connection.onclose((err) => {
         setState("disconnected");
@@ -360,8 +471,7 @@ async function startSession(userId) {
             run: async () => {
                 $("notice").hidden = true;
                 await connect();
-                const missed = await loadFeed(true).catch(() => 0);
-                notice(`Reconnected. ${missed === 0 ? "No posts were missed." : `${missed} missed post${missed === 1 ? "" : "s"} loaded.`}`);
+                await catchUp("Reconnected.");
             },
         });
     });
@@ -396,9 +506,16 @@ async function startSession(userId) {
         return attempt;
     }
 
-    if (await connect() > 0) {
-        // Posts written while we could not connect.
-        await loadFeed(true).catch(() => {});
+    const attempts = await connect();
+    // The feed's position (and, after failed attempts, posts written while we could not
+    // connect: loadFeed above ran before them).
+    try {
+        await recover("start");
+        if (attempts > 0) {
+            await loadFeed(true);
+        }
+    } catch (err) {
+        notice(`Could not read the feed's position: ${err.message}`, "warn");
     }
 }
 

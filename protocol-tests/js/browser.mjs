@@ -265,6 +265,10 @@ if (SCENARIO === "reconnect") {
         const bob = await openAs(t, "Bob", BOB, { base: BASE_B });
         const before = await postVia(alice, "Before the restart");
         await waitPost(bob, before.id, LIVE_MS, before.sentAt);
+        // The page tracks its place in the feed (offset and epoch, from Recover and each event).
+        const positionOf = (who) => who.page.evaluate(() => window.feedhubDemo.position || null);
+        const start = await positionOf(bob);
+        assert.ok(start && Number.isInteger(start.offset) && typeof start.epoch === "string", `position after the first post: ${JSON.stringify(start)}`);
 
         await control("stop");
         await waitState(bob, "reconnecting", 5000);
@@ -282,10 +286,13 @@ if (SCENARIO === "reconnect") {
         assert.match(await bob.page.textContent("#notice"), /Reconnected\. 1 missed post loaded\./);
         await waitPost(bob, missed.id, 2000);
         assert.equal(await countPosts(bob, before.id), 1, "the earlier post is still shown once");
+        // Recovered from the feed's history (not reloaded): the position moved by exactly one.
+        assert.deepEqual(await positionOf(bob), { offset: start.offset + 1, epoch: start.epoch });
         assert.equal(await bob.page.textContent("#transport"), "WebSockets");
 
         const later = await postVia(alice, "After the restart");
         const latency = await waitPost(bob, later.id, LIVE_MS, later.sentAt);
+        assert.deepEqual(await positionOf(bob), { offset: start.offset + 2, epoch: start.epoch });
         t.log(`after the restart Bob sees a post in ${latency} ms`);
         noDialogsOrErrors(alice, bob);
     });
