@@ -7,7 +7,7 @@
 
 import assert from "node:assert/strict";
 
-import { Runner, env, makeJwt, require, sleep, uniq, waitUntil, withTimeout } from "./lib.mjs";
+import { Runner, env, makeJwt, require, sleep, uniq, waitUntil, withTimeout, withoutOffset } from "./lib.mjs";
 
 const signalR = require("@microsoft/signalr");
 const { MessagePackHubProtocol } = require("@microsoft/signalr-protocol-msgpack");
@@ -62,7 +62,7 @@ async function subscriber(t, name, user) {
     const inbox = [];
     c.on("FeedUpdated", (...args) => {
         t.log(`${name} got FeedUpdated ${JSON.stringify(args)}`);
-        inbox.push(args);
+        inbox.push(withoutOffset(args));
     });
     await withTimeout(c.start(), T_START, `start ${name}`);
     return { name, user, c, inbox };
