@@ -1,6 +1,6 @@
 //! Turns external feed events into hub sends: the HTTP publish API (`POST /api/feed`) and,
-//! with `--amqp-url`, the RabbitMQ consumer share one pure decoder ([`event`]) and one
-//! delivery function ([`deliver`]).
+//! with `--amqp-url`, the RabbitMQ consumer share one pure decoder ([`event`]) and the
+//! delivery functions ([`deliver`], and [`deliver_batch`] for an ordered batch).
 
 pub mod amqp;
 pub mod event;
@@ -22,4 +22,15 @@ pub async fn deliver(hub: &HubLifetime, event: &FeedEvent) -> Result<(), HubErro
         vec![Value::json_unchecked(event.payload_with_id())],
     )
     .await
+}
+
+/// Delivers `events` in slice order: every user's events reach the backplane in that order
+/// (the RabbitMQ consumer hands over its deliveries in queue order). Stops at the first
+/// failure; the events before it may have been delivered (the caller redelivers the whole
+/// batch, with the same ids).
+pub async fn deliver_batch(hub: &HubLifetime, events: &[FeedEvent]) -> Result<(), HubError> {
+    for event in events {
+        deliver(hub, event).await?;
+    }
+    Ok(())
 }
