@@ -29,7 +29,9 @@ use async_trait::async_trait;
 use feedhub::app::BackplaneFactory;
 use feedhub::backplane::memory::{MemoryBackplane, MemoryBus};
 use feedhub::backplane::redis::{RedisBackplane, RedisConfig};
-use feedhub::backplane::{Backplane, BackplaneError, BackplaneMessage, Channel};
+use feedhub::backplane::{
+    Appended, Backplane, BackplaneError, BackplaneMessage, Channel, FeedAppend, HistoryPage,
+};
 use feedhub::ingest::amqp::{queue_arguments, AmqpConfig, AmqpIngest, AMQP_METRICS, REASON_HEADER};
 use feedhub::protocol::{HubMessage, ProtocolKind};
 use feedhub::{feed, ServerBuilder, ServerConfig};
@@ -384,12 +386,16 @@ fn memory(bus: &MemoryBus) -> BackplaneFactory {
     Box::new(move |cfg, inbox| Arc::new(MemoryBackplane::new(bus, cfg.node_id.clone(), inbox)))
 }
 
-/// The next FeedUpdated argument (as JSON) a client receives, without the stable id feedhub
-/// gives a message that has none (`"id":"h:<hex>"`, checked to be well formed and
-/// removed, so the tests below compare payloads; see [`next_feed_raw`]).
+/// The next FeedUpdated argument (as JSON) a client receives, without what feedhub adds:
+/// the history `"offset"` (checked to be a positive integer) and the stable id of a
+/// message that has none (`"id":"h:<hex>"`, checked to be well formed), so the tests below
+/// compare payloads; see [`next_feed_raw`].
 async fn next_feed(c: &mut RawClient) -> serde_json::Value {
     let mut v = next_feed_raw(c).await;
     if let Some(obj) = v.as_object_mut() {
+        if let Some(offset) = obj.remove("offset") {
+            assert!(offset.as_u64().is_some_and(|o| o > 0), "offset {offset}");
+        }
         if let Some(id) = obj.get("id").and_then(|i| i.as_str()) {
             if let Some(hex) = id.strip_prefix("h:") {
                 assert!(
@@ -854,6 +860,24 @@ impl Backplane for FlakyBackplane {
     }
     fn is_ready(&self) -> bool {
         !self.failing.load(Ordering::SeqCst)
+    }
+    async fn append(&self, batch: &[FeedAppend]) -> Result<Vec<Appended>, BackplaneError> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(BackplaneError::Unavailable("test outage".into()));
+        }
+        self.inner.append(batch).await
+    }
+    async fn history(
+        &self,
+        user: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackplaneError::Unavailable("test outage".into()));
+        }
+        self.inner.history(user, since, limit).await
     }
 }
 

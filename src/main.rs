@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use std::sync::Arc;
 
+use clap::builder::TypedValueParser as _;
 use clap::Parser;
+use feedhub::backplane::history;
 use feedhub::backplane::redis::RedisConfig;
 use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
@@ -60,6 +62,19 @@ struct Args {
     /// Serve demo identities at /dev/token even with a JWT secret.
     #[arg(long, env = "FEEDHUB_DEV_IDENTITIES")]
     dev_identities: bool,
+    /// Feed events kept per user for Recover and gap repair.
+    #[arg(long, env = "FEEDHUB_HISTORY_SIZE", default_value_t = history::DEFAULT_HISTORY_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+    history_size: usize,
+    /// Seconds a feed event is kept (a user's history expires this long after their last
+    /// event; the position, for `recovered: true`, lives max(4 × this, 24 h)).
+    #[arg(long, env = "FEEDHUB_HISTORY_TTL_SECS", default_value_t = history::DEFAULT_HISTORY_TTL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    history_ttl_secs: u64,
+    /// Most events one Recover call returns (more missed: recovered false).
+    #[arg(long, env = "FEEDHUB_RECOVER_LIMIT", default_value_t = history::DEFAULT_RECOVER_LIMIT,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+    recover_limit: usize,
 }
 
 #[tokio::main]
@@ -87,6 +102,9 @@ async fn main() -> anyhow::Result<()> {
         dev_identities: development || args.dev_identities,
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
         channel_prefix: Some(args.channel_prefix.clone()),
+        history_size: args.history_size,
+        history_ttl: std::time::Duration::from_secs(args.history_ttl_secs),
+        recover_limit: args.recover_limit,
         ..ServerConfig::default()
     };
     let dev_identities = config.dev_identities;

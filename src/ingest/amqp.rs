@@ -194,7 +194,7 @@ impl RejectReason {
             EventError::NoRecipients => RejectReason::NoRecipients,
             EventError::TooManyRecipients => RejectReason::TooManyRecipients,
             EventError::BadUserId(_) => RejectReason::BadUserId,
-            EventError::NoPayload => RejectReason::NoPayload,
+            EventError::NoPayload | EventError::ReservedOffset => RejectReason::NoPayload,
             EventError::NoAddress(_) => RejectReason::NoAddress,
         }
     }
@@ -698,8 +698,13 @@ impl Consumer {
             ));
         }
         let message_id = d.properties.message_id().as_ref().map(|m| m.as_str());
-        decode_delivery(d.routing_key.as_str(), &d.data, message_id)
-            .map_err(|e| (RejectReason::of(&e), e.to_string()))
+        match decode_delivery(d.routing_key.as_str(), &d.data, message_id) {
+            Ok(mut e) => {
+                e.redelivered = d.redelivered;
+                Ok(e)
+            }
+            Err(e) => Err((RejectReason::of(&e), e.to_string())),
+        }
     }
 
     async fn open(&self, conn: &Connection) -> Result<Channel, String> {

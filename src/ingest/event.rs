@@ -12,11 +12,16 @@
 //! (an existing `id` is never overwritten; non-object payloads are forwarded unchanged).
 //! Retried deliveries (after a backplane failure) carry the same id, so clients can
 //! deduplicate.
+//!
+//! The top-level member `offset` of an object payload is reserved: feedhub adds it at
+//! delivery (the event's position in the user's history), so an event whose payload has
+//! one is refused ([`EventError::ReservedOffset`]).
 
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::backplane::history::has_reserved_offset;
 use crate::ids::UserId;
 
 /// Most recipients one event may name.
@@ -31,6 +36,9 @@ pub struct FeedEvent {
     pub recipients: Vec<UserId>,
     /// The payload's raw JSON text.
     pub payload: Bytes,
+    /// It may have been delivered before (a RabbitMQ redelivery): the history append looks
+    /// for its id among the user's newest events first.
+    pub redelivered: bool,
 }
 
 impl FeedEvent {
@@ -92,6 +100,9 @@ pub enum EventError {
     /// The routing key is not `feed.<userId>` and the body has no recipients.
     #[error("routing key {0:?} does not name a user and the body has no recipients")]
     NoAddress(String),
+    /// The payload object has a top-level `offset`, which feedhub sets itself.
+    #[error("the payload must not have a top-level 'offset': feedhub sets it (the event's position in the user's history)")]
+    ReservedOffset,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +141,9 @@ pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
         }
     }
     let payload = parsed.payload.ok_or(EventError::NoPayload)?;
+    if has_reserved_offset(payload.get().as_bytes()) {
+        return Err(EventError::ReservedOffset);
+    }
     let id = parsed.id.map(|v| match v {
         serde_json::Value::String(s) => s,
         other => other.to_string(),
@@ -138,6 +152,7 @@ pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
         id,
         recipients: users,
         payload: Bytes::copy_from_slice(payload.get().as_bytes()),
+        redelivered: false,
     })
 }
 
@@ -190,10 +205,14 @@ pub fn decode_message(
             serde_json::from_slice::<serde::de::IgnoredAny>(body)
                 .map_err(|e| EventError::NotJson(e.to_string()))?;
             let text = std::str::from_utf8(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+            if has_reserved_offset(text.as_bytes()) {
+                return Err(EventError::ReservedOffset);
+            }
             return Ok(FeedEvent {
                 id: message_id.map(str::to_string),
                 recipients: vec![user],
                 payload: Bytes::copy_from_slice(text.trim().as_bytes()),
+                redelivered: false,
             });
         }
     }
@@ -262,6 +281,7 @@ mod tests {
                 id: id.map(str::to_string),
                 recipients: vec![],
                 payload: Bytes::copy_from_slice(payload.as_bytes()),
+                redelivered: false,
             };
             String::from_utf8(e.payload_with_id().to_vec()).unwrap()
         };
@@ -275,6 +295,22 @@ mod tests {
         let injected = with(r#"{"a":{"id":1}}"#, Some("x"));
         let v: serde_json::Value = serde_json::from_str(&injected).unwrap();
         assert_eq!(v, serde_json::json!({"id":"x","a":{"id":1}}));
+    }
+
+    #[test]
+    fn a_top_level_offset_is_refused() {
+        assert_eq!(
+            decode_recipients_body(br#"{"recipients":["1"],"payload":{"offset":3}}"#),
+            Err(EventError::ReservedOffset)
+        );
+        assert_eq!(
+            decode_message("feed.1", br#"{"a":1,"offset":3}"#, None),
+            Err(EventError::ReservedOffset)
+        );
+        assert!(decode_message("feed.1", br#"{"a":{"offset":3}}"#, None).is_ok());
+        assert!(
+            decode_recipients_body(br#"{"recipients":["1"],"payload":[{"offset":3}]}"#).is_ok()
+        );
     }
 
     #[test]
