@@ -436,7 +436,7 @@ async fn history_lost_gets_a_new_epoch(mut c: Cluster) {
             let conn = c.inspect.as_mut().expect("inspection connection");
             let _: i64 = within(
                 "DEL",
-                redis::cmd("DEL").arg(cfg.meta_key(&u)).query_async(conn),
+                ::redis::cmd("DEL").arg(cfg.meta_key(&u)).query_async(conn),
             )
             .await
             .expect("DEL meta");

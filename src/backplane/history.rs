@@ -148,8 +148,10 @@ pub fn splice_offset(payload: &[u8], offset: u64) -> Option<Bytes> {
         .iter()
         .all(|b| b.is_ascii_whitespace());
     let mut out = Vec::with_capacity(end - start + 32);
-    out.extend_from_slice(&payload[start..end]);
-    if !inner_empty {
+    if inner_empty {
+        out.push(b'{');
+    } else {
+        out.extend_from_slice(&payload[start..end]);
         out.push(b',');
     }
     out.extend_from_slice(b"\"offset\":");
@@ -210,7 +212,7 @@ mod tests {
     #[test]
     fn reserved_offset_is_detected() {
         assert!(has_reserved_offset(br#"{"offset":1}"#));
-        assert!(has_reserved_offset(br#" {"a":1,"\u006ffset":1}"#));
+        assert!(has_reserved_offset(br#" {"a":1,"\u006fffset":1}"#));
         assert!(!has_reserved_offset(br#"{"a":{"offset":1}}"#));
         assert!(!has_reserved_offset(br#"[{"offset":1}]"#));
         assert!(!has_reserved_offset(b"{oops"));
