@@ -34,13 +34,22 @@ struct Args {
     /// RabbitMQ topic exchange feed events are published to.
     #[arg(long, env = "FEEDHUB_AMQP_EXCHANGE", default_value = amqp::DEFAULT_EXCHANGE)]
     amqp_exchange: String,
-    /// RabbitMQ queue shared by all instances (its dead letters go to `<queue>.dlx`).
+    /// RabbitMQ quorum queue (single active consumer) shared by all instances (its dead
+    /// letters go to `<queue>.dlx`).
     #[arg(long, env = "FEEDHUB_AMQP_QUEUE", default_value = amqp::DEFAULT_QUEUE)]
     amqp_queue: String,
     /// RabbitMQ prefetch (unacked deliveries in flight per instance).
     #[arg(long, env = "FEEDHUB_AMQP_PREFETCH", default_value_t = amqp::DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u16).range(1..))]
     amqp_prefetch: u16,
+    /// RabbitMQ deliveries handed to the backplane as one ordered batch (at most).
+    #[arg(long, env = "FEEDHUB_AMQP_BATCH", default_value_t = amqp::DEFAULT_MAX_BATCH as u16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    amqp_batch: u16,
+    /// RabbitMQ heartbeat in seconds (0: the broker's, 60 s): a hung broker connection, and
+    /// on the broker's side a hung active consumer, is noticed after about this long.
+    #[arg(long, env = "FEEDHUB_AMQP_HEARTBEAT", default_value_t = amqp::DEFAULT_HEARTBEAT_SECS)]
+    amqp_heartbeat: u16,
     /// HS256 secret for client JWTs (without it: development mode).
     #[arg(long, env = "FEEDHUB_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -105,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
             exchange: args.amqp_exchange,
             queue: args.amqp_queue,
             prefetch: args.amqp_prefetch,
+            max_batch: usize::from(args.amqp_batch),
+            heartbeat: (args.amqp_heartbeat > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(args.amqp_heartbeat))),
             max_message_size: max_publish_body,
             ..AmqpConfig::new(url)
         })

@@ -5,7 +5,9 @@
 //! - a routing key `feed.<userId>` with any JSON body, which is the payload.
 //!
 //! Event ids: an `id` in the body, or else the AMQP `message_id`, travels with the event.
-//! Clients see it inside the payload: when the payload is a JSON object without a
+//! RabbitMQ messages with neither get a stable id ([`stable_id`]: `h:` and a hash of the
+//! routing key and the body), so a redelivered message carries the same id as its first
+//! delivery. Clients see the id inside the payload: when the payload is a JSON object without a
 //! top-level `id`, [`FeedEvent::payload_with_id`] inserts `"id":<id>` as its first member
 //! (an existing `id` is never overwritten; non-object payloads are forwarded unchanged).
 //! Retried deliveries (after a backplane failure) carry the same id, so clients can
@@ -154,6 +156,42 @@ pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
     })
 }
 
+/// A stable event id for a message without one: `h:` and the first 16 bytes of
+/// SHA-256(routing key, 0, body) in hex. The same message always gets the same id, so its
+/// redeliveries can be recognized (two identical messages also share it: publishers that
+/// repeat identical bodies should set `message_id`).
+pub fn stable_id(routing_key: &str, body: &[u8]) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(routing_key.as_bytes());
+    h.update([0u8]);
+    h.update(body);
+    let digest = h.finalize();
+    let mut out = String::with_capacity(2 + 32);
+    out.push_str("h:");
+    for b in &digest[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Decodes a RabbitMQ message like [`decode_message`], and gives it an id in every case:
+/// the body's `id`, else `message_id`, else [`stable_id`].
+pub fn decode_delivery(
+    routing_key: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Result<FeedEvent, EventError> {
+    let mut e = decode_message(routing_key, body, message_id)?;
+    if e.id.is_none() {
+        e.id = Some(stable_id(routing_key, body));
+    }
+    Ok(e)
+}
+
 /// Decodes a message by routing key and body: `feed.<userId>` addresses one user with the
 /// whole body as payload; any other key needs a recipients body.
 pub fn decode_message(
@@ -296,5 +334,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.id.as_deref(), Some("m2"));
+    }
+
+    #[test]
+    fn deliveries_always_get_a_stable_id() {
+        let a = decode_delivery("feed.42", br#"{"x":1}"#, None).unwrap();
+        let again = decode_delivery("feed.42", br#"{"x":1}"#, None).unwrap();
+        let id = a.id.clone().unwrap();
+        assert!(id.starts_with("h:") && id.len() == 34, "{id}");
+        assert_eq!(again.id, a.id, "a redelivery carries the same id");
+        let other_key = decode_delivery("feed.43", br#"{"x":1}"#, None).unwrap();
+        let other_body = decode_delivery("feed.42", br#"{"x":2}"#, None).unwrap();
+        assert_ne!(other_key.id, a.id);
+        assert_ne!(other_body.id, a.id);
+        // The body's id, then message_id, win over the hash.
+        let body = br#"{"recipients":["7"],"payload":{},"id":"b1"}"#;
+        assert_eq!(
+            decode_delivery("feed", body, Some("m"))
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("b1")
+        );
+        assert_eq!(
+            decode_delivery("feed.42", b"{}", Some("m"))
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("m")
+        );
+        assert!(decode_delivery("feed.42", b"{oops", None).is_err());
     }
 }
