@@ -9,17 +9,31 @@
 //! the bus's count in memory); and that a foreign `PUBLISH feed-<user> <json>` reaches the
 //! user as `FeedUpdated(<json>)`.
 //!
+//! The history cases drive [`Backplane::append`] and [`Backplane::history`] directly:
+//! offsets grow by exactly one per user and each append is published (kind-5 envelope) to
+//! every subscribed node, the origin included; reads after an offset, of the newest, with
+//! limits and `complete`; trimming to the size; a redelivered event found by its id is not
+//! appended or published again; a lost history (memory: forgotten; Redis: the meta key
+//! deleted) gets a new epoch and starts at offset 1 again.
+//!
 //! Run: `cargo test --release --test backplane`. Without Redis the Redis cases print
 //! `SKIPPED`, except under `CI=true`, where they fail.
 
 #[path = "support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use feedhub::backplane::memory::MemoryBackplane;
+use feedhub::backplane::redis::{RedisBackplane, RedisConfig};
+use feedhub::backplane::{
+    Backplane, BackplanePayload, Channel, Delivery, FeedAppend, HistoryConfig, Inbox,
+};
 use feedhub::protocol::{CompletionResult, ProtocolKind};
 use serde_json::json;
-use support::cluster::{self, Cluster, DEBOUNCE};
+use support::cluster::{self, Cluster, Kind, DEBOUNCE};
 use support::within;
 
 /// How long "nothing else arrives" is watched.
@@ -194,6 +208,250 @@ async fn foreign_raw_json_on_user_channel(mut c: Cluster) {
     xa.expect_nothing(Duration::ZERO).await;
 }
 
+// ---- history ----
+
+/// A backplane of its own on the cluster's bus or Redis (history bounds of its own), with
+/// the receiving end of its inbox.
+async fn side_backplane(
+    c: &Cluster,
+    node: &str,
+    history: HistoryConfig,
+) -> (Arc<dyn Backplane>, tokio::sync::mpsc::Receiver<Delivery>) {
+    let (inbox, mut rxs) = Inbox::new(1, 1024);
+    let rx = rxs.pop().expect("one worker");
+    let bp: Arc<dyn Backplane> = match &c.kind {
+        Kind::Memory(bus) => {
+            Arc::new(MemoryBackplane::new(bus.clone(), node, inbox).with_history(history))
+        }
+        Kind::Redis(url) => {
+            let mut cfg = RedisConfig::from_url(url).expect("redis url");
+            cfg.history = history;
+            let bp = RedisBackplane::new(cfg, node, inbox);
+            assert!(bp.wait_ready(Duration::from_secs(10)).await, "Redis");
+            bp
+        }
+    };
+    (bp, rx)
+}
+
+fn history_config(c: &Cluster, size: usize) -> HistoryConfig {
+    HistoryConfig {
+        size,
+        key_prefix: c.prefix.clone(),
+        ..HistoryConfig::default()
+    }
+}
+
+fn append(user: &str, id: &str, payload: &str, redelivered: bool) -> FeedAppend {
+    FeedAppend {
+        user: user.to_string(),
+        id: id.to_string(),
+        payload: Bytes::from(payload.to_string()),
+        redelivered,
+    }
+}
+
+/// The next feed message a side backplane's inbox received: (offset, epoch, payload).
+async fn next_feed(rx: &mut tokio::sync::mpsc::Receiver<Delivery>) -> (u64, String, String) {
+    let d = within("feed message", rx.recv()).await.expect("inbox open");
+    match &d.message.payload {
+        BackplanePayload::Feed(f) => (
+            f.offset,
+            f.epoch.to_string(),
+            String::from_utf8(f.payload.to_vec()).expect("utf8"),
+        ),
+        other => panic!("not a feed message: {other:?}"),
+    }
+}
+
+/// Offsets grow by one per user, in batch order; each append is published to every
+/// subscribed node (the appending one included) with its offset and epoch; reads return
+/// what was appended.
+async fn history_append_publish_and_read(c: Cluster) {
+    let (a, mut rx_a) =
+        side_backplane(&c, &format!("{}-a", c.prefix), history_config(&c, 100)).await;
+    let (b, mut rx_b) =
+        side_backplane(&c, &format!("{}-b", c.prefix), history_config(&c, 100)).await;
+    let (u, v) = (c.user("u"), c.user("v"));
+    let ch = Channel::new(&format!("feed-{u}"));
+    a.subscribe(std::slice::from_ref(&ch))
+        .await
+        .expect("subscribe a");
+    b.subscribe(std::slice::from_ref(&ch))
+        .await
+        .expect("subscribe b");
+    let batch = vec![
+        append(&u, "e1", r#"{"id":"e1","n":1}"#, false),
+        append(&v, "e2", r#"{"n":2}"#, false),
+        append(&u, "", r#"[3]"#, false),
+        append(&u, "e4", r#"{"n":4}"#, false),
+    ];
+    let done = a.append(&batch).await.expect("append");
+    assert_eq!(
+        done.iter().map(|d| d.offset).collect::<Vec<_>>(),
+        vec![1, 1, 2, 3]
+    );
+    assert!(done.iter().all(|d| !d.duplicate));
+    let epoch_u = done[0].epoch.to_string();
+    assert_eq!(done[2].epoch.to_string(), epoch_u);
+    for rx in [&mut rx_a, &mut rx_b] {
+        for (want_offset, want_payload) in
+            [(1, r#"{"id":"e1","n":1}"#), (2, "[3]"), (3, r#"{"n":4}"#)]
+        {
+            let (offset, epoch, payload) = next_feed(rx).await;
+            assert_eq!(
+                (offset, epoch.as_str(), payload.as_str()),
+                (want_offset, epoch_u.as_str(), want_payload)
+            );
+        }
+    }
+    // Newest, after an offset, limited, ahead of the top.
+    let page = b.history(&u, None, 2).await.expect("read newest");
+    assert_eq!(
+        (page.offset, &*page.epoch, page.complete),
+        (3, epoch_u.as_str(), true)
+    );
+    assert_eq!(
+        page.events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    let page = b.history(&u, Some(1), 10).await.expect("read after 1");
+    assert!(page.complete);
+    assert_eq!(
+        page.events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert_eq!(&page.events[0].1[..], b"[3]");
+    assert!(
+        b.history(&u, Some(3), 10)
+            .await
+            .expect("read at top")
+            .complete
+    );
+    let page = b.history(&u, Some(0), 2).await.expect("limited");
+    assert!(!page.complete, "the limit cut it");
+    assert!(!b.history(&u, Some(9), 10).await.expect("ahead").complete);
+    assert!(
+        !b.history(&u, Some(u64::MAX), 10)
+            .await
+            .expect("huge")
+            .complete
+    );
+    // A user without history gets a position: offset 0, complete.
+    let w = c.user("w");
+    let page = b.history(&w, Some(0), 10).await.expect("fresh");
+    assert_eq!(
+        (page.offset, page.complete, page.events.len()),
+        (0, true, 0)
+    );
+    let again = a.history(&w, None, 10).await.expect("fresh again");
+    assert_eq!(again.epoch, page.epoch, "reading creates one epoch, kept");
+    assert_eq!(
+        a.append(&[append(&w, "", "{}", false)])
+            .await
+            .expect("append w")[0]
+            .offset,
+        1
+    );
+}
+
+/// The history keeps the newest `size` events; reads from before them are incomplete.
+async fn history_is_trimmed_to_its_size(c: Cluster) {
+    let (a, _rx) = side_backplane(&c, &format!("{}-a", c.prefix), history_config(&c, 5)).await;
+    let u = c.user("u");
+    let batch: Vec<FeedAppend> = (1..=12)
+        .map(|i| append(&u, &format!("e{i}"), &format!(r#"{{"i":{i}}}"#), false))
+        .collect();
+    let done = a.append(&batch).await.expect("append");
+    assert_eq!(done.last().map(|d| d.offset), Some(12));
+    let page = a.history(&u, None, 100).await.expect("newest");
+    assert_eq!(
+        page.events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![8, 9, 10, 11, 12]
+    );
+    let page = a.history(&u, Some(3), 100).await.expect("after 3");
+    assert!(!page.complete, "4..7 were trimmed");
+    assert_eq!(page.events.first().map(|e| e.0), Some(8));
+    assert!(a.history(&u, Some(7), 100).await.expect("after 7").complete);
+}
+
+/// A redelivered event whose id is among the newest is found, not appended or published
+/// again; a redelivery of an unknown id, or without an id, is appended.
+async fn history_redelivery_is_deduplicated(c: Cluster) {
+    let (a, mut rx) = side_backplane(&c, &format!("{}-a", c.prefix), history_config(&c, 100)).await;
+    let u = c.user("u");
+    a.subscribe(&[Channel::new(&format!("feed-{u}"))])
+        .await
+        .expect("subscribe");
+    a.append(&[
+        append(&u, "m1", r#"{"k":1}"#, false),
+        append(&u, "m2", r#"{"k":2}"#, false),
+    ])
+    .await
+    .expect("append");
+    let again = a
+        .append(&[
+            append(&u, "m1", r#"{"k":1}"#, true),
+            append(&u, "m2", r#"{"k":2}"#, true),
+            append(&u, "m3", r#"{"k":3}"#, true),
+            append(&u, "", r#"{"k":4}"#, true),
+        ])
+        .await
+        .expect("redeliver");
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| (d.offset, d.duplicate))
+            .collect::<Vec<_>>(),
+        vec![(1, true), (2, true), (3, false), (4, false)]
+    );
+    let offsets: Vec<u64> = [
+        next_feed(&mut rx).await.0,
+        next_feed(&mut rx).await.0,
+        next_feed(&mut rx).await.0,
+        next_feed(&mut rx).await.0,
+    ]
+    .to_vec();
+    assert_eq!(offsets, vec![1, 2, 3, 4], "duplicates were not published");
+    assert!(
+        tokio::time::timeout(QUIET, rx.recv()).await.is_err(),
+        "nothing else published"
+    );
+}
+
+/// A lost history (Redis without persistence restarted, keys expired or flushed; memory:
+/// forgotten) gets a new epoch, starting at offset 1.
+async fn history_lost_gets_a_new_epoch(mut c: Cluster) {
+    let cfg = history_config(&c, 100);
+    let (a, _rx) = side_backplane(&c, &format!("{}-a", c.prefix), cfg.clone()).await;
+    let u = c.user("u");
+    let first = a
+        .append(&[append(&u, "", "{}", false), append(&u, "", "{}", false)])
+        .await
+        .expect("append");
+    assert_eq!(first[1].offset, 2);
+    match &c.kind {
+        Kind::Memory(bus) => bus.forget_histories(),
+        Kind::Redis(_) => {
+            let conn = c.inspect.as_mut().expect("inspection connection");
+            let _: i64 = within(
+                "DEL",
+                redis::cmd("DEL").arg(cfg.meta_key(&u)).query_async(conn),
+            )
+            .await
+            .expect("DEL meta");
+        }
+    }
+    let page = a.history(&u, Some(2), 10).await.expect("read");
+    assert_ne!(page.epoch, first[1].epoch, "a new epoch");
+    assert_eq!((page.offset, page.events.len()), (0, 0));
+    let next = a
+        .append(&[append(&u, "", "{}", false)])
+        .await
+        .expect("append");
+    assert_eq!((next[0].offset, &next[0].epoch), (1, &page.epoch));
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -226,4 +484,8 @@ conformance!(
     send_to_all_others_except,
     last_session_leaving_unsubscribes,
     foreign_raw_json_on_user_channel,
+    history_append_publish_and_read,
+    history_is_trimmed_to_its_size,
+    history_redelivery_is_deduplicated,
+    history_lost_gets_a_new_epoch,
 );

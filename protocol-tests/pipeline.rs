@@ -29,8 +29,10 @@ use async_trait::async_trait;
 use feedhub::app::BackplaneFactory;
 use feedhub::backplane::memory::{MemoryBackplane, MemoryBus};
 use feedhub::backplane::redis::{RedisBackplane, RedisConfig};
-use feedhub::backplane::{Backplane, BackplaneError, BackplaneMessage, Channel};
-use feedhub::ingest::amqp::{AmqpConfig, AmqpIngest, AMQP_METRICS, REASON_HEADER};
+use feedhub::backplane::{
+    Appended, Backplane, BackplaneError, BackplaneMessage, Channel, FeedAppend, HistoryPage,
+};
+use feedhub::ingest::amqp::{queue_arguments, AmqpConfig, AmqpIngest, AMQP_METRICS, REASON_HEADER};
 use feedhub::protocol::{HubMessage, ProtocolKind};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 use lapin::options::{
@@ -158,13 +160,8 @@ impl Topo {
             .queue_declare(&dlq, durable_q, FieldTable::default())
             .await
             .expect("declare dlq");
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(dlx.as_str().into()),
-        );
         self.ch
-            .queue_declare(&self.queue, durable_q, args)
+            .queue_declare(&self.queue, durable_q, queue_arguments(&dlx))
             .await
             .expect("declare queue");
         self.ch
@@ -389,8 +386,31 @@ fn memory(bus: &MemoryBus) -> BackplaneFactory {
     Box::new(move |cfg, inbox| Arc::new(MemoryBackplane::new(bus, cfg.node_id.clone(), inbox)))
 }
 
-/// The next FeedUpdated argument (as JSON) a client receives.
+/// The next FeedUpdated argument (as JSON) a client receives, without what feedhub adds:
+/// the history `"offset"` (checked to be a positive integer) and the stable id of a
+/// message that has none (`"id":"h:<hex>"`, checked to be well formed), so the tests below
+/// compare payloads; see [`next_feed_raw`].
 async fn next_feed(c: &mut RawClient) -> serde_json::Value {
+    let mut v = next_feed_raw(c).await;
+    if let Some(obj) = v.as_object_mut() {
+        if let Some(offset) = obj.remove("offset") {
+            assert!(offset.as_u64().is_some_and(|o| o > 0), "offset {offset}");
+        }
+        if let Some(id) = obj.get("id").and_then(|i| i.as_str()) {
+            if let Some(hex) = id.strip_prefix("h:") {
+                assert!(
+                    hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "stable id {id:?}"
+                );
+                obj.remove("id");
+            }
+        }
+    }
+    v
+}
+
+/// The next FeedUpdated argument (as JSON) a client receives, as is.
+async fn next_feed_raw(c: &mut RawClient) -> serde_json::Value {
     match c.recv().await {
         Some(HubMessage::Invocation(inv)) if inv.target == "FeedUpdated" => {
             assert_eq!(inv.arguments.len(), 1, "FeedUpdated has one argument");
@@ -841,6 +861,24 @@ impl Backplane for FlakyBackplane {
     fn is_ready(&self) -> bool {
         !self.failing.load(Ordering::SeqCst)
     }
+    async fn append(&self, batch: &[FeedAppend]) -> Result<Vec<Appended>, BackplaneError> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(BackplaneError::Unavailable("test outage".into()));
+        }
+        self.inner.append(batch).await
+    }
+    async fn history(
+        &self,
+        user: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackplaneError::Unavailable("test outage".into()));
+        }
+        self.inner.history(user, since, limit).await
+    }
 }
 
 fn flaky(
@@ -1006,12 +1044,12 @@ async fn measure(instances: usize, label: &str, backplane: impl Fn() -> Backplan
     // consumers start.
     let mut tasks = Vec::new();
     for c in clients {
-        // One consumer keeps per-user order; competing consumers (two instances) do not.
+        // Per-user order holds with any number of instances (single active consumer).
         tasks.push(tokio::spawn(count_receipts(
             c,
             2 * EVENTS / USERS,
             total.clone(),
-            instances == 1,
+            true,
         )));
     }
     let started = Instant::now();
@@ -1046,10 +1084,12 @@ async fn measure(instances: usize, label: &str, backplane: impl Fn() -> Backplan
             consumed_drain[i],
             n.ingest.consumed() - consumed_drain[i]
         );
-        if instances > 1 {
-            assert!(n.ingest.consumed() > 0, "instance {i} shares the queue");
-        }
     }
+    let active = nodes.iter().filter(|n| n.ingest.consumed() > 0).count();
+    assert_eq!(
+        active, 1,
+        "one instance (the single active consumer) consumed everything"
+    );
 }
 
 /// Delivery rate from RabbitMQ publish to receipt at 100 connected clients, one instance;
@@ -1060,8 +1100,8 @@ async fn delivery_rate_one_instance() {
     measure(1, "memory bus", || memory(&bus)).await;
 }
 
-/// The same with two instances sharing the queue (in-memory bus between them): both
-/// consume, events reach users on either instance.
+/// The same with two instances sharing the queue (in-memory bus between them): one is the
+/// active consumer, events reach users on either instance, per-user order holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_rate_two_instances_share_the_queue() {
     let bus = MemoryBus::new();
@@ -1150,9 +1190,9 @@ fn sorted(mut v: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
     v
 }
 
-/// Two instances with the Redis backplane consume one RabbitMQ queue: both take a share,
-/// and every event reaches all connections of its users on either instance (a user with
-/// connections on both gets it on both), and nobody else.
+/// Two instances with the Redis backplane consume one RabbitMQ queue (one of them active at
+/// a time): every event reaches all connections of its users on either instance (a user
+/// with connections on both gets it on both), and nobody else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_two_instances_share_the_queue_and_reach_users_anywhere() {
     let Some(url) = rabbitmq().await else { return };
@@ -1220,7 +1260,10 @@ async fn redis_two_instances_share_the_queue_and_reach_users_anywhere() {
     let (k0, k1) = (n0.ingest.consumed(), n1.ingest.consumed());
     println!("instance 0 consumed {k0}, instance 1 consumed {k1} of 31 events");
     assert_eq!(k0 + k1, 31);
-    assert!(k0 > 0 && k1 > 0, "both instances consume the shared queue");
+    assert!(
+        k0 == 0 || k1 == 0,
+        "one active consumer (single active consumer queue)"
+    );
 }
 
 /// Redis (a private `redis-server`) dies while RabbitMQ events arrive for a user on another
@@ -1310,4 +1353,362 @@ async fn delivery_rate_two_instances_redis() {
     }
     let url = support::cluster::redis_url();
     measure(2, "Redis backplane", || redis_backplane(&url)).await;
+}
+
+/// Receives exactly `expected` (the values of `"k"`, in this order) on `c`, counting each.
+async fn expect_sequence(mut c: RawClient, expected: Vec<u64>, received: Arc<AtomicU64>) {
+    for (i, want) in expected.iter().enumerate() {
+        let v = next_feed(&mut c).await;
+        assert_eq!(
+            v["k"].as_u64(),
+            Some(*want),
+            "event {i} of this connection's user: got {v}, want k={want} (per-user order)"
+        );
+        received.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Issue 12 (per-user order across instances): two instances on Redis share the queue;
+/// three users get 2,000 events each, in both message forms interleaved (a recipients
+/// event names all three, in rotating order), and every connection (each user has one on
+/// each instance) receives its user's events exactly in publish order: nothing missing,
+/// nothing twice, nothing reordered. A quarter of the way through, the active consumer
+/// stops (graceful shutdown): the other instance takes over the unacked rest, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_instances_keep_per_user_order_in_both_forms() {
+    let Some(url) = rabbitmq().await else { return };
+    if support::cluster::redis().await.is_none() {
+        return;
+    }
+    let redis_url = support::cluster::redis_url();
+    let topo = Topo::new(&url, "order2").await;
+    let n0 = start_node(Some(topo.config(&url)), Some(redis_backplane(&redis_url))).await;
+    let n1 = start_node(Some(topo.config(&url)), Some(redis_backplane(&redis_url))).await;
+    for n in [&n0, &n1] {
+        n.wait_backplane().await;
+        n.wait_consuming().await;
+    }
+    const PER_USER: usize = 2_000;
+    let p = unique_prefix("u");
+    let users: Vec<String> = (0..3).map(|i| format!("{p}-{i}")).collect();
+    let mut expected: Vec<Vec<u64>> = vec![Vec::new(); users.len()];
+    let mut messages = Vec::new();
+    let mut k = 0u64;
+    for j in 0..PER_USER / 2 {
+        for (ui, u) in users.iter().enumerate() {
+            messages.push((
+                format!("feed.{u}"),
+                serde_json::json!({ "k": k }).to_string().into_bytes(),
+            ));
+            expected[ui].push(k);
+            k += 1;
+        }
+        let rotated: Vec<&String> = (0..users.len())
+            .map(|x| &users[(j + x) % users.len()])
+            .collect();
+        messages.push((
+            "feed".to_string(),
+            serde_json::json!({ "recipients": rotated, "payload": { "k": k }, "id": format!("{p}-r{j}") })
+                .to_string()
+                .into_bytes(),
+        ));
+        for e in expected.iter_mut() {
+            e.push(k);
+        }
+        k += 1;
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (ui, u) in users.iter().enumerate() {
+        for n in [&n0, &n1] {
+            let c = n.client(u).await;
+            tasks.push(tokio::spawn(expect_sequence(
+                c,
+                expected[ui].clone(),
+                received.clone(),
+            )));
+        }
+    }
+    let total = (users.len() * 2 * PER_USER) as u64;
+    topo.publish_many(&messages).await;
+    within("a quarter of the deliveries", async {
+        while received.load(Ordering::Relaxed) < total / 4 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let (active, standby) = if n0.ingest.consumed() > 0 {
+        (&n0, &n1)
+    } else {
+        (&n1, &n0)
+    };
+    assert_eq!(standby.ingest.consumed(), 0, "one active consumer");
+    let at_stop = received.load(Ordering::Relaxed);
+    active.ingest.stop().await;
+    let stopped = Instant::now();
+    wait_total(&received, total, &mut tasks).await;
+    for t in tasks {
+        within("receiver", t).await.expect("receiver");
+    }
+    println!(
+        "per-user order: {} messages ({} deliveries to 6 connections) in order; the active instance stopped after {at_stop} deliveries, the other consumed {} messages, all in {:?} after the stop",
+        messages.len(),
+        total,
+        standby.ingest.consumed(),
+        stopped.elapsed()
+    );
+    assert!(
+        standby.ingest.consumed() > 0,
+        "the other instance took over"
+    );
+    assert_eq!(
+        active.ingest.consumed() + standby.ingest.consumed(),
+        messages.len() as u64,
+        "each message consumed once (no redelivery after a graceful stop)"
+    );
+}
+
+/// A feedhub binary (a child process: it can be killed with SIGKILL by its PID).
+struct Instance {
+    child: std::process::Child,
+    base_url: String,
+}
+
+impl Instance {
+    fn start(args: &[String]) -> Instance {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_feedhub"))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn feedhub");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the log to the end (a full pipe would block the child), reporting the
+        // listen address once.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(at) = line.find("feed hub at http://") {
+                    let rest = &line[at + "feed hub at http://".len()..];
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("feedhub logged its address");
+        Instance {
+            child,
+            base_url: format!("http://{addr}"),
+        }
+    }
+
+    /// `kill -9` (SIGKILL to this child's PID).
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let text = http_text(&self.base_url, "/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Issue 12 (failover): two feedhub binaries on Redis share the queue; while events to one
+/// user are being published (no `message_id`: feedhub's stable `h:` ids), the active
+/// consumer is killed with SIGKILL. The other instance takes over within 5 s; an observer
+/// (a third instance, not consuming) receives every event, and after dropping repeated ids
+/// in exactly publish order; a repeated event carries the same id as its first delivery.
+/// Prints the takeover time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_active_consumer_fails_over_without_loss_or_reordering() {
+    let Some(url) = rabbitmq().await else { return };
+    if support::cluster::redis().await.is_none() {
+        return;
+    }
+    let redis_url = support::cluster::redis_url();
+    let topo = Topo::new(&url, "kill9").await;
+    topo.declare_queue().await;
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--redis-url",
+        &redis_url,
+        "--amqp-url",
+        &url,
+        "--amqp-exchange",
+        &topo.exchange,
+        "--amqp-queue",
+        &topo.queue,
+        "--jwt-secret",
+        TEST_SECRET,
+        "--api-key",
+        TEST_API_KEY,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut first = Instance::start(&args);
+    wait_status(&first.base_url, "/readyz", 200, Duration::from_secs(20)).await;
+    let mut second = Instance::start(&args);
+    wait_status(&second.base_url, "/readyz", 200, Duration::from_secs(20)).await;
+    let observer = start_node(None, Some(redis_backplane(&redis_url))).await;
+    observer.wait_backplane().await;
+    let user = unique_prefix("u");
+    let mut c = observer.client(&user).await;
+
+    const N: usize = 4_000;
+    let key = format!("feed.{user}");
+    let publisher = {
+        let (url, exchange, key) = (topo.url.clone(), topo.exchange.clone(), key.clone());
+        tokio::spawn(async move {
+            let conn = amqp_connect(&url).await.expect("publisher connect");
+            let ch = conn.create_channel().await.expect("channel");
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .expect("confirms");
+            // About 2,000 events/s, in chunks of 20 with their confirms.
+            for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
+                let mut confirms = Vec::new();
+                for i in chunk {
+                    let body = format!(r#"{{"seq":{i}}}"#);
+                    confirms.push(
+                        ch.basic_publish(
+                            &exchange,
+                            &key,
+                            BasicPublishOptions::default(),
+                            body.as_bytes(),
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await
+                        .expect("publish"),
+                    );
+                }
+                for c in confirms {
+                    assert!(c.await.expect("confirm").is_ack());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = conn.close(200, "done").await;
+        })
+    };
+
+    let mut seen = Seen::default();
+    // Until a quarter is through, then kill the active consumer.
+    while seen.order.len() < N / 4 {
+        let v = within("events before the kill", next_feed_raw(&mut c)).await;
+        seen.receive(&v);
+    }
+    let consumed = [
+        first.metric("feedhub_amqp_consumed_total").await,
+        second.metric("feedhub_amqp_consumed_total").await,
+    ];
+    assert!(
+        consumed[0] == 0 || consumed[1] == 0,
+        "one active consumer: {consumed:?}"
+    );
+    let (active, standby) = if consumed[0] > 0 {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
+    };
+    let pid = active.child.id();
+    active.kill9();
+    let killed = Instant::now();
+    let seen_at_kill = seen.order.len();
+    // Takeover: the standby's first consumed delivery (its /metrics, polled).
+    let takeover = within("the standby takes over", async {
+        loop {
+            if standby.metric("feedhub_amqp_consumed_total").await > 0 {
+                return killed.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut first_new_after_kill = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.order.len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} distinct events within 60 s",
+            seen.order.len()
+        );
+        let v = within("events after the kill", next_feed_raw(&mut c)).await;
+        if seen.receive(&v) && first_new_after_kill.is_none() {
+            first_new_after_kill = Some(killed.elapsed());
+        }
+    }
+    within("publisher", publisher).await.expect("publisher");
+    // Late repeats (none expected) are still checked for their ids.
+    while let Ok(v) = tokio::time::timeout(Duration::from_millis(300), next_feed_raw(&mut c)).await
+    {
+        assert!(!seen.receive(&v), "no event beyond {N}");
+    }
+    let redelivered = standby.metric("feedhub_amqp_redelivered_total").await;
+    println!(
+        "kill -9 of pid {pid} after {seen_at_kill} events: the standby consumed its first delivery {takeover:?} after the kill; the observer's next new event came {:?} after it; {} repeated deliveries (same ids), {redelivered} deliveries flagged redelivered at the standby",
+        first_new_after_kill.unwrap_or_default(),
+        seen.repeats
+    );
+    assert!(
+        takeover < Duration::from_secs(5),
+        "takeover within 5 s (took {takeover:?})"
+    );
+    assert_eq!(
+        seen.order,
+        (0..N as u64).collect::<Vec<_>>(),
+        "after dropping repeated ids: every event once, in publish order"
+    );
+}
+
+/// Events one client received, deduplicated by id.
+#[derive(Default)]
+struct Seen {
+    /// `seq` -> the event's id.
+    ids: HashMap<u64, String>,
+    /// Every id seen.
+    all: std::collections::HashSet<String>,
+    /// `seq`s in the order of their first delivery.
+    order: Vec<u64>,
+    /// Deliveries of an id seen before.
+    repeats: usize,
+}
+
+impl Seen {
+    /// Records one delivery; true when its id is new.
+    fn receive(&mut self, v: &serde_json::Value) -> bool {
+        let seq = v["seq"].as_u64().expect("seq");
+        let id = v["id"].as_str().expect("id").to_string();
+        assert!(id.starts_with("h:"), "stable id {id}");
+        if let Some(was) = self.ids.get(&seq) {
+            assert_eq!(was, &id, "a repeated event carries the same id");
+            self.repeats += 1;
+            return false;
+        }
+        assert!(self.all.insert(id.clone()), "distinct events, distinct ids");
+        self.ids.insert(seq, id);
+        self.order.push(seq);
+        true
+    }
 }

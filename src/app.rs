@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::backplane::memory::{MemoryBackplane, MemoryBus};
 use crate::backplane::redis::{RedisBackplane, RedisConfig};
-use crate::backplane::{Backplane, Delivery, Inbox};
+use crate::backplane::{Backplane, Delivery, HistoryConfig, Inbox};
 use crate::demo::store::{MemoryStore, PostStore};
 use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
 use crate::http::negotiate::Tokens;
@@ -57,7 +57,31 @@ pub struct ServerConfig {
     pub dispatch_queue: usize,
     /// Overrides every hub's `HubOptions::channel_prefix` (the first part of non-user
     /// backplane channel names), so deployments or test runs sharing a Redis stay apart.
+    /// It is also the first part of the history's Redis keys.
     pub channel_prefix: Option<String>,
+    /// Feed events kept per user (`--history-size`).
+    pub history_size: usize,
+    /// Age of the oldest kept feed event (`--history-ttl-secs`).
+    pub history_ttl: Duration,
+    /// Most events one `Recover` returns (`--recover-limit`); overrides every hub's
+    /// `HubOptions::recover_limit`.
+    pub recover_limit: usize,
+}
+
+impl ServerConfig {
+    /// The history settings the built-in backplanes get (keys under the channel prefix,
+    /// appends published on the feed hub's `feed-<userId>` channels).
+    pub fn history(&self) -> HistoryConfig {
+        HistoryConfig {
+            size: self.history_size.max(1),
+            ttl: self.history_ttl.max(Duration::from_secs(1)),
+            key_prefix: self
+                .channel_prefix
+                .clone()
+                .unwrap_or_else(|| "feedhub".to_string()),
+            ..HistoryConfig::default()
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -75,6 +99,9 @@ impl Default for ServerConfig {
             dispatch_workers: 4,
             dispatch_queue: 8192,
             channel_prefix: None,
+            history_size: crate::backplane::history::DEFAULT_HISTORY_SIZE,
+            history_ttl: crate::backplane::history::DEFAULT_HISTORY_TTL,
+            recover_limit: crate::backplane::history::DEFAULT_RECOVER_LIMIT,
         }
     }
 }
@@ -142,15 +169,18 @@ impl ServerBuilder {
     /// Joins an in-memory bus shared with other servers in this process.
     pub fn memory_bus(self, bus: MemoryBus) -> Self {
         self.backplane(Box::new(move |cfg, inbox| {
-            Arc::new(MemoryBackplane::new(bus, cfg.node_id.clone(), inbox))
+            Arc::new(
+                MemoryBackplane::new(bus, cfg.node_id.clone(), inbox).with_history(cfg.history()),
+            )
         }))
     }
 
     /// Uses Redis as the backplane (scale-out). The server starts even when Redis is
     /// unreachable: it is not ready (`/readyz` 503) and keeps reconnecting, as ASP.NET's
     /// Redis backplane does.
-    pub fn redis(self, redis: RedisConfig) -> Self {
+    pub fn redis(self, mut redis: RedisConfig) -> Self {
         self.backplane(Box::new(move |cfg, inbox| {
+            redis.history = cfg.history();
             RedisBackplane::new(redis, cfg.node_id.clone(), inbox)
         }))
     }
@@ -196,13 +226,13 @@ impl ServerBuilder {
             );
         }
         let (inbox, receivers) = Inbox::new(config.dispatch_workers, config.dispatch_queue);
+        let resync = inbox.clone();
         let backplane: Arc<dyn Backplane> = match self.backplane {
             Some(f) => f(&config, inbox),
-            None => Arc::new(MemoryBackplane::new(
-                MemoryBus::new(),
-                config.node_id.clone(),
-                inbox,
-            )),
+            None => Arc::new(
+                MemoryBackplane::new(MemoryBus::new(), config.node_id.clone(), inbox)
+                    .with_history(config.history()),
+            ),
         };
         let shutdown = CancellationToken::new();
         let mut hubs = HashMap::new();
@@ -210,6 +240,7 @@ impl ServerBuilder {
             if let Some(prefix) = &config.channel_prefix {
                 def.options.channel_prefix = prefix.clone();
             }
+            def.options.recover_limit = config.recover_limit.max(1);
             let lifetime = HubLifetime::new(def, backplane.clone());
             if let Err(e) = lifetime.start().await {
                 // The backplane is down: serve anyway (not ready) and keep trying.
@@ -224,6 +255,7 @@ impl ServerBuilder {
         for rx in receivers {
             tokio::spawn(dispatch_worker(rx, hub_list.clone(), router.clone()));
         }
+        tokio::spawn(resync_worker(resync, hub_list.clone(), shutdown.clone()));
         if let Err(e) = backplane.subscribe(&[router.channel()]).await {
             // As with the hub channels: keep trying in the background (relays to this node
             // fail, and clients start over, until it is active).
@@ -347,6 +379,24 @@ async fn dispatch_worker(
                 hub.on_delivery(&target, &d.message);
                 break;
             }
+        }
+    }
+}
+
+/// Lost backplane messages (dropped by a full dispatch queue, or missed during a
+/// reconnect): the hubs repair the affected users' feeds from history.
+async fn resync_worker(
+    inbox: Inbox,
+    hubs: Arc<Vec<Arc<HubLifetime>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let which = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            w = inbox.next_resync() => w,
+        };
+        for hub in hubs.iter() {
+            hub.resync(&which);
         }
     }
 }

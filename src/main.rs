@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use std::sync::Arc;
 
+use clap::builder::TypedValueParser as _;
 use clap::Parser;
+use feedhub::backplane::history;
 use feedhub::backplane::redis::RedisConfig;
 use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
@@ -32,13 +34,22 @@ struct Args {
     /// RabbitMQ topic exchange feed events are published to.
     #[arg(long, env = "FEEDHUB_AMQP_EXCHANGE", default_value = amqp::DEFAULT_EXCHANGE)]
     amqp_exchange: String,
-    /// RabbitMQ queue shared by all instances (its dead letters go to `<queue>.dlx`).
+    /// RabbitMQ quorum queue (single active consumer) shared by all instances (its dead
+    /// letters go to `<queue>.dlx`).
     #[arg(long, env = "FEEDHUB_AMQP_QUEUE", default_value = amqp::DEFAULT_QUEUE)]
     amqp_queue: String,
     /// RabbitMQ prefetch (unacked deliveries in flight per instance).
     #[arg(long, env = "FEEDHUB_AMQP_PREFETCH", default_value_t = amqp::DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u16).range(1..))]
     amqp_prefetch: u16,
+    /// RabbitMQ deliveries handed to the backplane as one ordered batch (at most).
+    #[arg(long, env = "FEEDHUB_AMQP_BATCH", default_value_t = amqp::DEFAULT_MAX_BATCH as u16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    amqp_batch: u16,
+    /// RabbitMQ heartbeat in seconds (0: the broker's, 60 s): a hung broker connection, and
+    /// on the broker's side a hung active consumer, is noticed after about this long.
+    #[arg(long, env = "FEEDHUB_AMQP_HEARTBEAT", default_value_t = amqp::DEFAULT_HEARTBEAT_SECS)]
+    amqp_heartbeat: u16,
     /// HS256 secret for client JWTs (without it: development mode).
     #[arg(long, env = "FEEDHUB_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -51,6 +62,19 @@ struct Args {
     /// Serve demo identities at /dev/token even with a JWT secret.
     #[arg(long, env = "FEEDHUB_DEV_IDENTITIES")]
     dev_identities: bool,
+    /// Feed events kept per user for Recover and gap repair.
+    #[arg(long, env = "FEEDHUB_HISTORY_SIZE", default_value_t = history::DEFAULT_HISTORY_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+    history_size: usize,
+    /// Seconds a feed event is kept (a user's history expires this long after their last
+    /// event; the position, for `recovered: true`, lives max(4 × this, 24 h)).
+    #[arg(long, env = "FEEDHUB_HISTORY_TTL_SECS", default_value_t = history::DEFAULT_HISTORY_TTL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    history_ttl_secs: u64,
+    /// Most events one Recover call returns (more missed: recovered false).
+    #[arg(long, env = "FEEDHUB_RECOVER_LIMIT", default_value_t = history::DEFAULT_RECOVER_LIMIT,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+    recover_limit: usize,
 }
 
 #[tokio::main]
@@ -78,6 +102,9 @@ async fn main() -> anyhow::Result<()> {
         dev_identities: development || args.dev_identities,
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
         channel_prefix: Some(args.channel_prefix.clone()),
+        history_size: args.history_size,
+        history_ttl: std::time::Duration::from_secs(args.history_ttl_secs),
+        recover_limit: args.recover_limit,
         ..ServerConfig::default()
     };
     let dev_identities = config.dev_identities;
@@ -87,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
             exchange: args.amqp_exchange,
             queue: args.amqp_queue,
             prefetch: args.amqp_prefetch,
+            max_batch: usize::from(args.amqp_batch),
+            heartbeat: (args.amqp_heartbeat > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(args.amqp_heartbeat))),
             max_message_size: max_publish_body,
             ..AmqpConfig::new(url)
         })

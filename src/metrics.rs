@@ -62,7 +62,28 @@ pub struct Metrics {
     /// Server-Sent Events and Long Polling requests forwarded to the node owning their
     /// connection.
     pub http_forwarded: AtomicU64,
+    /// Feed events appended to a user's history.
+    pub history_appends: AtomicU64,
+    /// Redelivered feed events found already appended (not appended again).
+    pub history_duplicates: AtomicU64,
+    /// Duplicate feed events dropped by the node's cursors.
+    pub feed_duplicates_dropped: AtomicU64,
+    /// Feed events delivered without an offset (payload not a JSON object).
+    pub feed_without_offset: AtomicU64,
+    /// Raw (not feedhub-enveloped) messages on user channels delivered as is: no offset, no history.
+    pub feed_raw: AtomicU64,
+    /// History reads made to repair a gap or resync.
+    pub gap_repairs: AtomicU64,
+    /// Feed events delivered from history by gap repairs.
+    pub gap_repaired_events: AtomicU64,
+    /// Feed offsets given up: neither delivered live nor still in history.
+    pub gap_lost_events: AtomicU64,
+    /// `Recover` calls by result: recovered, not recovered, bad argument, failed.
+    pub recover: [AtomicU64; 4],
 }
+
+/// The `result` labels of `feedhub_recover_total`, in [`Metrics::recover`] order.
+pub const RECOVER_RESULTS: [&str; 4] = ["recovered", "not_recovered", "bad_argument", "error"];
 
 /// The process's metrics.
 pub static METRICS: Metrics = Metrics {
@@ -91,11 +112,30 @@ pub static METRICS: Metrics = Metrics {
     stateful_resent: AtomicU64::new(0),
     relays_opened: AtomicU64::new(0),
     http_forwarded: AtomicU64::new(0),
+    history_appends: AtomicU64::new(0),
+    history_duplicates: AtomicU64::new(0),
+    feed_duplicates_dropped: AtomicU64::new(0),
+    feed_without_offset: AtomicU64::new(0),
+    feed_raw: AtomicU64::new(0),
+    gap_repairs: AtomicU64::new(0),
+    gap_repaired_events: AtomicU64::new(0),
+    gap_lost_events: AtomicU64::new(0),
+    recover: [
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    ],
 };
 
 /// Adds one to a counter.
 pub fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` to a counter.
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Metrics {
@@ -271,6 +311,62 @@ impl Metrics {
             "Feed events rejected as malformed.",
             &self.feed_rejected,
         );
+        counter(
+            &mut out,
+            "feedhub_history_appends_total",
+            "Feed events appended to a user's history.",
+            &self.history_appends,
+        );
+        counter(
+            &mut out,
+            "feedhub_history_duplicates_total",
+            "Redelivered feed events found already appended (not appended again).",
+            &self.history_duplicates,
+        );
+        counter(
+            &mut out,
+            "feedhub_feed_duplicates_dropped_total",
+            "Duplicate feed events dropped by the node's cursors.",
+            &self.feed_duplicates_dropped,
+        );
+        counter(
+            &mut out,
+            "feedhub_feed_without_offset_total",
+            "Feed events delivered without an offset (payload not a JSON object).",
+            &self.feed_without_offset,
+        );
+        counter(
+            &mut out,
+            "feedhub_feed_raw_total",
+            "Raw (not feedhub-enveloped) messages on user channels delivered as is: no offset, no history.",
+            &self.feed_raw,
+        );
+        counter(
+            &mut out,
+            "feedhub_gap_repairs_total",
+            "History reads made to repair a gap or resync.",
+            &self.gap_repairs,
+        );
+        counter(
+            &mut out,
+            "feedhub_gap_repaired_events_total",
+            "Feed events delivered from history by gap repairs.",
+            &self.gap_repaired_events,
+        );
+        counter(
+            &mut out,
+            "feedhub_gap_lost_events_total",
+            "Feed offsets given up: neither delivered live nor still in history.",
+            &self.gap_lost_events,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP feedhub_recover_total Recover calls by result.\n# TYPE feedhub_recover_total counter"
+        );
+        for (i, result) in RECOVER_RESULTS.iter().enumerate() {
+            let v = self.recover[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "feedhub_recover_total{{result=\"{result}\"}} {v}");
+        }
         crate::ingest::amqp::AMQP_METRICS.render(&mut out);
         out
     }

@@ -231,11 +231,24 @@ async fn start_cluster_with(
     inspect: Option<redis::aio::MultiplexedConnection>,
     wait_ready: bool,
 ) -> Cluster {
+    start_cluster_configured(kind, n, name, inspect, wait_ready, |c| c).await
+}
+
+/// Starts `n` feed servers on `kind` with an adjusted config (e.g. history bounds);
+/// `inspect` is a Redis connection for inspection (Redis clusters only).
+pub async fn start_cluster_configured(
+    kind: Kind,
+    n: usize,
+    name: &str,
+    inspect: Option<redis::aio::MultiplexedConnection>,
+    wait_ready: bool,
+    adjust: impl Fn(ServerConfig) -> ServerConfig,
+) -> Cluster {
     let prefix = super::unique_prefix(name);
     let mut nodes = Vec::new();
     let mut redis = Vec::new();
     for i in 0..n {
-        let config = ServerConfig {
+        let config = adjust(ServerConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             jwt_secret: Some(TEST_SECRET.to_string()),
             api_key: Some(TEST_API_KEY.to_string()),
@@ -243,15 +256,16 @@ async fn start_cluster_with(
             node_id: format!("{prefix}-node{i}"),
             channel_prefix: Some(prefix.clone()),
             ..ServerConfig::default()
-        };
+        });
         let builder = ServerBuilder::new(config).hub(test_feed_hub());
         let builder = match &kind {
             Kind::Memory(bus) => builder.memory_bus(bus.clone()),
             Kind::Redis(url) => {
-                let cfg = RedisConfig::from_url(url).expect("redis url");
+                let mut cfg = RedisConfig::from_url(url).expect("redis url");
                 let slot: Arc<Mutex<Option<Arc<RedisBackplane>>>> = Arc::default();
                 let s = slot.clone();
                 let b = builder.backplane(Box::new(move |c, inbox| {
+                    cfg.history = c.history();
                     let bp = RedisBackplane::new(cfg, c.node_id.clone(), inbox);
                     *s.lock().expect("slot") = Some(bp.clone());
                     bp

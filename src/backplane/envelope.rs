@@ -17,6 +17,12 @@
 //! | 2 group | `connection: str`, `group: str`, `add: bool` |
 //! | 3 close | `connection: str`, `error: str or nil` |
 //! | 4 relay | `relay: uint`, `sub: uint`, then by `sub`: 0 open `connection: str, reply_node: str`; 1 opened `owner: str`; 2 data `seq: uint, data: bin, binary: bool`; 3 close (nothing); 4 request `reply_node: str, method: str, uri: str, headers: array of (str, bin) pairs, body: bin`; 5 head `status: uint, headers, body: bin, end: bool` |
+//! | 5 feed | `user: str`, `offset: uint`, `epoch: str`, `id: str` (empty: none), `payload: str` (JSON text, without the offset) |
+//!
+//! Kind 5 is written by the history script inside Redis (`history.lua`), which knows the
+//! offset and epoch only when it runs: [`feed_parts`] gives the bytes before and after
+//! those two fields, and the script joins `head .. offset .. epoch .. tail` (with
+//! `cmsgpack.pack` for the two), so Rust and Lua produce the same bytes as [`encode`].
 //!
 //! An argument keeps its original encoding: `enc` 0 is followed by a `str` holding JSON
 //! text, `enc` 1 by the MessagePack value itself (inline, sliced out without copying on
@@ -26,7 +32,7 @@
 
 use bytes::Bytes;
 
-use super::{BackplaneMessage, BackplanePayload, RelayFrame, RelayKind};
+use super::{BackplaneMessage, BackplanePayload, FeedMessage, RelayFrame, RelayKind};
 use crate::ids::{ConnectionId, GroupName};
 use crate::protocol::mp::{self, Reader};
 use crate::protocol::Value;
@@ -39,6 +45,7 @@ const KIND_RAW_JSON: u64 = 1;
 const KIND_GROUP: u64 = 2;
 const KIND_CLOSE: u64 = 3;
 const KIND_RELAY: u64 = 4;
+const KIND_FEED: u64 = 5;
 const ENC_JSON: u64 = 0;
 const ENC_MSGPACK: u64 = 1;
 
@@ -121,6 +128,13 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
                 None => mp::write_nil(&mut out),
             }
         }
+        BackplanePayload::Feed(feed) => {
+            let (head, tail) = feed_parts(&msg.origin, &feed.user, &feed.id, &feed.payload)?;
+            out = head;
+            mp::write_uint(&mut out, feed.offset);
+            mp::write_str(&mut out, &feed.epoch);
+            out.extend_from_slice(&tail);
+        }
         BackplanePayload::Relay(RelayFrame { relay, kind }) => {
             let (sub, n) = match kind {
                 RelayKind::Open { .. } => (0, 6),
@@ -183,6 +197,27 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
         }
     }
     Ok(out)
+}
+
+/// The bytes of a kind-5 (feed) envelope before its `offset` and after its `epoch`:
+/// `MAGIC, [origin, 5, user,` and `id, payload]`. The history script in Redis fills in the
+/// two fields it assigns.
+pub fn feed_parts(
+    origin: &str,
+    user: &str,
+    id: &str,
+    payload: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), EnvelopeError> {
+    let mut head = Vec::with_capacity(16 + origin.len() + user.len());
+    head.extend_from_slice(&MAGIC);
+    mp::write_array_len(&mut head, 7);
+    mp::write_str(&mut head, origin);
+    mp::write_uint(&mut head, KIND_FEED);
+    mp::write_str(&mut head, user);
+    let mut tail = Vec::with_capacity(8 + id.len() + payload.len());
+    mp::write_str(&mut tail, id);
+    write_json_str(&mut tail, payload)?;
+    Ok((head, tail))
 }
 
 fn write_headers(out: &mut Vec<u8>, headers: &[(String, Bytes)]) {
@@ -317,6 +352,22 @@ pub fn decode(payload: Bytes) -> Result<BackplaneMessage, EnvelopeError> {
             let connection = connection_id(r.str("connection")?)?;
             let error = r.str_or_nil("error")?.map(str::to_string);
             BackplanePayload::CloseConnection { connection, error }
+        }
+        KIND_FEED => {
+            expect(7)?;
+            let user = r.str("user")?.to_string();
+            let offset = r.uint("offset")?;
+            let epoch = r.str("epoch")?.into();
+            let id = r.str("id")?.to_string();
+            let text = r.str("payload")?;
+            let payload = Bytes::copy_from_slice(text.as_bytes());
+            BackplanePayload::Feed(FeedMessage {
+                user,
+                offset,
+                epoch,
+                id,
+                payload,
+            })
         }
         KIND_RELAY => {
             let relay = r.uint("relay")?;
@@ -510,6 +561,37 @@ mod tests {
             payload: BackplanePayload::RawJson(Bytes::from_static(b"[1]")),
         });
         assert!(matches!(r.payload, BackplanePayload::RawJson(b) if &b[..] == b"[1]"));
+    }
+
+    #[test]
+    fn feed_round_trips_and_matches_its_parts() {
+        let feed = FeedMessage {
+            user: "42".into(),
+            offset: 70_000,
+            epoch: "00ab12cd34ef5678".into(),
+            id: "e-1".into(),
+            payload: Bytes::from_static(br#"{"id":"e-1","text":"hi"}"#),
+        };
+        let msg = BackplaneMessage {
+            origin: "node-a".into(),
+            payload: BackplanePayload::Feed(feed.clone()),
+        };
+        let bytes = encode(&msg).unwrap();
+        // What the Lua script builds: head .. cmsgpack.pack(offset) .. cmsgpack.pack(epoch) .. tail.
+        let (head, tail) = feed_parts("node-a", "42", "e-1", &feed.payload).unwrap();
+        let mut joined = head;
+        joined.extend_from_slice(&[0xce, 0x00, 0x01, 0x11, 0x70]);
+        joined.push(0xa0 | 16);
+        joined.extend_from_slice(b"00ab12cd34ef5678");
+        joined.extend_from_slice(&tail);
+        assert_eq!(bytes, joined);
+        let back = decode(Bytes::from(bytes)).unwrap();
+        assert_eq!(back.origin, "node-a");
+        assert!(matches!(back.payload, BackplanePayload::Feed(f) if f == feed));
+        // Truncations are errors, never panics.
+        for cut in MAGIC.len()..joined.len() {
+            assert!(decode(Bytes::copy_from_slice(&joined[..cut])).is_err());
+        }
     }
 
     #[test]

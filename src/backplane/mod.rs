@@ -9,22 +9,34 @@
 //! Data path: `hub::lifetime` → [`Backplane::publish`] → (network) → the backplane's reader →
 //! [`Inbox::deliver`] → a bounded dispatch worker (same channel, same worker: per-channel order)
 //! → `hub::lifetime` delivers to the local connections.
+//!
+//! Feed events take [`Backplane::append`] instead: stored in the recipient's bounded
+//! history ([`history`]) and published in one atomic step, with the user's next offset; the
+//! node's own subscription brings them back for local delivery, so a user's events reach
+//! every node in one order. [`Backplane::history`] reads a user's history (the feed hub's
+//! `Recover`, and the node's gap repair). When the inbox had to drop a message, or the
+//! backplane lost and regained its subscriptions, it tells the node ([`Inbox::next_resync`])
+//! so the node can fill the gap from history.
 
 pub mod channel;
 pub mod envelope;
+pub mod history;
 pub mod memory;
 pub mod redis;
+mod redis_history;
 pub mod resp;
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 pub use channel::Channel;
+pub use history::{Appended, FeedAppend, HistoryConfig, HistoryPage};
 
 use crate::ids::{ConnectionId, GroupName};
 use crate::protocol::Value;
@@ -73,6 +85,24 @@ pub enum BackplanePayload {
     /// A transport relayed between the node a client's request landed on and the node that
     /// owns the connection (no sticky sessions; see `http::relay`).
     Relay(RelayFrame),
+    /// A feed event appended to its user's history ([`Backplane::append`]): delivered as the
+    /// hub's feed invocation with `"offset"` spliced into object payloads.
+    Feed(FeedMessage),
+}
+
+/// A feed event as published by [`Backplane::append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedMessage {
+    /// The recipient.
+    pub user: String,
+    /// Its offset in the user's history.
+    pub offset: u64,
+    /// The history's epoch.
+    pub epoch: Arc<str>,
+    /// The event id (empty: none).
+    pub id: String,
+    /// The payload's JSON text as appended (without the offset).
+    pub payload: Bytes,
 }
 
 /// One message of a relayed transport.
@@ -189,6 +219,33 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Whether the backplane is connected (`/readyz`).
     fn is_ready(&self) -> bool;
+
+    /// Appends each event to its user's history and publishes it on the user's channel
+    /// ([`HistoryConfig::channel`]) as a [`BackplanePayload::Feed`], in slice order,
+    /// atomically per event (Redis: one EVALSHA of a Lua script per event, all pipelined on
+    /// one connection: one round trip per batch). Per-user order is slice order. A
+    /// redelivered event found among the user's newest events is not appended or published
+    /// again (`duplicate`). On error some events of the batch may have been appended: the
+    /// caller retries the whole batch marked redelivered (events with an id are then found
+    /// instead of appended twice).
+    async fn append(&self, batch: &[FeedAppend]) -> Result<Vec<Appended>, BackplaneError>;
+
+    /// Events of `user` after offset `since` (oldest first, at most `limit`; `None`: the
+    /// newest `limit`), with the current position. `complete` is false when the history no
+    /// longer reaches back to `since + 1`, the limit cut it, or `since` is ahead of the
+    /// top. A user without history gets one (a new epoch at offset 0).
+    async fn history(
+        &self,
+        user: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError>;
+}
+
+/// A fresh random epoch (16 hex digits).
+pub(crate) fn new_epoch() -> Arc<str> {
+    let n: u64 = rand::random();
+    Arc::from(format!("{n:016x}"))
 }
 
 /// One inbound message for this node.
@@ -210,6 +267,29 @@ pub struct Delivery {
 pub struct Inbox {
     workers: Arc<[mpsc::Sender<Delivery>]>,
     dropped: Arc<AtomicU64>,
+    resync: Arc<ResyncSignal>,
+}
+
+/// Most channels remembered for a resync after drops; beyond it, everything is resynced.
+const MAX_RESYNC_CHANNELS: usize = 10_000;
+
+/// Channels whose messages were lost on the way to the node (dropped by a full dispatch
+/// queue, or missed while the backplane was disconnected).
+#[derive(Debug, Default)]
+struct ResyncSignal {
+    channels: Mutex<HashSet<Channel>>,
+    all: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+/// What [`Inbox::next_resync`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resync {
+    /// Every subscribed channel may have lost messages (the backplane reconnected and
+    /// resubscribed).
+    All,
+    /// Messages of these channels were dropped.
+    Channels(Vec<Channel>),
 }
 
 impl Inbox {
@@ -222,6 +302,7 @@ impl Inbox {
             Inbox {
                 workers: txs.into(),
                 dropped: Arc::new(AtomicU64::new(0)),
+                resync: Arc::default(),
             },
             rxs,
         )
@@ -237,7 +318,13 @@ impl Inbox {
         let Some(worker) = self.workers.get(idx) else {
             return;
         };
-        if worker.try_send(delivery).is_err() {
+        if let Err(e) = worker.try_send(delivery) {
+            let channel = match e {
+                mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => {
+                    d.channel
+                }
+            };
+            self.note_lost(channel);
             crate::metrics::inc(&crate::metrics::METRICS.backplane_dropped);
             let dropped = self
                 .dropped
@@ -250,5 +337,52 @@ impl Inbox {
                 );
             }
         }
+    }
+
+    /// Tells the node that every subscribed channel may have lost messages (called by a
+    /// backplane after it reconnected and resubscribed).
+    pub fn resync_all(&self) {
+        self.resync.all.store(true, Ordering::Release);
+        self.resync.notify.notify_one();
+    }
+
+    fn note_lost(&self, channel: Channel) {
+        let mut set = self
+            .resync
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if set.len() < MAX_RESYNC_CHANNELS {
+            set.insert(channel);
+        } else {
+            self.resync.all.store(true, Ordering::Release);
+        }
+        drop(set);
+        self.resync.notify.notify_one();
+    }
+
+    /// Waits until messages were lost, and says where (one waiter: the node's resync task).
+    pub async fn next_resync(&self) -> Resync {
+        loop {
+            let notified = self.resync.notify.notified();
+            if self.resync.all.swap(false, Ordering::AcqRel) {
+                self.take_lost();
+                return Resync::All;
+            }
+            let lost = self.take_lost();
+            if !lost.is_empty() {
+                return Resync::Channels(lost);
+            }
+            notified.await;
+        }
+    }
+
+    fn take_lost(&self) -> Vec<Channel> {
+        let mut set = self
+            .resync
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *set).into_iter().collect()
     }
 }

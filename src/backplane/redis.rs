@@ -27,6 +27,12 @@
 //! may nack and retry), and [`Backplane::subscribe`] waits at most
 //! [`RedisConfig::op_timeout`] for the connection before failing.
 //!
+//! Feed history ([`Backplane::append`], [`Backplane::history`]) runs the Lua script of
+//! [`super::redis_history`] on the publishing connection: a batch of appends is one
+//! pipeline (one round trip). After a reconnect the inbox is told to resync
+//! ([`Inbox::resync_all`]): whatever was published while this node was not subscribed is
+//! read back from history by the hubs.
+//!
 //! Channel names are documented in [`super::channel`]; payloads in [`super::envelope`].
 
 use std::collections::HashSet;
@@ -42,8 +48,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::redis_history::{Failure, HistoryScript};
 use super::resp::{write_command, Frame, RespReader};
-use super::{envelope, Backplane, BackplaneError, BackplaneMessage, Channel, Delivery, Inbox};
+use super::{
+    envelope, Appended, Backplane, BackplaneError, BackplaneMessage, Channel, Delivery, FeedAppend,
+    HistoryConfig, HistoryPage, Inbox,
+};
 use crate::metrics::{inc, METRICS};
 
 /// Settings of the Redis backplane. Build with [`RedisConfig::from_url`].
@@ -72,6 +82,8 @@ pub struct RedisConfig {
     pub max_message_bytes: usize,
     /// Subscription requests queued for the supervisor (default 4096).
     pub request_queue: usize,
+    /// History bounds and key naming (the server sets them from its flags).
+    pub history: HistoryConfig,
 }
 
 impl RedisConfig {
@@ -107,6 +119,7 @@ impl RedisConfig {
             ping_interval: Duration::from_secs(5),
             max_message_bytes: 1024 * 1024,
             request_queue: 4096,
+            history: HistoryConfig::default(),
         })
     }
 
@@ -149,6 +162,7 @@ struct Shared {
     last_resubscribe_us: AtomicU64,
     subscribed: AtomicUsize,
     malformed: AtomicU64,
+    script: HistoryScript,
 }
 
 impl Shared {
@@ -230,6 +244,7 @@ impl RedisBackplane {
             last_resubscribe_us: AtomicU64::new(0),
             subscribed: AtomicUsize::new(0),
             malformed: AtomicU64::new(0),
+            script: HistoryScript::new(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(supervise(shared.clone(), rx, stop.clone()));
@@ -279,6 +294,28 @@ impl RedisBackplane {
             Err(_) => Err(BackplaneError::Unavailable(format!(
                 "Redis did not confirm within {timeout:?}"
             ))),
+        }
+    }
+
+    /// The publishing connection, if connected.
+    fn connection(&self) -> Result<::redis::aio::MultiplexedConnection, BackplaneError> {
+        self.shared
+            .publisher()
+            .filter(|_| self.is_ready())
+            .ok_or_else(|| BackplaneError::Unavailable("Redis not connected".into()))
+    }
+
+    /// Maps a history script failure; a broken connection is reconnected.
+    fn settle<T>(&self, result: Result<T, Failure>) -> Result<T, BackplaneError> {
+        match result {
+            Ok(v) => Ok(v),
+            Err(Failure::Refused(e)) => Err(e),
+            Err(Failure::Connection(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.shared.current_session().cancel();
+                }
+                Err(BackplaneError::Unavailable(format!("Redis history: {e}")))
+            }
         }
     }
 
@@ -384,6 +421,47 @@ impl Backplane for RedisBackplane {
     fn is_ready(&self) -> bool {
         *self.shared.ready.borrow()
     }
+
+    async fn append(&self, batch: &[FeedAppend]) -> Result<Vec<Appended>, BackplaneError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.connection()?;
+        let cfg = &self.shared.config;
+        let result = self
+            .shared
+            .script
+            .append(
+                &mut conn,
+                &cfg.history,
+                &self.shared.node_id,
+                batch,
+                cfg.op_timeout,
+            )
+            .await;
+        let done = self.settle(result)?;
+        crate::metrics::add(
+            &METRICS.backplane_published,
+            done.iter().filter(|a| !a.duplicate).count() as u64,
+        );
+        Ok(done)
+    }
+
+    async fn history(
+        &self,
+        user: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError> {
+        let mut conn = self.connection()?;
+        let cfg = &self.shared.config;
+        let result = self
+            .shared
+            .script
+            .read(&mut conn, &cfg.history, user, since, limit, cfg.op_timeout)
+            .await;
+        self.settle(result)
+    }
 }
 
 // ---- the supervisor: connects, resubscribes, serves subscription requests ----
@@ -448,8 +526,13 @@ async fn supervise(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>, stop: C
         } else {
             tracing::info!(redis = %cfg.address(), node = %shared.node_id, "Redis backplane connected");
         }
-        connected_before = true;
         shared.set_ready(true);
+        if connected_before {
+            // Messages published while the subscriptions were down are lost to this node:
+            // the hubs repair their users' feeds from history.
+            shared.inbox.resync_all();
+        }
+        connected_before = true;
         let reason = session.serve(&shared, &mut rx).await;
         shared.set_ready(false);
         shared.set_publisher(None);
@@ -491,6 +574,13 @@ async fn establish(
     .await
     .map_err(|_| "publishing connection timed out".to_string())?
     .map_err(|e| format!("publishing connection: {e}"))?;
+    let mut conn = conn;
+    shared.script.reset();
+    shared
+        .script
+        .load(&mut conn, cfg.op_timeout)
+        .await
+        .map_err(|e| format!("loading the history script: {e}"))?;
     shared.set_publisher(Some(conn));
     Ok((session, channels.len(), took))
 }

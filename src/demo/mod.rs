@@ -282,6 +282,7 @@ impl DemoService {
             id: Some(post.id.clone()),
             recipients,
             payload: Bytes::from(payload),
+            redelivered: false,
         };
         self.publisher
             .publish(&event, &body)

@@ -120,6 +120,12 @@ pub struct HubOptions {
     pub disconnect_timeout: Duration,
     /// An SSE stream idle this long gets a `:` comment line, so proxies keep it open.
     pub sse_keep_alive: Duration,
+    /// Feed events to this hub's users (`feed_target` sends to users, `POST /api/feed`,
+    /// RabbitMQ) are appended to the users' history with offsets, and the node repairs
+    /// gaps from it (the feed hub; default false).
+    pub history: bool,
+    /// Most events one `Recover` returns (`--recover-limit`, 300).
+    pub recover_limit: usize,
 }
 
 impl Default for HubOptions {
@@ -149,6 +155,8 @@ impl Default for HubOptions {
             long_poll_timeout: Duration::from_secs(90),
             disconnect_timeout: Duration::from_secs(15),
             sse_keep_alive: Duration::from_secs(10),
+            history: false,
+            recover_limit: crate::backplane::history::DEFAULT_RECOVER_LIMIT,
         }
     }
 }

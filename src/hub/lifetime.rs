@@ -6,9 +6,15 @@
 //! ignores its own messages when they come back (`origin`), so local recipients get each
 //! message exactly once and without a backplane round trip. Nothing here awaits a client
 //! socket: delivery is `try_push` into bounded outbound queues.
+//!
+//! Feed events of a hub with history (`HubOptions::history`: the feed hub) are the
+//! exception: they are appended to the user's history and come back through the node's own
+//! subscription, checked by the user's cursor (see [`super::history`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use dashmap::DashMap;
 
 use crate::backplane::channel::{ChannelScheme, ChannelTarget};
 use crate::backplane::{Backplane, BackplaneError, BackplaneMessage, BackplanePayload, Channel};
@@ -17,9 +23,11 @@ use crate::ids::{ConnectionId, GroupName, UserId};
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{HubMessage, Invocation, PreparedMessage, Value};
 
+use super::history::{CursorCell, HistoryStats};
 use super::registry::Registry;
 use super::subscriptions::Subscriptions;
 use super::{HubDefinition, HubError};
+use crate::backplane::FeedAppend;
 
 /// Who a send addresses (`Clients.X` in ASP.NET).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +52,16 @@ pub enum Target {
 
 /// One hub's runtime on this node.
 pub struct HubLifetime {
-    def: HubDefinition,
-    registry: Registry,
+    pub(super) def: HubDefinition,
+    pub(super) registry: Registry,
     subs: Arc<Subscriptions>,
-    backplane: Arc<dyn Backplane>,
-    scheme: ChannelScheme,
+    pub(super) backplane: Arc<dyn Backplane>,
+    pub(super) scheme: ChannelScheme,
+    /// This runtime itself, for the tasks it spawns (gap repairs).
+    pub(super) me: Weak<HubLifetime>,
+    /// Per user with local connections: the last delivered feed position.
+    pub(super) cursors: DashMap<UserId, CursorCell>,
+    pub(super) history_stats: HistoryStats,
 }
 
 impl std::fmt::Debug for HubLifetime {
@@ -68,12 +81,15 @@ impl HubLifetime {
             def.options.user_channels.clone(),
         );
         let subs = Subscriptions::new(backplane.clone(), def.options.unsubscribe_debounce);
-        Arc::new(HubLifetime {
+        Arc::new_cyclic(|me| HubLifetime {
             def,
             registry: Registry::new(),
             subs,
             backplane,
             scheme,
+            me: me.clone(),
+            cursors: DashMap::new(),
+            history_stats: HistoryStats::default(),
         })
     }
 
@@ -111,7 +127,7 @@ impl HubLifetime {
     /// Registers a connection and subscribes its user's and its own channel; returns once the
     /// subscriptions are active.
     pub async fn connect(&self, conn: &ConnectionHandle) -> Result<(), BackplaneError> {
-        self.registry.insert(conn);
+        let first_for_user = self.registry.insert(conn);
         let mut channels = vec![self.scheme.connection(&conn.id)];
         if let Some(user) = conn.user_id() {
             channels.push(self.scheme.user(user));
@@ -129,9 +145,18 @@ impl HubLifetime {
                     first_error.get_or_insert(e);
                 }
             }
-            self.registry.remove(conn);
+            if self.registry.remove(conn) {
+                if let Some(user) = conn.user_id() {
+                    self.drop_cursor(user);
+                }
+            }
             if let Some(e) = first_error {
                 return Err(e);
+            }
+        }
+        if first_for_user {
+            if let Some(user) = conn.user_id() {
+                self.init_cursor(user);
             }
         }
         METRICS
@@ -150,8 +175,11 @@ impl HubLifetime {
                 self.subs.release(self.scheme.group(&g), false);
             }
         }
-        self.registry.remove(conn);
+        let last_for_user = self.registry.remove(conn);
         if let Some(user) = conn.user_id() {
+            if last_for_user {
+                self.drop_cursor(user);
+            }
             self.subs.release(self.scheme.user(user), false);
         }
         self.subs.release(self.scheme.connection(&conn.id), true);
@@ -169,6 +197,13 @@ impl HubLifetime {
         method: &str,
         args: Vec<Value>,
     ) -> Result<(), HubError> {
+        if let (Target::Users(users), true, [payload]) = (
+            target,
+            self.def.options.history && method == self.def.options.feed_target,
+            args.as_slice(),
+        ) {
+            return self.send_feed(users, payload).await;
+        }
         let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(
             method,
             args.clone(),
@@ -234,6 +269,34 @@ impl HubLifetime {
                 message: e.to_string(),
             }),
         }
+    }
+
+    /// A feed invocation to users of a hub with history (`Clients.User(..).Send("FeedUpdated",
+    /// payload)` from Rust): appended like any ingested event, without an id.
+    async fn send_feed(&self, users: &[UserId], payload: &Value) -> Result<(), HubError> {
+        let json = match payload {
+            Value::Json(b) => b.clone(),
+            other => bytes::Bytes::from(other.to_json_string().map_err(|e| HubError::Other {
+                kind: "InvalidDataException",
+                message: e.to_string(),
+            })?),
+        };
+        let batch: Vec<FeedAppend> = users
+            .iter()
+            .map(|u| FeedAppend {
+                user: u.as_str().to_string(),
+                id: String::new(),
+                payload: json.clone(),
+                redelivered: false,
+            })
+            .collect();
+        self.append_feed(&batch)
+            .await
+            .map(|_| ())
+            .map_err(|e| HubError::Other {
+                kind: "IOException",
+                message: e.to_string(),
+            })
     }
 
     /// Adds a connection (on any node) to a group.
@@ -361,6 +424,11 @@ impl HubLifetime {
     /// Handles a message another node (or a foreign publisher) sent on one of this hub's
     /// channels. Never waits.
     pub fn on_delivery(&self, target: &ChannelTarget, msg: &BackplaneMessage) {
+        if let BackplanePayload::Feed(feed) = &msg.payload {
+            // Appended events come back to their origin too: one path, one order.
+            self.on_feed(target, feed);
+            return;
+        }
         if !msg.origin.is_empty() && msg.origin == self.backplane.node_id() {
             return; // Delivered locally when it was sent.
         }
@@ -378,6 +446,8 @@ impl HubLifetime {
             }
             BackplanePayload::RawJson(bytes) => match Value::json_checked(bytes.clone()) {
                 Ok(v) => {
+                    // A foreign `PUBLISH feed-<id> <json>`: live only, no offset, no history.
+                    inc(&METRICS.feed_raw);
                     let prepared = PreparedMessage::new(HubMessage::Invocation(Invocation::send(
                         self.def.options.feed_target.clone(),
                         vec![v],
@@ -423,6 +493,7 @@ impl HubLifetime {
             }
             // Handled by the node's relay router before hubs see deliveries.
             BackplanePayload::Relay(_) => {}
+            BackplanePayload::Feed(_) => {}
         }
     }
 

@@ -11,10 +11,14 @@
 //! - [`lifetime`]: the per-hub runtime: registry, subscriptions, local-first fan-out, and
 //!   inbound backplane deliveries.
 //! - [`registry`] / [`subscriptions`]: who is connected; which channels this node listens to.
+//! - [`history`]: feed appends, offset-checked delivery and gap repair ([`cursor`]: the
+//!   pure per-user cursor).
 
 pub mod builder;
 pub mod clients;
 pub mod context;
+pub mod cursor;
+pub mod history;
 pub mod lifetime;
 pub mod method;
 pub mod registry;
@@ -25,6 +29,7 @@ use std::fmt;
 pub use builder::{HubBuilder, HubDefinition, HubOptions, Transports};
 pub use clients::{ClientProxy, Clients, Groups, SingleClientProxy};
 pub use context::HubContext;
+pub use history::{HistoryCounts, HistoryStats};
 pub use lifetime::{HubLifetime, Target};
 pub use method::{
     channel_stream, ChannelStream, FromArg, FromArgs, IntoArgs, IntoValue, StreamWriter,

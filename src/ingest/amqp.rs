@@ -1,44 +1,57 @@
 //! RabbitMQ ingest (`--amqp-url`): consumes feed events from a topic exchange and delivers
-//! them through [`super::deliver`], the same path as `POST /api/feed`.
+//! them in queue order through [`super::deliver_batch`], the same path as `POST /api/feed`.
 //!
 //! Topology (declared idempotently on every (re)connect; names configurable for tests):
 //!
 //! | object | name (default) | kind |
 //! |---|---|---|
 //! | exchange | `FeedUpdate` | durable topic |
-//! | queue | `feedhub.feed-updates` | durable, shared by all instances, bound with `#`, `x-dead-letter-exchange = FeedUpdate.dlx` |
+//! | queue | `feedhub.feed-updates.v2` | quorum queue, `x-single-active-consumer`, shared by all instances, bound with `#`, `x-dead-letter-exchange = FeedUpdate.dlx` |
 //! | dead-letter exchange | `FeedUpdate.dlx` | durable fanout |
-//! | dead-letter queue | `feedhub.feed-updates.dlx` | durable, bound to the DLX: rejected messages are kept there |
+//! | dead-letter queue | `feedhub.feed-updates.v2.dlx` | durable, bound to the DLX: rejected messages are kept there |
 //!
 //! Routing keys: `feed.<userId>` addresses one user and the whole JSON body is the payload;
 //! any other key (e.g. `feed`, `post.created`) carries a recipients body
 //! `{"recipients":[...],"payload":...,"id":...}`. The queue is bound with `#`, so every
-//! message published to the exchange is consumed by exactly one instance.
+//! message published to the exchange is consumed once.
 //!
-//! Per message: decode ([`super::event::decode_message`]; body size limit first); deliver;
-//! **ack** only after every backplane publish succeeded (acks of consecutive delivered events
-//! are batched into one `multiple` ack, sent at the latest when no further delivery is
-//! buffered or after 64 events). A backplane failure **nacks with
-//! requeue**, closes the channel (so every prefetched message is requeued too, in order),
-//! backs off (100 ms doubling to 5 s) and resumes. A malformed message (too large, not JSON,
-//! no recipients, bad user id, no payload, no address) is **dead-lettered**: republished to
-//! the DLX with the header `x-feedhub-reason` (plus `x-feedhub-routing-key`, and the
-//! original headers), with a publisher confirm, then acked; if that republish fails it is
-//! rejected without requeue, which dead-letters it through the queue's
-//! `x-dead-letter-exchange` (reason only in the log and metrics). It never blocks the queue.
+//! **Order.** Every instance consumes the queue, but the queue has a *single active
+//! consumer*: RabbitMQ delivers to one of them at a time and promotes a waiting one when
+//! the active one's channel or connection closes (a `kill -9` closes the socket at once; a
+//! hung host is noticed after the heartbeat timeout, `--amqp-heartbeat`). The active
+//! consumer processes its deliveries strictly in order, in batches: it takes everything
+//! already delivered (up to [`AmqpConfig::max_batch`]), hands the batch to
+//! [`super::deliver_batch`] (per-user order = batch order), and acks the batch with one
+//! `multiple` ack only after the backplane answered. So every user's events reach the
+//! backplane in the order RabbitMQ received them, whatever the number of instances. (A
+//! classic queue would do for order, but RabbitMQ 3.10.8, Debian 12's, can crash a classic
+//! single-active-consumer queue when the active consumer changes (rabbitmq-server#5460), and
+//! a quorum queue returns a departed consumer's messages in order; hence quorum.)
+//!
+//! **Fail-stop.** A backplane failure closes the channel: every unacked delivery (the failed
+//! batch and everything prefetched) returns to the queue in order, and consumption backs off
+//! (100 ms doubling to 5 s) and resumes (meanwhile another instance may take over). Part of
+//! the failed batch may already have been delivered: redeliveries carry the same event id
+//! (the body's `id`, else `message_id`, else a hash of routing key and body, see
+//! [`super::event::decode_delivery`]), so they can be recognized. A malformed message (too
+//! large, not JSON, no recipients, bad user id, no payload, no address) is
+//! **dead-lettered**: republished to the DLX with the header `x-feedhub-reason` (plus
+//! `x-feedhub-routing-key`, and the original headers), with a publisher confirm, then
+//! acked; if that republish fails it is rejected without requeue, which dead-letters it
+//! through the queue's `x-dead-letter-exchange` (reason only in the log and metrics). It
+//! never blocks the queue.
 //!
 //! Connection loss: the consumer reconnects with backoff (100 ms doubling to
-//! [`AmqpConfig::reconnect_max`]); `/readyz` answers 503 until it consumes again.
-//! Unacked messages return to the queue when a connection drops, so nothing is lost; a
-//! message may be delivered twice (at-least-once): events carry an id for deduplication.
-//!
-//! Order: one consumer per instance processes its deliveries sequentially, so events to the
-//! same user leave this instance in queue order. With several instances sharing the queue,
-//! order across instances is not guaranteed (as with any competing consumers).
+//! [`AmqpConfig::reconnect_max`]); `/readyz` answers 503 until it consumes again (a waiting
+//! consumer counts as consuming). Unacked messages return to the queue when a connection
+//! drops, so nothing is lost; a message may be delivered twice (at-least-once), with the
+//! same id.
 //!
 //! Metrics (`/metrics`): `feedhub_amqp_connected`, `feedhub_amqp_consumed_total`,
-//! `feedhub_amqp_acked_total`, `feedhub_amqp_nacked_total`,
-//! `feedhub_amqp_rejected_total{reason=...}`, `feedhub_amqp_reconnects_total`.
+//! `feedhub_amqp_acked_total`, `feedhub_amqp_nacked_total` (requeued after a backplane
+//! failure), `feedhub_amqp_batches_total`, `feedhub_amqp_redelivered_total`,
+//! `feedhub_amqp_rejected_total{reason=...}`,
+//! `feedhub_amqp_reconnects_total`.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,18 +59,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use lapin::acker::Acker;
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::event::{decode_message, EventError};
+use super::event::{decode_delivery, EventError, FeedEvent};
 use crate::hub::HubLifetime;
 use crate::metrics::inc;
 
@@ -68,10 +81,16 @@ pub struct AmqpConfig {
     pub url: String,
     /// The topic exchange feed events are published to.
     pub exchange: String,
-    /// The shared durable queue all instances consume.
+    /// The shared quorum queue (single active consumer) all instances consume.
     pub queue: String,
     /// Unacknowledged deliveries in flight per instance (`basic.qos`).
     pub prefetch: u16,
+    /// Most deliveries handed to the backplane as one batch (and acked with one ack).
+    pub max_batch: usize,
+    /// AMQP heartbeat: a silent broker connection is considered dead after about this
+    /// long, and RabbitMQ promotes another consumer when this one's host hangs. `None`:
+    /// the broker's (RabbitMQ: 60 s). A `heartbeat=` in the URL wins.
+    pub heartbeat: Option<Duration>,
     /// Largest accepted message body; larger ones are dead-lettered.
     pub max_message_size: usize,
     /// Upper bound of the reconnect backoff.
@@ -82,22 +101,33 @@ pub struct AmqpConfig {
 
 /// Default exchange name.
 pub const DEFAULT_EXCHANGE: &str = "FeedUpdate";
-/// Default queue name.
-pub const DEFAULT_QUEUE: &str = "feedhub.feed-updates";
+/// Default queue name (`.v2`: a quorum queue with a single active consumer; the queue
+/// arguments cannot change on an existing queue, so the name did; see README "Feed ingest"
+/// for the migration from `feedhub.feed-updates`).
+pub const DEFAULT_QUEUE: &str = "feedhub.feed-updates.v2";
+/// The queue of releases before per-user order across instances (competing consumers).
+pub const LEGACY_QUEUE: &str = "feedhub.feed-updates";
 /// Default prefetch.
-pub const DEFAULT_PREFETCH: u16 = 256;
+pub const DEFAULT_PREFETCH: u16 = 1024;
+/// Default batch bound.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+/// Default heartbeat in seconds.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// Header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-feedhub-reason";
 
 impl AmqpConfig {
-    /// Defaults for `url`: exchange `FeedUpdate`, queue `feedhub.feed-updates`, prefetch 256,
-    /// 256 KiB bodies, reconnect backoff up to 1 s, retry backoff up to 5 s.
+    /// Defaults for `url`: exchange `FeedUpdate`, queue `feedhub.feed-updates.v2`, prefetch
+    /// 1024, batches of up to 256, heartbeat 10 s, 256 KiB bodies, reconnect backoff up to
+    /// 1 s, retry backoff up to 5 s.
     pub fn new(url: impl Into<String>) -> AmqpConfig {
         AmqpConfig {
             url: url.into(),
             exchange: DEFAULT_EXCHANGE.to_string(),
             queue: DEFAULT_QUEUE.to_string(),
             prefetch: DEFAULT_PREFETCH,
+            max_batch: DEFAULT_MAX_BATCH,
+            heartbeat: Some(Duration::from_secs(u64::from(DEFAULT_HEARTBEAT_SECS))),
             max_message_size: 256 * 1024,
             reconnect_max: Duration::from_secs(1),
             retry_max: Duration::from_secs(5),
@@ -164,7 +194,7 @@ impl RejectReason {
             EventError::NoRecipients => RejectReason::NoRecipients,
             EventError::TooManyRecipients => RejectReason::TooManyRecipients,
             EventError::BadUserId(_) => RejectReason::BadUserId,
-            EventError::NoPayload => RejectReason::NoPayload,
+            EventError::NoPayload | EventError::ReservedOffset => RejectReason::NoPayload,
             EventError::NoAddress(_) => RejectReason::NoAddress,
         }
     }
@@ -184,8 +214,12 @@ pub struct AmqpMetrics {
     pub consumed: AtomicU64,
     /// Deliveries acked after a successful delivery.
     pub acked: AtomicU64,
-    /// Deliveries nacked with requeue (backplane failure).
+    /// Deliveries requeued after a backplane failure (the failed batch).
     pub nacked: AtomicU64,
+    /// Batches handed to the backplane.
+    pub batches: AtomicU64,
+    /// Deliveries flagged redelivered by RabbitMQ (after a consumer failure or a requeue).
+    pub redelivered: AtomicU64,
     /// Deliveries dead-lettered, by [`RejectReason`].
     pub rejected: [AtomicU64; 7],
     /// Successful reconnects after a lost or failed connection.
@@ -201,6 +235,8 @@ pub static AMQP_METRICS: AmqpMetrics = AmqpMetrics {
     consumed: AtomicU64::new(0),
     acked: AtomicU64::new(0),
     nacked: AtomicU64::new(0),
+    batches: AtomicU64::new(0),
+    redelivered: AtomicU64::new(0),
     rejected: [const { AtomicU64::new(0) }; 7],
     reconnects: AtomicU64::new(0),
     connect_failures: AtomicU64::new(0),
@@ -226,8 +262,18 @@ impl AmqpMetrics {
             ("acked", "RabbitMQ deliveries acked.", &self.acked),
             (
                 "nacked",
-                "RabbitMQ deliveries nacked with requeue (backplane failure).",
+                "RabbitMQ deliveries requeued after a backplane failure.",
                 &self.nacked,
+            ),
+            (
+                "batches",
+                "Batches of RabbitMQ deliveries handed to the backplane.",
+                &self.batches,
+            ),
+            (
+                "redelivered",
+                "RabbitMQ deliveries flagged redelivered (same event id as before).",
+                &self.redelivered,
             ),
             (
                 "reconnects",
@@ -402,8 +448,6 @@ struct Consumer {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Most delivered events acknowledged by one `multiple` ack.
-const ACK_BATCH: u64 = 64;
 
 impl Consumer {
     fn set_consuming(&self, on: bool, error: Option<String>) {
@@ -432,7 +476,7 @@ impl Consumer {
         loop {
             let conn = tokio::select! {
                 _ = self.cancel.cancelled() => break,
-                r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.config.url)) => r,
+                r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.config.url, self.config.heartbeat)) => r,
             };
             let conn = match conn {
                 Ok(Ok(c)) => c,
@@ -515,7 +559,6 @@ impl Consumer {
             Err(e) => return Ended::Lost(format!("channel: {e}")),
         };
         let tag = format!("feedhub-{}", crate::ids::random_token());
-        let mut pending: Option<(Acker, u64)> = None;
         let mut consumer = match channel
             .basic_consume(
                 &self.config.queue,
@@ -530,6 +573,8 @@ impl Consumer {
         };
         if st.was_connected {
             inc(&AMQP_METRICS.reconnects);
+        } else if self.config.queue == DEFAULT_QUEUE {
+            warn_about_legacy_queue(conn).await;
         }
         st.was_connected = true;
         st.connect = MIN_BACKOFF;
@@ -538,62 +583,43 @@ impl Consumer {
             exchange = %self.config.exchange,
             queue = %self.config.queue,
             prefetch = self.config.prefetch,
-            "RabbitMQ consumer started"
+            "RabbitMQ consumer started (active when RabbitMQ makes it the single active consumer)"
         );
+        let max_batch = self.config.max_batch.max(1);
+        let mut batch: Vec<Delivery> = Vec::with_capacity(max_batch);
         loop {
-            // Take what is already buffered without waiting; before waiting, ack what
-            // was delivered so far (one `multiple` ack per burst instead of one per event).
-            let next = match consumer.next().now_or_never() {
-                Some(n) => n,
-                None => {
-                    if let Err(why) = self.flush(&mut pending).await {
-                        return Ended::Lost(why);
-                    }
-                    tokio::select! {
-                        _ = self.cancel.cancelled() => {
-                            // Closing the connection (by the caller) returns the rest.
-                            let _ = self.flush(&mut pending).await;
-                            return Ended::Cancelled;
-                        }
-                        n = consumer.next() => n,
-                    }
-                }
+            // Wait for the first delivery of the next batch ...
+            let first = tokio::select! {
+                // Closing the connection (by the caller) returns every unacked delivery.
+                _ = self.cancel.cancelled() => return Ended::Cancelled,
+                n = consumer.next() => n,
             };
-            let delivery = match next {
+            match first {
                 None => return Ended::Lost("consumer cancelled by the broker".to_string()),
                 Some(Err(e)) => return Ended::Lost(e.to_string()),
-                Some(Ok(d)) => d,
-            };
-            inc(&AMQP_METRICS.consumed);
-            inc(&self.status.consumed);
-            match self.handle(&delivery, dlx_channel.as_ref()).await {
-                Ok(Handled::Delivered) => {
-                    st.retry = MIN_BACKOFF;
-                    let count = pending.as_ref().map_or(0, |p| p.1) + 1;
-                    pending = Some((delivery.acker, count));
-                    if count >= ACK_BATCH {
-                        if let Err(why) = self.flush(&mut pending).await {
-                            return Ended::Lost(why);
-                        }
+                Some(Ok(d)) => batch.push(d),
+            }
+            // ... then take everything already delivered, without waiting, up to the bound.
+            while batch.len() < max_batch {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    // The channel is gone: its unacked deliveries are back in the queue.
+                    Some(None) => {
+                        return Ended::Lost("consumer cancelled by the broker".to_string())
                     }
+                    Some(Some(Err(e))) => return Ended::Lost(e.to_string()),
+                    None => break,
                 }
-                Ok(Handled::DeadLettered) => {}
+            }
+            match self.process(&batch, dlx_channel.as_ref()).await {
+                Ok(()) => st.retry = MIN_BACKOFF,
                 Err(HandleError::Backplane(why)) => {
-                    inc(&AMQP_METRICS.nacked);
-                    inc(&self.status.nacked);
-                    tracing::warn!(error = %why, "backplane publish failed; message requeued, backing off");
-                    // Earlier events were delivered: ack them, then requeue this one.
-                    if let Err(why) = self.flush(&mut pending).await {
-                        return Ended::Lost(why);
-                    }
-                    let _ = delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await;
-                    // Closing the channel requeues every prefetched delivery too, in order.
+                    let n = batch.len() as u64;
+                    AMQP_METRICS.nacked.fetch_add(n, Ordering::Relaxed);
+                    self.status.nacked.fetch_add(n, Ordering::Relaxed);
+                    tracing::warn!(error = %why, events = n, "backplane delivery failed; closing the channel (requeues in order), backing off");
+                    // Fail-stop: nothing of this batch is acked; closing the channel requeues
+                    // it and everything prefetched after it, in order.
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
                         channel.close(200, "backplane unavailable"),
@@ -607,21 +633,78 @@ impl Consumer {
                 }
                 Err(HandleError::Amqp(why)) => return Ended::Lost(why),
             }
+            batch.clear();
         }
     }
 
-    /// Acks every delivered event up to the last one (`multiple`).
-    async fn flush(&self, pending: &mut Option<(Acker, u64)>) -> Result<(), String> {
-        let Some((acker, count)) = pending.take() else {
+    /// Decodes `batch` in order (dead-lettering malformed messages), delivers the events as
+    /// one batch, then acks the batch with one `multiple` ack.
+    async fn process(&self, batch: &[Delivery], dlx: Option<&Channel>) -> Result<(), HandleError> {
+        let n = batch.len() as u64;
+        AMQP_METRICS.consumed.fetch_add(n, Ordering::Relaxed);
+        self.status.consumed.fetch_add(n, Ordering::Relaxed);
+        let mut events = Vec::with_capacity(batch.len());
+        let mut last_delivered = None;
+        for d in batch {
+            if d.redelivered {
+                inc(&AMQP_METRICS.redelivered);
+            }
+            match self.decode(d) {
+                Ok(e) => {
+                    events.push(e);
+                    last_delivered = Some(d);
+                }
+                // A malformed message is acked (or rejected) on its own; the `multiple` ack
+                // below covers the others around it.
+                Err((reason, text)) => self.dead_letter(d, dlx, reason, &text).await?,
+            }
+        }
+        let Some(last) = last_delivered else {
             return Ok(());
         };
-        acker
+        // While the backplane is known to be down, do not even deliver locally: the batch
+        // is requeued anyway, and local recipients would get it again on every retry.
+        let backplane = self.hub.backplane();
+        if !backplane.is_ready() {
+            return Err(HandleError::Backplane(format!(
+                "backplane '{}' not connected",
+                backplane.name()
+            )));
+        }
+        super::deliver_batch(&self.hub, &events)
+            .await
+            .map_err(|e| HandleError::Backplane(e.to_string()))?;
+        inc(&AMQP_METRICS.batches);
+        last.acker
             .ack(BasicAckOptions { multiple: true })
             .await
-            .map_err(|e| format!("ack: {e}"))?;
-        AMQP_METRICS.acked.fetch_add(count, Ordering::Relaxed);
-        self.status.acked.fetch_add(count, Ordering::Relaxed);
+            .map_err(|e| HandleError::Amqp(format!("ack: {e}")))?;
+        let acked = events.len() as u64;
+        AMQP_METRICS.acked.fetch_add(acked, Ordering::Relaxed);
+        self.status.acked.fetch_add(acked, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The event of a delivery, or why it is malformed.
+    fn decode(&self, d: &Delivery) -> Result<FeedEvent, (RejectReason, String)> {
+        if d.data.len() > self.config.max_message_size {
+            return Err((
+                RejectReason::TooLarge,
+                format!(
+                    "body of {} bytes exceeds the limit of {} bytes",
+                    d.data.len(),
+                    self.config.max_message_size
+                ),
+            ));
+        }
+        let message_id = d.properties.message_id().as_ref().map(|m| m.as_str());
+        match decode_delivery(d.routing_key.as_str(), &d.data, message_id) {
+            Ok(mut e) => {
+                e.redelivered = d.redelivered;
+                Ok(e)
+            }
+            Err(e) => Err((RejectReason::of(&e), e.to_string())),
+        }
     }
 
     async fn open(&self, conn: &Connection) -> Result<Channel, String> {
@@ -671,17 +754,12 @@ impl Consumer {
             )
             .await
             .map_err(|e| format!("bind {dlq:?}: {e}"))?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(dlx.as_str().into()),
-        );
         channel
-            .queue_declare(&c.queue, durable_queue, args)
+            .queue_declare(&c.queue, durable_queue, queue_arguments(&dlx))
             .await
             .map_err(|e| {
                 format!(
-                    "declare queue {:?} (an existing queue must have x-dead-letter-exchange={dlx:?}): {e}",
+                    "declare queue {:?} (an existing queue must be a quorum queue with x-single-active-consumer=true and x-dead-letter-exchange={dlx:?}): {e}",
                     c.queue
                 )
             })?;
@@ -698,52 +776,9 @@ impl Consumer {
         Ok(channel)
     }
 
-    async fn handle(
-        &self,
-        d: &lapin::message::Delivery,
-        dlx: Option<&Channel>,
-    ) -> Result<Handled, HandleError> {
-        let routing_key = d.routing_key.as_str();
-        let decoded = if d.data.len() > self.config.max_message_size {
-            Err((
-                RejectReason::TooLarge,
-                format!(
-                    "body of {} bytes exceeds the limit of {} bytes",
-                    d.data.len(),
-                    self.config.max_message_size
-                ),
-            ))
-        } else {
-            let message_id = d.properties.message_id().as_ref().map(|m| m.as_str());
-            decode_message(routing_key, &d.data, message_id)
-                .map_err(|e| (RejectReason::of(&e), e.to_string()))
-        };
-        let event = match decoded {
-            Ok(e) => e,
-            Err((reason, text)) => {
-                self.dead_letter(d, dlx, reason, &text).await?;
-                return Ok(Handled::DeadLettered);
-            }
-        };
-        // While the backplane is known to be down, do not even deliver locally: the message
-        // is requeued anyway, and local recipients would get it again on every retry.
-        let backplane = self.hub.backplane();
-        if !backplane.is_ready() {
-            return Err(HandleError::Backplane(format!(
-                "backplane '{}' not connected",
-                backplane.name()
-            )));
-        }
-        match super::deliver(&self.hub, &event).await {
-            // Acked by the caller, batched.
-            Ok(()) => Ok(Handled::Delivered),
-            Err(e) => Err(HandleError::Backplane(e.to_string())),
-        }
-    }
-
     async fn dead_letter(
         &self,
-        d: &lapin::message::Delivery,
+        d: &Delivery,
         dlx: Option<&Channel>,
         reason: RejectReason,
         text: &str,
@@ -802,6 +837,49 @@ impl Consumer {
     }
 }
 
+/// Warns when the queue of earlier releases (`feedhub.feed-updates`) still exists: while
+/// it is bound to the exchange it receives a copy of every event, which nobody consumes
+/// once every instance runs this release (see README "Feed ingest", migration).
+async fn warn_about_legacy_queue(conn: &Connection) {
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    // A passive declaration of a missing queue closes this throwaway channel (404).
+    if let Ok(q) = ch
+        .queue_declare(LEGACY_QUEUE, passive, FieldTable::default())
+        .await
+    {
+        tracing::warn!(
+            queue = LEGACY_QUEUE,
+            messages = q.message_count(),
+            consumers = q.consumer_count(),
+            "the queue of earlier feedhub releases still exists; once no instance consumes it, delete it (README: Feed ingest, migration)"
+        );
+        let _ = ch.close(200, "checked").await;
+    }
+}
+
+/// The arguments of the feed queue: a quorum queue with a single active consumer (per-user
+/// order across instances) and dead letters to `dlx`. Public so tools and tests declare it
+/// the same way (RabbitMQ refuses a redeclaration with other arguments).
+pub fn queue_arguments(dlx: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.into()),
+    );
+    args
+}
+
 /// Backoff state across connections and channels.
 struct Backoffs {
     /// Next reconnect delay.
@@ -812,25 +890,24 @@ struct Backoffs {
     was_connected: bool,
 }
 
-/// What became of a delivery that did not fail.
-enum Handled {
-    /// Delivered to the hub; to be acked.
-    Delivered,
-    /// Dead-lettered (already acked or rejected).
-    DeadLettered,
-}
-
 enum HandleError {
-    /// The backplane failed: nack and retry later.
+    /// The backplane failed: requeue and retry later.
     Backplane(String),
     /// The AMQP channel failed: reconnect.
     Amqp(String),
 }
 
-async fn connect(url: &str) -> lapin::Result<Connection> {
+/// Connects to `url` with `heartbeat` (unless the URL sets `heartbeat=` itself).
+async fn connect(url: &str, heartbeat: Option<Duration>) -> Result<Connection, String> {
+    let mut uri: AMQPUri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+    if let (None, Some(h)) = (uri.query.heartbeat, heartbeat) {
+        uri.query.heartbeat = Some(u16::try_from(h.as_secs().max(1)).unwrap_or(u16::MAX));
+    }
     let props = ConnectionProperties::default()
         .with_connection_name("feedhub".into())
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio::current());
-    Connection::connect(url, props).await
+    Connection::connect_uri(uri, props)
+        .await
+        .map_err(|e| e.to_string())
 }

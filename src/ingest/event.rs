@@ -5,16 +5,23 @@
 //! - a routing key `feed.<userId>` with any JSON body, which is the payload.
 //!
 //! Event ids: an `id` in the body, or else the AMQP `message_id`, travels with the event.
-//! Clients see it inside the payload: when the payload is a JSON object without a
+//! RabbitMQ messages with neither get a stable id ([`stable_id`]: `h:` and a hash of the
+//! routing key and the body), so a redelivered message carries the same id as its first
+//! delivery. Clients see the id inside the payload: when the payload is a JSON object without a
 //! top-level `id`, [`FeedEvent::payload_with_id`] inserts `"id":<id>` as its first member
 //! (an existing `id` is never overwritten; non-object payloads are forwarded unchanged).
 //! Retried deliveries (after a backplane failure) carry the same id, so clients can
 //! deduplicate.
+//!
+//! The top-level member `offset` of an object payload is reserved: feedhub adds it at
+//! delivery (the event's position in the user's history), so an event whose payload has
+//! one is refused ([`EventError::ReservedOffset`]).
 
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::backplane::history::has_reserved_offset;
 use crate::ids::UserId;
 
 /// Most recipients one event may name.
@@ -29,6 +36,9 @@ pub struct FeedEvent {
     pub recipients: Vec<UserId>,
     /// The payload's raw JSON text.
     pub payload: Bytes,
+    /// It may have been delivered before (a RabbitMQ redelivery): the history append looks
+    /// for its id among the user's newest events first.
+    pub redelivered: bool,
 }
 
 impl FeedEvent {
@@ -90,6 +100,9 @@ pub enum EventError {
     /// The routing key is not `feed.<userId>` and the body has no recipients.
     #[error("routing key {0:?} does not name a user and the body has no recipients")]
     NoAddress(String),
+    /// The payload object has a top-level `offset`, which feedhub sets itself.
+    #[error("the payload must not have a top-level 'offset': feedhub sets it (the event's position in the user's history)")]
+    ReservedOffset,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +141,9 @@ pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
         }
     }
     let payload = parsed.payload.ok_or(EventError::NoPayload)?;
+    if has_reserved_offset(payload.get().as_bytes()) {
+        return Err(EventError::ReservedOffset);
+    }
     let id = parsed.id.map(|v| match v {
         serde_json::Value::String(s) => s,
         other => other.to_string(),
@@ -136,7 +152,44 @@ pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
         id,
         recipients: users,
         payload: Bytes::copy_from_slice(payload.get().as_bytes()),
+        redelivered: false,
     })
+}
+
+/// A stable event id for a message without one: `h:` and the first 16 bytes of
+/// SHA-256(routing key, 0, body) in hex. The same message always gets the same id, so its
+/// redeliveries can be recognized (two identical messages also share it: publishers that
+/// repeat identical bodies should set `message_id`).
+pub fn stable_id(routing_key: &str, body: &[u8]) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(routing_key.as_bytes());
+    h.update([0u8]);
+    h.update(body);
+    let digest = h.finalize();
+    let mut out = String::with_capacity(2 + 32);
+    out.push_str("h:");
+    for b in &digest[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Decodes a RabbitMQ message like [`decode_message`], and gives it an id in every case:
+/// the body's `id`, else `message_id`, else [`stable_id`].
+pub fn decode_delivery(
+    routing_key: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Result<FeedEvent, EventError> {
+    let mut e = decode_message(routing_key, body, message_id)?;
+    if e.id.is_none() {
+        e.id = Some(stable_id(routing_key, body));
+    }
+    Ok(e)
 }
 
 /// Decodes a message by routing key and body: `feed.<userId>` addresses one user with the
@@ -152,10 +205,14 @@ pub fn decode_message(
             serde_json::from_slice::<serde::de::IgnoredAny>(body)
                 .map_err(|e| EventError::NotJson(e.to_string()))?;
             let text = std::str::from_utf8(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+            if has_reserved_offset(text.as_bytes()) {
+                return Err(EventError::ReservedOffset);
+            }
             return Ok(FeedEvent {
                 id: message_id.map(str::to_string),
                 recipients: vec![user],
                 payload: Bytes::copy_from_slice(text.trim().as_bytes()),
+                redelivered: false,
             });
         }
     }
@@ -224,6 +281,7 @@ mod tests {
                 id: id.map(str::to_string),
                 recipients: vec![],
                 payload: Bytes::copy_from_slice(payload.as_bytes()),
+                redelivered: false,
             };
             String::from_utf8(e.payload_with_id().to_vec()).unwrap()
         };
@@ -237,6 +295,22 @@ mod tests {
         let injected = with(r#"{"a":{"id":1}}"#, Some("x"));
         let v: serde_json::Value = serde_json::from_str(&injected).unwrap();
         assert_eq!(v, serde_json::json!({"id":"x","a":{"id":1}}));
+    }
+
+    #[test]
+    fn a_top_level_offset_is_refused() {
+        assert_eq!(
+            decode_recipients_body(br#"{"recipients":["1"],"payload":{"offset":3}}"#),
+            Err(EventError::ReservedOffset)
+        );
+        assert_eq!(
+            decode_message("feed.1", br#"{"a":1,"offset":3}"#, None),
+            Err(EventError::ReservedOffset)
+        );
+        assert!(decode_message("feed.1", br#"{"a":{"offset":3}}"#, None).is_ok());
+        assert!(
+            decode_recipients_body(br#"{"recipients":["1"],"payload":[{"offset":3}]}"#).is_ok()
+        );
     }
 
     #[test]
@@ -260,5 +334,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.id.as_deref(), Some("m2"));
+    }
+
+    #[test]
+    fn deliveries_always_get_a_stable_id() {
+        let a = decode_delivery("feed.42", br#"{"x":1}"#, None).unwrap();
+        let again = decode_delivery("feed.42", br#"{"x":1}"#, None).unwrap();
+        let id = a.id.clone().unwrap();
+        assert!(id.starts_with("h:") && id.len() == 34, "{id}");
+        assert_eq!(again.id, a.id, "a redelivery carries the same id");
+        let other_key = decode_delivery("feed.43", br#"{"x":1}"#, None).unwrap();
+        let other_body = decode_delivery("feed.42", br#"{"x":2}"#, None).unwrap();
+        assert_ne!(other_key.id, a.id);
+        assert_ne!(other_body.id, a.id);
+        // The body's id, then message_id, win over the hash.
+        let body = br#"{"recipients":["7"],"payload":{},"id":"b1"}"#;
+        assert_eq!(
+            decode_delivery("feed", body, Some("m"))
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("b1")
+        );
+        assert_eq!(
+            decode_delivery("feed.42", b"{}", Some("m"))
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("m")
+        );
+        assert!(decode_delivery("feed.42", b"{oops", None).is_err());
     }
 }

@@ -1,0 +1,240 @@
+//! Per-user feed history: the types of [`super::Backplane::append`] and
+//! [`super::Backplane::history`], their bounds, and the offset splice. Pure.
+//!
+//! Every feed event feedhub ingests is appended to its recipient's bounded history in the
+//! same atomic step that publishes it (Redis: one Lua script, `history.lua`; memory: one
+//! locked step), and gets the user's next **offset** (1, 2, 3, … with no holes). An
+//! **epoch** string names one history: it changes only when the history was lost (Redis
+//! restarted without persistence, the meta key expired or was flushed; a restarted
+//! embedded server), so "offset N of epoch E" names one event for as long as the history
+//! lives, and a recovery across a loss can never be reported complete.
+//!
+//! Clients see the offset as the top-level field `"offset"` of object payloads
+//! ([`splice_offset`], text splicing: the payload is never re-encoded); the epoch only in
+//! answers of the feed hub's `Recover` method.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// Default events kept per user (`--history-size`).
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// Default age of the oldest kept event (`--history-ttl-secs`).
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(900);
+/// Default largest number of events one `Recover` returns (`--recover-limit`).
+pub const DEFAULT_RECOVER_LIMIT: usize = 300;
+/// How far back a redelivered event is looked for (its id), in events.
+pub const REDELIVERY_SCAN: usize = 512;
+/// The least time a user's position (epoch and top offset) outlives its last event: a
+/// client that is caught up still gets `recovered: true` long after the events expired.
+pub const MIN_META_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Bounds and naming of the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Events kept per user; older ones are trimmed.
+    pub size: usize,
+    /// Events older than this are dropped (the Redis stream's EXPIRE is refreshed on every
+    /// append, so in Redis a user's whole history expires `ttl` after their last event).
+    pub ttl: Duration,
+    /// First part of the Redis keys: `<key_prefix>:{<userId>}:m` (epoch and top offset) and
+    /// `<key_prefix>:{<userId>}:h` (the events). The braces keep both in one cluster slot.
+    pub key_prefix: String,
+    /// The user channel the append publishes on is `<channel_prefix><userId>` (the feed
+    /// hub's `feed-<userId>`).
+    pub channel_prefix: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            size: DEFAULT_HISTORY_SIZE,
+            ttl: DEFAULT_HISTORY_TTL,
+            key_prefix: "feedhub".to_string(),
+            channel_prefix: "feed-".to_string(),
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// How long a user's position is kept after their last event: max(4 × ttl, 24 h).
+    pub fn meta_ttl(&self) -> Duration {
+        (self.ttl * 4).max(MIN_META_TTL)
+    }
+
+    /// The Redis key of `user`'s position (a hash: `e` epoch, `s` top offset).
+    pub fn meta_key(&self, user: &str) -> String {
+        format!("{}:{{{user}}}:m", self.key_prefix)
+    }
+
+    /// The Redis key of `user`'s events (a stream; entry id `<offset>-0`).
+    pub fn stream_key(&self, user: &str) -> String {
+        format!("{}:{{{user}}}:h", self.key_prefix)
+    }
+
+    /// The channel an append for `user` publishes on.
+    pub fn channel(&self, user: &str) -> super::Channel {
+        super::Channel::new(&format!("{}{user}", self.channel_prefix))
+    }
+}
+
+/// One event to append to one user's history (and publish on their channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedAppend {
+    /// The recipient.
+    pub user: String,
+    /// The event id (empty: none). A redelivered event with the same id is found again
+    /// instead of being appended twice.
+    pub id: String,
+    /// The payload's JSON text, the id already inserted (`FeedEvent::payload_with_id`).
+    pub payload: Bytes,
+    /// This event may have been appended before (a RabbitMQ redelivery): look for its id
+    /// among the newest [`REDELIVERY_SCAN`] events first.
+    pub redelivered: bool,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The event's offset in its user's history.
+    pub offset: u64,
+    /// The history's epoch.
+    pub epoch: Arc<str>,
+    /// The event was found already appended (redelivery): not stored or published again.
+    pub duplicate: bool,
+}
+
+/// A read of one user's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// The history's epoch.
+    pub epoch: Arc<str>,
+    /// The newest offset (0: nothing was ever appended in this epoch).
+    pub offset: u64,
+    /// The events asked for, oldest first: (offset, payload as appended, without offset).
+    pub events: Vec<(u64, Bytes)>,
+    /// The events are exactly `since+1 ..= offset`: nothing was trimmed, expired or cut by
+    /// the limit, and `since` is not ahead of the top. Always true for `since = None`.
+    pub complete: bool,
+}
+
+impl HistoryPage {
+    /// Computes `complete` for a read after `since` that returned `events` with the top at
+    /// `offset`.
+    pub fn is_complete(since: Option<u64>, offset: u64, events: &[(u64, Bytes)]) -> bool {
+        let Some(since) = since else {
+            return true;
+        };
+        if since > offset {
+            return false;
+        }
+        let want = offset - since;
+        events.len() as u64 == want && events.first().is_none_or(|(o, _)| *o == since + 1)
+    }
+}
+
+/// The payload as delivered: `"offset":<offset>` added as the last member when `payload` is
+/// a JSON object; `None` when it is not an object (then it is delivered unchanged). The
+/// text is spliced, not re-encoded, so numbers and key order survive. `payload` must be
+/// valid JSON (it was validated at ingest).
+pub fn splice_offset(payload: &[u8], offset: u64) -> Option<Bytes> {
+    let start = payload.iter().position(|b| !b.is_ascii_whitespace())?;
+    let end = payload.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if payload[start] != b'{' || payload[end] != b'}' || end <= start {
+        return None;
+    }
+    let inner_empty = payload[start + 1..end]
+        .iter()
+        .all(|b| b.is_ascii_whitespace());
+    let mut out = Vec::with_capacity(end - start + 32);
+    out.extend_from_slice(&payload[start..end]);
+    if !inner_empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"offset\":");
+    out.extend_from_slice(offset.to_string().as_bytes());
+    out.push(b'}');
+    Some(Bytes::from(out))
+}
+
+/// Whether a JSON object payload has a top-level `offset` member (reserved by feedhub:
+/// such events are refused at ingest). Non-objects and invalid JSON: false.
+pub fn has_reserved_offset(payload: &[u8]) -> bool {
+    let text = match std::str::from_utf8(payload) {
+        Ok(t) => t.trim_start(),
+        Err(_) => return false,
+    };
+    if !text.starts_with('{') {
+        return false;
+    }
+    serde_json::from_str::<
+        std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>,
+    >(text)
+    .is_ok_and(|keys| keys.contains_key("offset"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(b: Option<Bytes>) -> Option<String> {
+        b.map(|b| String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn offset_is_spliced_into_objects_only() {
+        assert_eq!(
+            s(splice_offset(br#"{"id":"e1","a":1}"#, 7)).as_deref(),
+            Some(r#"{"id":"e1","a":1,"offset":7}"#)
+        );
+        assert_eq!(
+            s(splice_offset(b" { } \n", 1)).as_deref(),
+            Some(r#"{"offset":1}"#)
+        );
+        assert_eq!(
+            s(splice_offset(b"{\"a\":{\"b\":[1,2]} }", u64::MAX)).as_deref(),
+            Some("{\"a\":{\"b\":[1,2]} ,\"offset\":18446744073709551615}")
+        );
+        for not_object in [&b"[1,2]"[..], b"\"text\"", b"12", b"null", b"", b"  "] {
+            assert_eq!(splice_offset(not_object, 3), None);
+        }
+        // Big numbers and key order survive (no re-encoding).
+        let big = br#"{"n":123456789012345678901234567890,"z":1,"a":2}"#;
+        let out = s(splice_offset(big, 2)).unwrap();
+        assert!(out.starts_with(r#"{"n":123456789012345678901234567890,"z":1,"a":2"#));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["offset"], 2);
+    }
+
+    #[test]
+    fn reserved_offset_is_detected() {
+        assert!(has_reserved_offset(br#"{"offset":1}"#));
+        assert!(has_reserved_offset(br#" {"a":1,"\u006ffset":1}"#));
+        assert!(!has_reserved_offset(br#"{"a":{"offset":1}}"#));
+        assert!(!has_reserved_offset(br#"[{"offset":1}]"#));
+        assert!(!has_reserved_offset(b"{oops"));
+    }
+
+    #[test]
+    fn completeness() {
+        let ev =
+            |r: std::ops::RangeInclusive<u64>| r.map(|o| (o, Bytes::new())).collect::<Vec<_>>();
+        assert!(HistoryPage::is_complete(None, 5, &ev(3..=5)));
+        assert!(HistoryPage::is_complete(Some(5), 5, &[]));
+        assert!(HistoryPage::is_complete(Some(2), 5, &ev(3..=5)));
+        assert!(!HistoryPage::is_complete(Some(1), 5, &ev(3..=5)), "trimmed");
+        assert!(!HistoryPage::is_complete(Some(6), 5, &[]), "ahead");
+        assert!(!HistoryPage::is_complete(Some(0), 5, &ev(1..=3)), "limited");
+        assert!(!HistoryPage::is_complete(Some(2), 5, &[]), "expired");
+    }
+
+    #[test]
+    fn keys_share_a_slot() {
+        let c = HistoryConfig::default();
+        assert_eq!(c.meta_key("42"), "feedhub:{42}:m");
+        assert_eq!(c.stream_key("42"), "feedhub:{42}:h");
+        assert_eq!(c.channel("42").as_str(), "feed-42");
+        assert_eq!(c.meta_ttl(), MIN_META_TTL);
+    }
+}
