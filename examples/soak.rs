@@ -47,6 +47,10 @@ struct Args {
     /// The control run: the stall user's client keeps reading.
     #[arg(long)]
     no_stall: bool,
+    /// Fault kinds to run, comma-separated: kill, redis, rabbit, cut, stall (`none`: no
+    /// faults; default: all).
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<String>>,
     /// The feedhub binary (default: `feedhub` next to this example's directory).
     #[arg(long)]
     binary: Option<PathBuf>,
@@ -84,6 +88,9 @@ fn main() -> anyhow::Result<()> {
         cfg.rate = r;
     }
     cfg.no_stall = args.no_stall;
+    if let Some(f) = args.faults {
+        cfg.faults = f;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -25,9 +25,9 @@ async fn server_with(f: impl FnOnce(&mut feedhub::hub::HubOptions)) -> Server {
         .method(
             "Flood",
             |c: HubContext, (n, size): (usize, usize)| async move {
-                let body = "f".repeat(size.min(1 << 20));
+                let body: std::sync::Arc<str> = "f".repeat(size.min(1 << 20)).into();
                 for _ in 0..n.min(100_000) {
-                    c.clients().caller().send("Bulk", (body.as_str(),)).await?;
+                    c.clients().caller().send("Bulk", (body.clone(),)).await?;
                 }
                 Ok::<_, HubError>(())
             },

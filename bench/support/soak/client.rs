@@ -135,6 +135,10 @@ pub struct ClientEnd {
     pub index: usize,
     /// Its check.
     pub track: Track,
+    /// Its last position (offset, epoch) and how many connections it made.
+    pub position: (Option<u64>, Option<String>),
+    /// Connections made.
+    pub connections: u64,
 }
 
 /// The hub-message side of a client: the recipe, the check and the pending `Recover`.
@@ -313,6 +317,8 @@ pub async fn run(ctx: Arc<Ctx>, index: usize) -> ClientEnd {
     logic.sync(&ctx);
     ClientEnd {
         index,
+        position: (logic.recipe.last, logic.recipe.epoch.clone()),
+        connections: logic.connection,
         track: logic.track,
     }
 }
@@ -619,6 +625,8 @@ async fn sse_loop(ctx: &Ctx, path: &str, tx: mpsc::Sender<anyhow::Result<Vec<u8>
                 text.extend_from_slice(&raw);
                 raw.clear();
             }
+            // Lines may end with CRLF; events end with a blank line.
+            text.retain(|b| *b != b'\r');
             // Whole events end with a blank line.
             while let Some(end) = text.windows(2).position(|w| w == b"\n\n") {
                 let event: Vec<u8> = text.drain(..end + 2).collect();

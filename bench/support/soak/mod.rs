@@ -102,6 +102,8 @@ pub struct Config {
     pub connect_rate: f64,
     /// Seconds to wait for every client to catch up after publishing stops.
     pub drain_secs: f64,
+    /// Which kinds of fault to run (`kill`, `redis`, `rabbit`, `cut`, `stall`); all by default.
+    pub faults: Vec<String>,
 }
 
 impl Config {
@@ -130,6 +132,10 @@ impl Config {
             source_ips: 16,
             connect_rate: 500.0,
             drain_secs: 60.0,
+            faults: ["kill", "redis", "rabbit", "cut", "stall"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 
@@ -191,6 +197,8 @@ pub struct FaultResult {
     /// From the start until recovered (see [`RECOVERED_LAG`]); `None` if it never did
     /// before the next fault.
     pub recover_secs: Option<f64>,
+    /// The state when the watcher gave up, if it never recovered.
+    pub not_recovered: Option<String>,
     /// Error of the action, if it failed.
     pub error: Option<String>,
 }
@@ -221,18 +229,32 @@ struct Env {
 
 /// The schedule of a run.
 pub fn schedule(cfg: &Config) -> Vec<(f64, Fault)> {
+    let on = |k: &str| cfg.faults.iter().any(|f| f == k);
     let mut faults = Vec::new();
-    if cfg.kill_all {
-        for i in 0..cfg.instances {
-            faults.push(Fault::Kill(i));
+    if on("kill") {
+        if cfg.kill_all {
+            for i in 0..cfg.instances {
+                faults.push(Fault::Kill(i));
+            }
+        } else {
+            faults.push(Fault::Kill(0));
         }
-    } else {
-        faults.push(Fault::Kill(0));
     }
-    faults.push(Fault::RedisRestart);
-    faults.push(Fault::RabbitRestart);
-    faults.push(Fault::Cut(cfg.instances.saturating_sub(1).min(1)));
-    faults.push(Fault::Stall);
+    if on("redis") {
+        faults.push(Fault::RedisRestart);
+    }
+    if on("rabbit") {
+        faults.push(Fault::RabbitRestart);
+    }
+    if on("cut") {
+        faults.push(Fault::Cut(cfg.instances.saturating_sub(1).min(1)));
+    }
+    if on("stall") {
+        faults.push(Fault::Stall);
+    }
+    if faults.is_empty() {
+        return Vec::new();
+    }
     let span = (cfg.duration_secs - cfg.warmup_secs - cfg.cooldown_secs).max(1.0);
     let step = span / faults.len() as f64;
     faults
@@ -455,8 +477,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
             break;
         }
         if Instant::now() > deadline {
+            let down: Vec<String> = ctx
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.connected.load(Ordering::Relaxed))
+                .take(5)
+                .map(|(i, s)| format!("{i} ({:?})", s.transport))
+                .collect();
             bail!(
-                "only {connected}/{} clients connected after 60 s; last error: {:?}",
+                "only {connected}/{} clients connected after 60 s (not: {down:?}…); last error: {:?}",
                 cfg.clients,
                 stats.last_connect_error.lock().unwrap_or_else(|p| p.into_inner())
             );
@@ -517,7 +547,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
 
     // The schedule, relative to t0.
     let plan = schedule(&cfg);
-    let mut results: Vec<FaultResult> = Vec::new();
+    let mut pending = Vec::new();
     let mut phase_bounds: Vec<(String, f64)> = vec![("warm-up".into(), t0)];
     for (n, (at, fault)) in plan.iter().enumerate() {
         let start_at = t0 + at;
@@ -528,27 +558,36 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         stats.phase.store(n + 1, Ordering::SeqCst);
         phase_bounds.push((fault.name(), start));
         eprintln!("soak: {:>6.1}s {}", start - t0, fault.name());
-        // The fault runs while a watcher measures recovery.
+        // The fault runs while a watcher measures recovery (it keeps watching while the
+        // next faults run, up to 30 s past the next one's start).
         let action_done = Arc::new(AtomicBool::new(false));
         let watcher = {
             let ctx = ctx.clone();
             let stats = stats.clone();
             let done = action_done.clone();
-            let next_at = plan.get(n + 1).map(|(a, _)| t0 + a).unwrap_or(t0 + cfg.duration_secs);
+            let next_at = plan
+                .get(n + 1)
+                .map(|(a, _)| t0 + a)
+                .unwrap_or(t0 + cfg.duration_secs);
             let clients = cfg.clients;
             tokio::spawn(async move {
                 // Give the fault a moment to be noticed before looking for recovery.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 loop {
                     let now = stats.secs();
-                    if now > next_at + 30.0 {
-                        return None;
+                    let (worst, connected) = lag(&ctx, now_micros());
+                    if done.load(Ordering::SeqCst)
+                        && connected == clients
+                        && worst < RECOVERED_LAG.as_micros() as u64
+                    {
+                        return Ok(now);
                     }
-                    if done.load(Ordering::SeqCst) {
-                        let (worst, connected) = lag(&ctx, now_micros());
-                        if connected == clients && worst < RECOVERED_LAG.as_micros() as u64 {
-                            return Some(now);
-                        }
+                    if now > next_at + 30.0 {
+                        return Err(format!(
+                            "at {:.1}s: {connected}/{clients} connected, the furthest client {:.1}s behind",
+                            now - start,
+                            worst as f64 / 1e6
+                        ));
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -557,24 +596,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         let r = do_fault(&cfg, &mut env, &ctx, fault).await;
         let action_secs = stats.secs() - start;
         action_done.store(true, Ordering::SeqCst);
-        let recovered = watcher.await.ok().flatten();
         if let Err(e) = &r {
             eprintln!("soak: fault {} failed: {e:#}", fault.name());
         }
-        let res = FaultResult {
-            name: fault.name(),
-            at: start - t0,
-            action_secs,
-            recover_secs: recovered.map(|t| t - start),
-            error: r.err().map(|e| format!("{e:#}")),
-        };
-        eprintln!(
-            "soak:        recovered after {}",
-            res.recover_secs
-                .map(|s| format!("{s:.2}s"))
-                .unwrap_or_else(|| "NEVER".into())
-        );
-        results.push(res);
+        pending.push((
+            FaultResult {
+                name: fault.name(),
+                at: start - t0,
+                action_secs,
+                recover_secs: None,
+                not_recovered: None,
+                error: r.err().map(|e| format!("{e:#}")),
+            },
+            start,
+            watcher,
+        ));
     }
     let publish_until = t0 + cfg.duration_secs;
     while stats.secs() < publish_until {
@@ -600,6 +636,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let drained_after = stats.secs() - published_until;
+    let mut results: Vec<FaultResult> = Vec::new();
+    for (mut res, start, watcher) in pending {
+        match watcher.await {
+            Ok(Ok(at)) => res.recover_secs = Some(at - start),
+            Ok(Err(state)) => res.not_recovered = Some(state),
+            Err(e) => res.not_recovered = Some(format!("watcher failed: {e}")),
+        }
+        eprintln!(
+            "soak: {} recovered after {}",
+            res.name,
+            res.recover_secs
+                .map(|s| format!("{s:.2}s"))
+                .unwrap_or_else(|| format!("NEVER ({})", res.not_recovered.clone().unwrap_or_default()))
+        );
+        results.push(res);
+    }
     ctx.stop.cancel();
     let mut ends = Vec::with_capacity(handles.len());
     for h in handles {
@@ -611,8 +663,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
     sampler_stop.cancel();
     let _ = sampler.await;
 
-    // Slow-consumer closes per instance (counters of the current processes).
+    // Slow-consumer closes per instance (counters of the current processes), and each
+    // instance's /metrics for the record.
     let mut slow = Vec::new();
+    let mut counters = std::collections::BTreeMap::new();
     for inst in &env.instances {
         let inst = inst.lock().await;
         slow.push(
@@ -620,6 +674,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
                 .await
                 .unwrap_or(-1.0),
         );
+        if let Some(text) = inst.metrics_text().await {
+            let _ = std::fs::write(cfg.dir.join(format!("instance-{}.metrics.txt", inst.index + 1)), &text);
+        }
+        for name in [
+            "feedhub_gap_repairs_total",
+            "feedhub_gap_repaired_events_total",
+            "feedhub_gap_lost_events_total",
+            "feedhub_recover_total",
+            "feedhub_feed_duplicates_dropped_total",
+            "feedhub_history_duplicates_total",
+            "feedhub_backplane_dropped_total",
+            "feedhub_outbound_dropped_total",
+        ] {
+            if let Some(v) = inst.metric(name).await {
+                *counters.entry(name.to_string()).or_insert(0.0) += v;
+            }
+        }
     }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
@@ -641,8 +712,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
             lost_clients += 1;
             if tail_examples.len() < 10 {
                 tail_examples.push(format!(
-                    "client {} ({:?}) of {}: last k {} of {confirmed} confirmed, {missing} missing in between",
-                    end.index, slot.transport, end.track.user, end.track.last_k
+                    "client {} ({:?}, {} connections, position {:?}) of {}: last k {} of {confirmed} confirmed, {missing} missing in between",
+                    end.index, slot.transport, end.connections, end.position, end.track.user, end.track.last_k
                 ));
             }
         }
@@ -675,6 +746,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         phase_bounds,
         t0,
         slow_consumer_closes: slow,
+        instance_counters: counters,
+        confirm_ms: oracle.confirm_summary(),
         stall_closes: stats.stall_closes.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         stall_connects: stats.stall_connects.load(Ordering::Relaxed),
         load_before: load_before.trim().to_string(),

@@ -401,6 +401,23 @@ impl Instance {
         }
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        let req = format!(
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        let (status, body) = tokio::time::timeout(
+            Duration::from_secs(5),
+            super::signalr::http_once(&mut s, req.as_bytes()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        (status == 200).then(|| String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// `GET /metrics` and the value of one counter (summed over label sets).
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;

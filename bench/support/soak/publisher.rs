@@ -49,6 +49,8 @@ pub struct Oracle {
     pub failures: AtomicU64,
     /// The last failure.
     pub last_error: Mutex<Option<String>>,
+    /// Publish → all confirmed, per batch (µs).
+    confirm: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl Oracle {
@@ -70,6 +72,10 @@ impl Oracle {
             republished_events: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            confirm: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                    .expect("histogram bounds"),
+            ),
         }
     }
 
@@ -104,6 +110,16 @@ impl Oracle {
         let mut v = self.times[u].lock().unwrap_or_else(|p| p.into_inner());
         v.push(t);
         v.len() as u64
+    }
+
+    /// Publish → confirm per batch, ms: (p50, p99, max).
+    pub fn confirm_summary(&self) -> (f64, f64, f64) {
+        let h = self.confirm.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.max() as f64 / 1000.0,
+        )
     }
 
     fn fail(&self, e: impl std::fmt::Display) {
@@ -231,8 +247,16 @@ pub async fn run(plan: PublishPlan, oracle: std::sync::Arc<Oracle>, stop: std::s
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
             attempt += 1;
+            let sent = Instant::now();
             match publish(ch, &plan.exchange, &batch).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    let _ = oracle
+                        .confirm
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .record(sent.elapsed().as_micros().max(1) as u64);
+                    break;
+                }
                 Err(e) => {
                     oracle.fail(format!("publish: {e:#}"));
                     if let Some(c) = channel.take() {

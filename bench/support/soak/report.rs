@@ -54,6 +54,11 @@ pub struct Summary {
     pub t0: f64,
     /// `feedhub_slow_consumer_closes_total` per instance at the end (current process).
     pub slow_consumer_closes: Vec<f64>,
+    /// Selected counters summed over the instances' current processes (after restarts,
+    /// only since their last start).
+    pub instance_counters: BTreeMap<String, f64>,
+    /// Publish → confirm time per batch (ms): p50, p99, max.
+    pub confirm_ms: (f64, f64, f64),
     /// Close reasons the stalled client read.
     pub stall_closes: Vec<String>,
     /// Connections the stalled client opened.
@@ -247,7 +252,10 @@ fn markdown(
                 match (&f.error, f.recover_secs) {
                     (Some(e), _) => format!("failed: {e}"),
                     (None, Some(r)) => format!("{r:.2}"),
-                    (None, None) => "never".into(),
+                    (None, None) => format!(
+                        "never ({})",
+                        f.not_recovered.as_deref().unwrap_or("")
+                    ),
                 },
             ),
             None => (
@@ -313,6 +321,18 @@ fn markdown(
         );
     }
     let _ = writeln!(out, "\n(Per-second samples are in `soak.json`.)\n");
+    let _ = writeln!(
+        out,
+        "RabbitMQ publish → confirm per batch: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms. Instance counters (current processes): {}.\n",
+        s.confirm_ms.0,
+        s.confirm_ms.1,
+        s.confirm_ms.2,
+        s.instance_counters
+            .iter()
+            .map(|(k, v)| format!("`{k}` {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if let Some(p) = plot {
         let _ = writeln!(out, "![delivery latency over time]({p})\n");
     }
