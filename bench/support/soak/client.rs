@@ -571,8 +571,9 @@ async fn post(ctx: &Ctx, path: &str, frame: &str) -> anyhow::Result<()> {
 /// Long Polling: polls until the connection ends, feeding bodies to `tx`.
 async fn poll_loop(ctx: &Ctx, path: &str, tx: mpsc::Sender<anyhow::Result<Vec<u8>>>) {
     loop {
+        // `@microsoft/signalr`'s poll timeout.
         let r = tokio::time::timeout(
-            Duration::from_secs(120),
+            Duration::from_secs(100),
             http_request(ctx, "GET", path, "", b""),
         )
         .await;
@@ -718,6 +719,11 @@ async fn http_session(ctx: &Ctx, logic: &mut Logic) -> anyhow::Result<End> {
             _ = &mut reader, if !reader_done => { reader_done = true; continue; }
             item = rx.recv() => item,
             _ = tokio::time::sleep(Duration::from_millis(60)), if !handshake_sent => continue,
+            // As `@microsoft/signalr`: no message (the server pings every 15 s) for the
+            // server timeout ends an SSE connection; Long Polling has no such timeout.
+            _ = tokio::time::sleep(SERVER_TIMEOUT), if logic.transport == Transport::Sse => {
+                return Ok(End::Lost("server timeout (30 s without a message)".into()));
+            }
         };
         let bytes = match item {
             Some(Ok(b)) => b,

@@ -367,12 +367,7 @@ async fn do_fault(cfg: &Config, env: &mut Env, ctx: &client::Ctx, fault: &Fault)
             *env.pids[*i].lock().unwrap_or_else(|p| p.into_inner()) = inst.pid();
             Ok(())
         }
-        Fault::RedisRestart => {
-            let redis_pid = env.redis.pid();
-            env.redis.restart().await?;
-            let _ = redis_pid;
-            Ok(())
-        }
+        Fault::RedisRestart => env.redis.restart().await,
         Fault::RabbitRestart => env.rabbit.restart_app().await,
         Fault::Cut(i) => {
             env.cuts[*i]

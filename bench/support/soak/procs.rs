@@ -261,7 +261,7 @@ impl Rabbit {
             env,
             child: Some(child),
         };
-        wait_port(port, "RabbitMQ", Duration::from_secs(90)).await?;
+        wait_port(port, "RabbitMQ", Duration::from_secs(240)).await?;
         Ok(r)
     }
 

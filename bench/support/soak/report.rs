@@ -435,7 +435,7 @@ fn plot(path: &Path, per_second: &[(f64, f64, f64)], s: &Summary) -> anyhow::Res
         )))?;
         let y = y_max / (1.6f64).powi(1 + (i % 4) as i32);
         chart.draw_series(std::iter::once(Text::new(
-            format!("{}", f.name),
+            f.name.clone(),
             (f.at + 0.5, y),
             ("sans-serif", 13).into_font().color(&grey),
         )))?;
