@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 fn is_ci() -> bool {
     matches!(
-        std::env::var("CI").map(|v| v.to_ascii_lowercase()).as_deref(),
+        std::env::var("CI")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref(),
         Ok("true") | Ok("1") | Ok("yes")
     )
 }

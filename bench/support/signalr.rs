@@ -83,7 +83,10 @@ pub async fn http_once(stream: &mut TcpStream, request: &[u8]) -> anyhow::Result
         if let Some(head) = parse_response_head(&buf)? {
             if let Some(len) = head.content_length {
                 if buf.len() >= head.body_start + len {
-                    return Ok((head.status, buf[head.body_start..head.body_start + len].to_vec()));
+                    return Ok((
+                        head.status,
+                        buf[head.body_start..head.body_start + len].to_vec(),
+                    ));
                 }
             }
         }
@@ -190,7 +193,11 @@ pub async fn ws_connect(
 
 /// Upgrades `path_and_query` over an already connected stream (one whose socket options the
 /// caller set, e.g. a small receive buffer).
-pub async fn ws_upgrade(stream: TcpStream, ep: &Endpoint, path_and_query: &str) -> anyhow::Result<Ws> {
+pub async fn ws_upgrade(
+    stream: TcpStream,
+    ep: &Endpoint,
+    path_and_query: &str,
+) -> anyhow::Result<Ws> {
     let url = format!("ws://{}{}", ep.host, path_and_query);
     let (ws, _) =
         tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())).await?;
@@ -267,10 +274,15 @@ pub fn connect_path(ep: &Endpoint, token: &str, jwt: &str) -> String {
 
 /// Sends the handshake request (`version` 2 for stateful reconnect) and waits for the
 /// response; returns what followed it in the same frames.
-pub async fn ws_handshake(ws: &mut Ws, protocol: ProtocolKind, version: u32) -> anyhow::Result<BytesMut> {
+pub async fn ws_handshake(
+    ws: &mut Ws,
+    protocol: ProtocolKind,
+    version: u32,
+) -> anyhow::Result<BytesMut> {
     let mut hs = Vec::new();
     handshake::write_request(protocol.name(), version, &mut hs);
-    ws.send(Message::Text(String::from_utf8(hs)?.into())).await?;
+    ws.send(Message::Text(String::from_utf8(hs)?.into()))
+        .await?;
     let mut buf = BytesMut::new();
     loop {
         let msg = ws

@@ -246,7 +246,14 @@ impl Recipe {
     }
 
     /// A live `FeedUpdated` event.
-    pub fn on_live(&mut self, ev: Ev, track: &mut Track, now_us: u64, rec: &dyn Record, ctx: &str) -> Next {
+    pub fn on_live(
+        &mut self,
+        ev: Ev,
+        track: &mut Track,
+        now_us: u64,
+        rec: &dyn Record,
+        ctx: &str,
+    ) -> Next {
         let Some(offset) = ev.offset else {
             track.apply(&ev, Kind::Live, now_us, rec, ctx);
             return Next::Nothing;
@@ -277,7 +284,10 @@ impl Recipe {
         }
         self.recovering = true;
         self.repairing = true;
-        Next::Recover(Some((self.last.unwrap_or(0), self.epoch.clone().unwrap_or_default())))
+        Next::Recover(Some((
+            self.last.unwrap_or(0),
+            self.epoch.clone().unwrap_or_default(),
+        )))
     }
 
     fn push_stash(&mut self, offset: u64, ev: Ev) {
@@ -327,7 +337,11 @@ impl Recipe {
     ) -> Next {
         self.recovering = false;
         let repairing = self.repairing;
-        let kind = if repairing { Kind::Repaired } else { Kind::Initial };
+        let kind = if repairing {
+            Kind::Repaired
+        } else {
+            Kind::Initial
+        };
         let epoch_changed = self.epoch.as_deref().is_some_and(|e| e != r.epoch);
         if !r.recovered || (epoch_changed && repairing) {
             // The app reloads its feed from its own API and takes the returned position.
@@ -350,12 +364,18 @@ impl Recipe {
             let ev: Ev = match serde_json::from_value(v) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    rec.violation(&track.user, format!("Recover returned an event that is not the soak's: {e}; {ctx}"));
+                    rec.violation(
+                        &track.user,
+                        format!("Recover returned an event that is not the soak's: {e}; {ctx}"),
+                    );
                     continue;
                 }
             };
             let Some(o) = ev.offset else {
-                rec.violation(&track.user, format!("Recover returned event {} without an offset; {ctx}", ev.id));
+                rec.violation(
+                    &track.user,
+                    format!("Recover returned event {} without an offset; {ctx}", ev.id),
+                );
                 continue;
             };
             match self.last {
@@ -379,7 +399,10 @@ impl Recipe {
                 }
                 rec.violation(
                     &track.user,
-                    format!("Recover keeps stopping at {l} short of its position {}; {ctx}", r.offset),
+                    format!(
+                        "Recover keeps stopping at {l} short of its position {}; {ctx}",
+                        r.offset
+                    ),
                 );
                 self.last = Some(r.offset);
             }
@@ -465,37 +488,81 @@ mod tests {
         let mut t = Track::new("u".into());
         let mut r = Recipe::default();
         assert_eq!(r.on_connect(), Next::Recover(None));
-        let first = Recovered { events: vec![val(1, 10), val(2, 11)], recovered: true, offset: 11, epoch: "e".into() };
+        let first = Recovered {
+            events: vec![val(1, 10), val(2, 11)],
+            recovered: true,
+            offset: 11,
+            epoch: "e".into(),
+        };
         assert_eq!(r.on_recovered(first, &mut t, 0, &log, ""), Next::Nothing);
-        assert_eq!(r.on_live(ev(3, Some(12)), &mut t, 0, &log, ""), Next::Nothing);
-        assert_eq!(r.on_live(ev(3, Some(12)), &mut t, 0, &log, ""), Next::Nothing);
+        assert_eq!(
+            r.on_live(ev(3, Some(12)), &mut t, 0, &log, ""),
+            Next::Nothing
+        );
+        assert_eq!(
+            r.on_live(ev(3, Some(12)), &mut t, 0, &log, ""),
+            Next::Nothing
+        );
         assert_eq!(*log.odups.borrow(), 1);
         // 13 is lost on the wire; 14 arrives: stash and recover from 12.
-        assert_eq!(r.on_live(ev(5, Some(14)), &mut t, 0, &log, ""), Next::Recover(Some((12, "e".into()))));
-        let rep = Recovered { events: vec![val(4, 13), val(5, 14)], recovered: true, offset: 14, epoch: "e".into() };
+        assert_eq!(
+            r.on_live(ev(5, Some(14)), &mut t, 0, &log, ""),
+            Next::Recover(Some((12, "e".into())))
+        );
+        let rep = Recovered {
+            events: vec![val(4, 13), val(5, 14)],
+            recovered: true,
+            offset: 14,
+            epoch: "e".into(),
+        };
         assert_eq!(r.on_recovered(rep, &mut t, 0, &log, ""), Next::Nothing);
         assert_eq!(t.last_k, 5);
         assert_eq!(t.missing(), 0);
-        assert!(log.violations.borrow().is_empty(), "{:?}", log.violations.borrow());
+        assert!(
+            log.violations.borrow().is_empty(),
+            "{:?}",
+            log.violations.borrow()
+        );
         assert_eq!(*log.repaired.borrow(), 1);
         // A reconnect recovers from the position.
         r.on_disconnect();
         assert_eq!(r.on_connect(), Next::Recover(Some((14, "e".into()))));
         // A live event during the call is stashed and applied after the result.
-        assert_eq!(r.on_live(ev(7, Some(16)), &mut t, 0, &log, ""), Next::Nothing);
-        let rep = Recovered { events: vec![val(6, 15)], recovered: true, offset: 15, epoch: "e".into() };
+        assert_eq!(
+            r.on_live(ev(7, Some(16)), &mut t, 0, &log, ""),
+            Next::Nothing
+        );
+        let rep = Recovered {
+            events: vec![val(6, 15)],
+            recovered: true,
+            offset: 15,
+            epoch: "e".into(),
+        };
         assert_eq!(r.on_recovered(rep, &mut t, 0, &log, ""), Next::Nothing);
         assert_eq!(t.last_k, 7);
-        assert!(log.violations.borrow().is_empty(), "{:?}", log.violations.borrow());
+        assert!(
+            log.violations.borrow().is_empty(),
+            "{:?}",
+            log.violations.borrow()
+        );
     }
 
     #[test]
     fn recovered_false_is_a_reload_and_reported() {
         let log = Log::default();
         let mut t = Track::new("u".into());
-        let mut r = Recipe { last: Some(5), epoch: Some("a".into()), ..Recipe::default() };
+        let mut r = Recipe {
+            last: Some(5),
+            epoch: Some("a".into()),
+            ..Recipe::default()
+        };
         let _ = r.on_connect();
-        let rep = Recovered { events: vec![], recovered: false, offset: 2, epoch: "b".into() };
+        let rep = Recovered {
+            events: vec![],
+            recovered: false,
+            offset: 2,
+            epoch: "b".into(),
+        };
         assert_eq!(r.on_recovered(rep, &mut t, 0, &log, ""), Next::Nothing);
         assert_eq!(t.reloads, 1);
         assert_eq!(log.violations.borrow().len(), 1);

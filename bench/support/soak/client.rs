@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::checker::{Ev, Next, Recipe, Recovered, Record, Track};
+use super::checker::{Ev, Next, Recipe, Record, Recovered, Track};
 use super::now_micros;
 use super::publisher::Oracle;
 use super::signalr::{self, Endpoint, Ws};
@@ -225,14 +225,20 @@ impl Logic {
                 match ev {
                     Some(Ok(ev)) => {
                         let ctxt = self.context();
-                        let next = self.recipe.on_live(ev, &mut self.track, now_micros(), rec, &ctxt);
+                        let next =
+                            self.recipe
+                                .on_live(ev, &mut self.track, now_micros(), rec, &ctxt);
                         self.recover_frame(next)
                     }
                     _ => {
                         ctx.stats.malformed.fetch_add(1, Ordering::Relaxed);
                         rec.violation(
                             &self.track.user,
-                            format!("a FeedUpdated argument is not a soak event: {:?}; {}", inv.arguments.first(), self.context()),
+                            format!(
+                                "a FeedUpdated argument is not a soak event: {:?}; {}",
+                                inv.arguments.first(),
+                                self.context()
+                            ),
                         );
                         None
                     }
@@ -244,19 +250,34 @@ impl Logic {
                 match done.result {
                     CompletionResult::Value(v) => match v.decode::<Recovered>() {
                         Ok(r) => {
-                            let next = self.recipe.on_recovered(r, &mut self.track, now_micros(), rec, &ctxt);
+                            let next = self.recipe.on_recovered(
+                                r,
+                                &mut self.track,
+                                now_micros(),
+                                rec,
+                                &ctxt,
+                            );
                             self.recover_frame(next)
                         }
                         Err(e) => {
-                            rec.violation(&self.track.user, format!("Recover result not understood: {e}; {ctxt}"));
-                            self.recipe.on_no_history(&mut self.track, now_micros(), rec, &ctxt);
+                            rec.violation(
+                                &self.track.user,
+                                format!("Recover result not understood: {e}; {ctxt}"),
+                            );
+                            self.recipe
+                                .on_no_history(&mut self.track, now_micros(), rec, &ctxt);
                             None
                         }
                     },
-                    CompletionResult::Error(e) if e.contains("does not exist") || e.contains("Unknown") || e.contains("not found") => {
+                    CompletionResult::Error(e)
+                        if e.contains("does not exist")
+                            || e.contains("Unknown")
+                            || e.contains("not found") =>
+                    {
                         // A server without history: the recipe applies events as they come
                         // (gaps cannot be repaired and will show as violations).
-                        self.recipe.on_no_history(&mut self.track, now_micros(), rec, &ctxt);
+                        self.recipe
+                            .on_no_history(&mut self.track, now_micros(), rec, &ctxt);
                         None
                     }
                     CompletionResult::Error(e) => {
@@ -265,7 +286,10 @@ impl Logic {
                         None
                     }
                     CompletionResult::Void => {
-                        rec.violation(&self.track.user, format!("Recover completed without a result; {ctxt}"));
+                        rec.violation(
+                            &self.track.user,
+                            format!("Recover completed without a result; {ctxt}"),
+                        );
                         self.recipe.recovering = false;
                         None
                     }
@@ -389,7 +413,11 @@ async fn ws_session(ctx: &Ctx, logic: &mut Logic) -> anyhow::Result<End> {
             };
             match msg {
                 HubMessage::Ack(a) => {
-                    while seq.unacked.front().is_some_and(|(id, _)| *id <= a.sequence_id) {
+                    while seq
+                        .unacked
+                        .front()
+                        .is_some_and(|(id, _)| *id <= a.sequence_id)
+                    {
                         seq.unacked.pop_front();
                     }
                 }
@@ -490,7 +518,10 @@ async fn ws_session(ctx: &Ctx, logic: &mut Logic) -> anyhow::Result<End> {
                 slot.connected.store(true, Ordering::Relaxed);
             }
             None => {
-                ctx.stats.now().resume_failures.fetch_add(1, Ordering::Relaxed);
+                ctx.stats
+                    .now()
+                    .resume_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 return Ok(End::Lost("resume failed".into()));
             }
         }
@@ -503,8 +534,10 @@ async fn resume(ctx: &Ctx, path: &str, seq: &Seq) -> anyhow::Result<(Ws, BytesMu
     let attempt = async {
         let mut ws = signalr::ws_connect(ctx.source_ip(), &ctx.ep, path).await?;
         let first = seq.unacked.front().map_or(seq.sent + 1, |(id, _)| *id);
-        ws.send(ws_text(format!("{{\"type\":9,\"sequenceId\":{first}}}\u{1e}")))
-            .await?;
+        ws.send(ws_text(format!(
+            "{{\"type\":9,\"sequenceId\":{first}}}\u{1e}"
+        )))
+        .await?;
         for (_, f) in &seq.unacked {
             ws.send(ws_text(f.clone())).await?;
         }
@@ -681,7 +714,10 @@ async fn http_session(ctx: &Ctx, logic: &mut Logic) -> anyhow::Result<End> {
                         Ok(Ok((200, _))) => poll_loop(ctx2, &path, tx).await,
                         Ok(Ok((s, b))) => {
                             let _ = tx
-                                .send(Err(anyhow!("first poll: HTTP {s}: {}", String::from_utf8_lossy(&b))))
+                                .send(Err(anyhow!(
+                                    "first poll: HTTP {s}: {}",
+                                    String::from_utf8_lossy(&b)
+                                )))
                                 .await;
                         }
                         Ok(Err(e)) => {
@@ -802,7 +838,11 @@ pub async fn stalled_client(ctx: Arc<Ctx>, user: String) {
                 }
                 while let Ok(Some(msg)) = ProtocolKind::Json.decode(&mut buf, MAX_MESSAGE) {
                     if let HubMessage::Close(c) = msg {
-                        let mut v = ctx.stats.stall_closes.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut v = ctx
+                            .stats
+                            .stall_closes
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
                         if v.len() < 100 {
                             v.push(c.error.unwrap_or_else(|| "(no error)".into()));
                         }

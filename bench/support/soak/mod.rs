@@ -268,9 +268,14 @@ async fn ready(port: u16) -> bool {
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return false;
     };
-    let req = format!("GET /readyz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    let req =
+        format!("GET /readyz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
     matches!(
-        tokio::time::timeout(Duration::from_secs(3), signalr::http_once(&mut s, req.as_bytes())).await,
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            signalr::http_once(&mut s, req.as_bytes())
+        )
+        .await,
         Ok(Ok((200, _)))
     )
 }
@@ -292,7 +297,10 @@ async fn start_env(cfg: &Config, run: &str) -> anyhow::Result<Env> {
     let redis = Redis::start(&cfg.dir.join("redis")).await?;
     eprintln!("soak: redis-server on port {} (AOF always)", redis.port);
     let rabbit = Rabbit::start(&cfg.dir.join("rabbitmq")).await?;
-    eprintln!("soak: RabbitMQ node {} on port {}", rabbit.node, rabbit.port);
+    eprintln!(
+        "soak: RabbitMQ node {} on port {}",
+        rabbit.node, rabbit.port
+    );
     let mut cuts = Vec::new();
     let mut instances = Vec::new();
     let mut pids = Vec::new();
@@ -333,7 +341,10 @@ async fn start_env(cfg: &Config, run: &str) -> anyhow::Result<Env> {
         let port = inst.lock().await.port;
         while !ready(port).await {
             if Instant::now() > deadline {
-                bail!("instance on port {port} not ready after 60 s (see its log in {})", cfg.dir.display());
+                bail!(
+                    "instance on port {port} not ready after 60 s (see its log in {})",
+                    cfg.dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -353,7 +364,12 @@ async fn start_env(cfg: &Config, run: &str) -> anyhow::Result<Env> {
     })
 }
 
-async fn do_fault(cfg: &Config, env: &mut Env, ctx: &client::Ctx, fault: &Fault) -> anyhow::Result<()> {
+async fn do_fault(
+    cfg: &Config,
+    env: &mut Env,
+    ctx: &client::Ctx,
+    fault: &Fault,
+) -> anyhow::Result<()> {
     match fault {
         Fault::Kill(i) => {
             {
@@ -534,7 +550,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
                     let pid = *p.lock().unwrap_or_else(|e| e.into_inner());
                     let (rss_kib, fds) = pid.and_then(procs::rss_and_fds).unwrap_or((0, 0));
                     let cpu_secs = pid.map(procs::cpu_secs).unwrap_or(0.0);
-                    v.push(ProcSample { t, instance: i, rss_kib, fds, cpu_secs });
+                    v.push(ProcSample {
+                        t,
+                        instance: i,
+                        rss_kib,
+                        fds,
+                        cpu_secs,
+                    });
                 }
             }
         })
@@ -643,7 +665,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
             res.name,
             res.recover_secs
                 .map(|s| format!("{s:.2}s"))
-                .unwrap_or_else(|| format!("NEVER ({})", res.not_recovered.clone().unwrap_or_default()))
+                .unwrap_or_else(|| format!(
+                    "NEVER ({})",
+                    res.not_recovered.clone().unwrap_or_default()
+                ))
         );
         results.push(res);
     }
@@ -670,7 +695,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
                 .unwrap_or(-1.0),
         );
         if let Some(text) = inst.metrics_text().await {
-            let _ = std::fs::write(cfg.dir.join(format!("instance-{}.metrics.txt", inst.index + 1)), &text);
+            let _ = std::fs::write(
+                cfg.dir
+                    .join(format!("instance-{}.metrics.txt", inst.index + 1)),
+                &text,
+            );
         }
         for name in [
             "feedhub_gap_repairs_total",
@@ -719,9 +748,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         config: cfg.clone(),
         clients_finished: finished,
         transports: [
-            ("WebSockets", ctx.slots.iter().filter(|s| s.transport == Transport::WebSockets).count()),
-            ("LongPolling", ctx.slots.iter().filter(|s| s.transport == Transport::LongPolling).count()),
-            ("SSE", ctx.slots.iter().filter(|s| s.transport == Transport::Sse).count()),
+            (
+                "WebSockets",
+                ctx.slots
+                    .iter()
+                    .filter(|s| s.transport == Transport::WebSockets)
+                    .count(),
+            ),
+            (
+                "LongPolling",
+                ctx.slots
+                    .iter()
+                    .filter(|s| s.transport == Transport::LongPolling)
+                    .count(),
+            ),
+            (
+                "SSE",
+                ctx.slots
+                    .iter()
+                    .filter(|s| s.transport == Transport::Sse)
+                    .count(),
+            ),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), *v))
@@ -733,7 +780,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         applied,
         lost,
         lost_clients,
-        out_of_order: stats.phases.iter().map(|p| p.out_of_order.load(Ordering::Relaxed)).sum(),
+        out_of_order: stats
+            .phases
+            .iter()
+            .map(|p| p.out_of_order.load(Ordering::Relaxed))
+            .sum(),
         violations: stats.violations.load(Ordering::Relaxed),
         reloads,
         drained_after_secs: drained_after,
@@ -743,7 +794,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         slow_consumer_closes: slow,
         instance_counters: counters,
         confirm_ms: oracle.confirm_summary(),
-        stall_closes: stats.stall_closes.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        stall_closes: stats
+            .stall_closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
         stall_connects: stats.stall_connects.load(Ordering::Relaxed),
         load_before: load_before.trim().to_string(),
         load_after: load_after.trim().to_string(),
@@ -758,8 +813,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
             .collect(),
         lost_examples: tail_examples,
         connect_failures: stats.connect_failures.load(Ordering::Relaxed),
-        last_connect_error: stats.last_connect_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        publish_last_error: oracle.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        last_connect_error: stats
+            .last_connect_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+        publish_last_error: oracle
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     };
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let value = report::write(&cfg.dir, &summary, &stats, &samples)

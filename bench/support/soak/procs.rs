@@ -206,7 +206,10 @@ impl Rabbit {
         }
         let cookie = home.join(".erlang.cookie");
         if !cookie.exists() {
-            std::fs::write(&cookie, format!("SOAK{}COOKIE", feedhub::ids::random_token()))?;
+            std::fs::write(
+                &cookie,
+                format!("SOAK{}COOKIE", feedhub::ids::random_token()),
+            )?;
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
@@ -438,7 +441,9 @@ impl Instance {
         let text = String::from_utf8_lossy(&body);
         let mut total = None;
         for l in text.lines() {
-            if l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')) {
+            if l.starts_with(name)
+                && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+            {
                 if let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
                     *total.get_or_insert(0.0) += v;
                 }

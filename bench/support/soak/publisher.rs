@@ -91,7 +91,10 @@ impl Oracle {
 
     /// How many events of user `u` were generated (published or about to be).
     pub fn generated(&self, u: usize) -> u64 {
-        self.times[u].lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+        self.times[u]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64
     }
 
     /// The publish time of event `k` of user `u`.
@@ -163,7 +166,11 @@ struct Outgoing {
 
 /// Publishes until `stop` is set; returns when the last batch is confirmed (or after a
 /// bounded number of retries of it once stopping).
-pub async fn run(plan: PublishPlan, oracle: std::sync::Arc<Oracle>, stop: std::sync::Arc<AtomicBool>) {
+pub async fn run(
+    plan: PublishPlan,
+    oracle: std::sync::Arc<Oracle>,
+    stop: std::sync::Arc<AtomicBool>,
+) {
     let regular: Vec<usize> = (0..oracle.users.len())
         .filter(|u| Some(*u) != plan.stall_user)
         .collect();
@@ -333,9 +340,12 @@ async fn connect(url: &str) -> anyhow::Result<(lapin::Connection, lapin::Channel
         .with_connection_name("feedhub-soak-publisher".into())
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio::current());
-    let conn = tokio::time::timeout(Duration::from_secs(5), lapin::Connection::connect(url, props))
-        .await
-        .map_err(|_| anyhow!("connect timed out"))??;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        lapin::Connection::connect(url, props),
+    )
+    .await
+    .map_err(|_| anyhow!("connect timed out"))??;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((conn, ch))

@@ -116,7 +116,11 @@ pub fn write(
         })
         .collect();
     v["phases"] = serde_json::Value::Array(phases.clone());
-    let live = stats.live_hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let live = stats
+        .live_hist
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     v["live_latency_ms"] = serde_json::json!({
         "count": live.len(),
         "p50": ms(live.value_at_quantile(0.5)),
@@ -252,10 +256,7 @@ fn markdown(
                 match (&f.error, f.recover_secs) {
                     (Some(e), _) => format!("failed: {e}"),
                     (None, Some(r)) => format!("{r:.2}"),
-                    (None, None) => format!(
-                        "never ({})",
-                        f.not_recovered.as_deref().unwrap_or("")
-                    ),
+                    (None, None) => format!("never ({})", f.not_recovered.as_deref().unwrap_or("")),
                 },
             ),
             None => (
@@ -294,7 +295,10 @@ fn markdown(
             s.stall_closes.first().map(|r| format!(" (\"{r}\")")).unwrap_or_default(),
         );
     }
-    let _ = writeln!(out, "| instance | RSS min / max / end (MiB) | descriptors min / max / end |");
+    let _ = writeln!(
+        out,
+        "| instance | RSS min / max / end (MiB) | descriptors min / max / end |"
+    );
     let _ = writeln!(out, "|---|---:|---:|");
     for i in 0..c.instances {
         let xs: Vec<&ProcSample> = samples
