@@ -16,6 +16,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../report.rs"]
+pub mod bench_report;
 #[path = "../procstat.rs"]
 pub mod procstat;
 #[path = "../../../examples/rr_proxy.rs"]
@@ -402,22 +404,26 @@ async fn do_fault(
     }
 }
 
-/// Max lag (µs) over the checked clients and how many are connected.
-fn lag(ctx: &client::Ctx, now: u64) -> (u64, usize) {
+/// Max lag (µs) over the checked clients, how many are connected, and the furthest one.
+fn lag(ctx: &client::Ctx, now: u64) -> (u64, usize, usize) {
     let mut worst = 0u64;
+    let mut worst_index = 0usize;
     let mut connected = 0usize;
-    for s in &ctx.slots {
+    for (i, s) in ctx.slots.iter().enumerate() {
         if s.connected.load(Ordering::Relaxed) {
             connected += 1;
         }
         let k = s.last_k.load(Ordering::Relaxed);
         if ctx.oracle.confirmed(s.user) > k {
             if let Some(t) = ctx.oracle.time_of(s.user, k + 1) {
-                worst = worst.max(now.saturating_sub(t));
+                if now.saturating_sub(t) > worst {
+                    worst = now.saturating_sub(t);
+                    worst_index = i;
+                }
             }
         }
     }
-    (worst, connected)
+    (worst, connected, worst_index)
 }
 
 /// Runs the soak and writes the report into `cfg.dir`; returns the summary (JSON).
@@ -483,7 +489,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
     let stall_task = tokio::spawn(client::stalled_client(ctx.clone(), stall_user));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, connected) = lag(&ctx, now_micros());
+        let (_, connected, _) = lag(&ctx, now_micros());
         if connected == cfg.clients {
             break;
         }
@@ -592,7 +598,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 loop {
                     let now = stats.secs();
-                    let (worst, connected) = lag(&ctx, now_micros());
+                    let (worst, connected, furthest) = lag(&ctx, now_micros());
                     if done.load(Ordering::SeqCst)
                         && connected == clients
                         && worst < RECOVERED_LAG.as_micros() as u64
@@ -600,9 +606,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
                         return Ok(now);
                     }
                     if now > next_at + 30.0 {
+                        let down: Vec<String> = ctx
+                            .slots
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| !s.connected.load(Ordering::Relaxed))
+                            .take(4)
+                            .map(|(i, s)| format!("{i} {:?}", s.transport))
+                            .collect();
                         return Err(format!(
-                            "at {:.1}s: {connected}/{clients} connected, the furthest client {:.1}s behind",
+                            "at {:.1}s: {connected}/{clients} connected (not: {}), the furthest client ({furthest} {:?}) {:.1}s behind",
                             now - start,
+                            down.join(", "),
+                            ctx.slots[furthest].transport,
                             worst as f64 / 1e6
                         ));
                     }

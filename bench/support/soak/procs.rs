@@ -423,22 +423,7 @@ impl Instance {
 
     /// `GET /metrics` and the value of one counter (summed over label sets).
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-        let req = format!(
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.port
-        );
-        let (status, body) = tokio::time::timeout(
-            Duration::from_secs(5),
-            super::signalr::http_once(&mut s, req.as_bytes()),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        if status != 200 {
-            return None;
-        }
-        let text = String::from_utf8_lossy(&body);
+        let text = self.metrics_text().await?;
         let mut total = None;
         for l in text.lines() {
             if l.starts_with(name)

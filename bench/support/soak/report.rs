@@ -356,33 +356,9 @@ fn markdown(
     out
 }
 
-const FONT_CANDIDATES: [&str; 5] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
-];
-
-fn register_font() -> anyhow::Result<()> {
-    use std::sync::OnceLock;
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let bytes = FONT_CANDIDATES
-            .iter()
-            .find_map(|p| std::fs::read(p).ok())
-            .ok_or_else(|| "no TrueType font found (install fonts-dejavu-core)".to_string())?;
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
-            .map_err(|_| "font could not be loaded".to_string())
-    })
-    .clone()
-    .map_err(|e| anyhow::anyhow!(e))
-}
-
 fn plot(path: &Path, per_second: &[(f64, f64, f64)], s: &Summary) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    register_font()?;
+    super::bench_report::register_font()?;
     if per_second.is_empty() {
         anyhow::bail!("no deliveries");
     }
