@@ -265,6 +265,12 @@ impl Recipe {
                 return Next::Nothing;
             }
             self.push_stash(offset, ev);
+            if !self.recovering {
+                // The first load failed (history unavailable): load again.
+                self.recovering = true;
+                self.repairing = false;
+                return Next::Recover(None);
+            }
             return Next::Nothing;
         }
         let last = self.last.unwrap_or(0);

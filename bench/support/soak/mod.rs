@@ -828,6 +828,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
             .map(|(u, v)| format!("{u}: {v}"))
             .collect(),
         lost_examples: tail_examples,
+        recover_errors: stats.recover_errors.load(Ordering::Relaxed),
         connect_failures: stats.connect_failures.load(Ordering::Relaxed),
         last_connect_error: stats
             .last_connect_error

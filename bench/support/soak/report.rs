@@ -73,6 +73,8 @@ pub struct Summary {
     pub first_violations: Vec<String>,
     /// Clients that lost events (up to 10).
     pub lost_examples: Vec<String>,
+    /// `Recover` calls that failed (retried at the next gap).
+    pub recover_errors: u64,
     /// Connect attempts that failed (retried).
     pub connect_failures: u64,
     /// The last one.
@@ -223,10 +225,11 @@ fn markdown(
     );
     let _ = writeln!(
         out,
-        "**Result: {} lost, {} out of order, {} `recovered:false`**, over {} messages ({} per-recipient events) confirmed by RabbitMQ and {} first deliveries checked against the publisher's per-user sequence numbers; {} publish failures ({} events republished, so duplicates by id are expected). Every client caught up {:.1} s after publishing stopped. Live latency: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms.\n",
+        "**Result: {} lost, {} out of order, {} `recovered:false`** ({} `Recover` calls failed and were retried), over {} messages ({} per-recipient events) confirmed by RabbitMQ and {} first deliveries checked against the publisher's per-user sequence numbers; {} publish failures ({} events republished, so duplicates by id are expected). Every client caught up {:.1} s after publishing stopped. Live latency: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms.\n",
         s.lost,
         s.out_of_order,
         s.reloads,
+        s.recover_errors,
         s.messages_published,
         s.recipient_events,
         s.applied,

@@ -60,6 +60,9 @@ pub struct Stats {
     pub connect_failures: AtomicU64,
     /// The last connect failure.
     pub last_connect_error: Mutex<Option<String>>,
+    /// `Recover` calls that failed (history unavailable while Redis restarts); the recipe
+    /// asks again at the next gap.
+    pub recover_errors: AtomicU64,
     /// Events received that the client could not parse.
     pub malformed: AtomicU64,
     /// The stalled client: connections it opened, and Close messages it read (with reasons).
@@ -87,6 +90,7 @@ impl Stats {
             violations: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             last_connect_error: Mutex::new(None),
+            recover_errors: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             stall_connects: AtomicU64::new(0),
             stall_closes: Mutex::new(Vec::new()),
