@@ -31,6 +31,10 @@
 mod procstat;
 #[path = "../bench/support/resp.rs"]
 mod resp;
+#[path = "../bench/support/signalr.rs"]
+mod signalr;
+
+use signalr::{parse_endpoint, parse_response_head, urlencode, Endpoint, Ws};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -41,7 +45,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context as _};
 use bytes::{Buf, BytesMut};
 use clap::{Parser, ValueEnum};
-use feedhub::protocol::{handshake, HubMessage, ProtocolKind};
+use feedhub::protocol::{HubMessage, ProtocolKind};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
@@ -306,106 +310,12 @@ impl Ctx {
     }
 }
 
-/// Parsed `http://host:port/path`.
-struct Endpoint {
-    addr: SocketAddr,
-    host: String,
-    path: String,
-}
-
-fn parse_endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("ws://"))
-        .ok_or_else(|| anyhow!("endpoint must be http:// or ws://: {url}"))?;
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr: SocketAddr = host
-        .parse()
-        .with_context(|| format!("endpoint host must be ip:port: {host}"))?;
-    Ok(Endpoint {
-        addr,
-        host: host.to_string(),
-        path: path.to_string(),
-    })
-}
-
 async fn tcp_from(ctx: &Ctx, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    if addr.ip().is_loopback() {
-        socket.bind(SocketAddr::new(IpAddr::V4(ctx.source_ip()), 0))?;
-    }
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-/// One HTTP/1.1 request with `Connection: close`; returns status and body (bounded).
-async fn http_once(stream: &mut TcpStream, request: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
-    stream.write_all(request).await?;
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > 1 << 20 {
-            bail!("HTTP response too large");
-        }
-        if let Some((status, body_start, Some(len))) = parse_response_head(&buf)? {
-            if buf.len() >= body_start + len {
-                return Ok((status, buf[body_start..body_start + len].to_vec()));
-            }
-        }
-    }
-    match parse_response_head(&buf)? {
-        Some((status, start, _)) => Ok((status, buf[start..].to_vec())),
-        None => bail!("incomplete HTTP response"),
-    }
-}
-
-/// (status, body offset, content-length) once the head is complete.
-fn parse_response_head(buf: &[u8]) -> anyhow::Result<Option<(u16, usize, Option<usize>)>> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| anyhow!("non-UTF-8 HTTP head"))?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad HTTP status line"))?;
-    let len = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok());
-    Ok(Some((status, end + 4, len)))
-}
-
-type Ws = WebSocketStream<TcpStream>;
-
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_message_size(Some(16 << 20))
+    signalr::tcp_from(Some(ctx.source_ip()), addr).await
 }
 
 async fn ws_connect(ctx: &Ctx, ep: &Endpoint, path_and_query: &str) -> anyhow::Result<Ws> {
-    let stream = tcp_from(ctx, ep.addr).await?;
-    let url = format!("ws://{}{}", ep.host, path_and_query);
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())).await?;
-    Ok(ws)
-}
-
-fn urlencode(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    signalr::ws_connect(Some(ctx.source_ip()), ep, path_and_query).await
 }
 
 /// A connected client, ready to receive.
@@ -424,61 +334,10 @@ async fn connect(ctx: &Ctx, i: usize) -> anyhow::Result<Client> {
                 .auth
                 .issue(&user, 24 * 3600)
                 .map_err(|e| anyhow!("token: {e}"))?;
-            let mut http = tcp_from(ctx, ep.addr).await?;
-            let req = format!(
-                "POST {}/negotiate?negotiateVersion=1 HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nX-Requested-With: XMLHttpRequest\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                ep.path, ep.host, token
-            );
-            let (status, body) = http_once(&mut http, req.as_bytes()).await?;
-            drop(http);
-            if status != 200 {
-                bail!(
-                    "negotiate: HTTP {status}: {}",
-                    String::from_utf8_lossy(&body)
-                );
-            }
-            #[derive(Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct Negotiate {
-                connection_token: Option<String>,
-                connection_id: Option<String>,
-            }
-            let neg: Negotiate = serde_json::from_slice(&body)?;
-            let id = neg
-                .connection_token
-                .or(neg.connection_id)
-                .ok_or_else(|| anyhow!("negotiate: no connection token"))?;
-            let pq = format!(
-                "{}?id={}&access_token={}",
-                ep.path,
-                urlencode(&id),
-                urlencode(&token)
-            );
+            let neg = signalr::negotiate(Some(ctx.source_ip()), &ep, &token, false).await?;
+            let pq = signalr::connect_path(&ep, &neg.token, &token);
             let mut ws = ws_connect(ctx, &ep, &pq).await?;
-            let protocol = protocol_of(ctx.args.mode);
-            let mut hs = Vec::new();
-            handshake::write_request(protocol.name(), 1, &mut hs);
-            ws.send(Message::Text(String::from_utf8(hs)?.into()))
-                .await?;
-            let mut buf = BytesMut::new();
-            loop {
-                let msg = ws
-                    .next()
-                    .await
-                    .ok_or_else(|| anyhow!("closed during handshake"))??;
-                match msg {
-                    Message::Text(t) => buf.extend_from_slice(t.as_bytes()),
-                    Message::Binary(b) => buf.extend_from_slice(&b),
-                    Message::Close(c) => bail!("closed during handshake: {c:?}"),
-                    _ => continue,
-                }
-                if let Some(resp) = handshake::parse_response(&mut buf)? {
-                    if let Some(err) = resp.error {
-                        bail!("handshake error: {err}");
-                    }
-                    break;
-                }
-            }
+            let buf = signalr::ws_handshake(&mut ws, protocol_of(ctx.args.mode), 1).await?;
             Ok(Client { ws, buf })
         }
         Mode::Ws => {
@@ -798,8 +657,9 @@ impl Publisher {
                     let mut buf = BytesMut::with_capacity(64 * 1024);
                     loop {
                         match parse_response_head(&buf) {
-                            Ok(Some((status, start, len))) => {
-                                let len = len.unwrap_or(0);
+                            Ok(Some(head)) => {
+                                let (status, start) = (head.status, head.body_start);
+                                let len = head.content_length.unwrap_or(0);
                                 if buf.len() >= start + len {
                                     if status != 202 && status != 200 {
                                         f2.fetch_add(1, Ordering::Relaxed);

@@ -1,11 +1,14 @@
 //! Connection life cycle with short timers: handshake deadline, server keep-alive pings,
-//! client timeout after the first ping, slow consumers, and graceful shutdown sending Close
-//! with `allowReconnect: true` to every client.
+//! client timeout after the first ping, slow consumers (a write that times out is counted as
+//! a slow-consumer close), and graceful shutdown sending Close with `allowReconnect: true` to
+//! every client.
 
 #[path = "support/mod.rs"]
 mod support;
 
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use feedhub::hub::{HubBuilder, HubContext, HubError};
 use feedhub::protocol::{Close, HubMessage, ProtocolKind};
@@ -18,6 +21,17 @@ async fn server_with(f: impl FnOnce(&mut feedhub::hub::HubOptions)) -> Server {
         .method("Echo", |_c: HubContext, (s,): (String,)| async move {
             Ok::<_, HubError>(s)
         })
+        // Pushes `n` messages of `size` bytes to the caller (a flood it may not read).
+        .method(
+            "Flood",
+            |c: HubContext, (n, size): (usize, usize)| async move {
+                let body: std::sync::Arc<str> = "f".repeat(size.min(1 << 20)).into();
+                for _ in 0..n.min(100_000) {
+                    c.clients().caller().send("Bulk", (body.clone(),)).await?;
+                }
+                Ok::<_, HubError>(())
+            },
+        )
         .build();
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -123,4 +137,71 @@ async fn graceful_shutdown_sends_close_with_allow_reconnect_to_every_client() {
         c.expect_closed().await;
     }
     within("shutdown to finish", shutdown).await.unwrap();
+}
+
+/// A client that stops reading while the queue policy never closes it (DropNewest, a queue
+/// larger than the flood): the socket write times out after the send timeout (10 s), the
+/// connection ends, and `feedhub_slow_consumer_closes_total` counts it like a full queue's
+/// close. A bystander is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_timeout_counts_as_a_slow_consumer_close() {
+    use feedhub::connection::outbound::{OutboundLimits, SlowConsumerPolicy};
+    use feedhub::metrics::METRICS;
+    use std::sync::atomic::Ordering;
+
+    let s = server_with(|o| {
+        o.slow_consumer = SlowConsumerPolicy::DropNewest;
+        o.outbound = OutboundLimits {
+            max_messages: 100_000,
+            max_bytes: 256 << 20,
+        };
+    })
+    .await;
+    let before = METRICS.slow_consumer_closes.load(Ordering::Relaxed);
+    let mut bystander = RawClient::connect(&url(&s), ProtocolKind::Json).await;
+    let mut victim = RawClient::connect(&url(&s), ProtocolKind::Json).await;
+    // 48 MiB: far beyond the wire bound and both sockets' buffers. The victim never reads.
+    victim
+        .send_text("{\"type\":1,\"target\":\"Flood\",\"arguments\":[3072,16384]}\u{1e}")
+        .await;
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    loop {
+        if METRICS.slow_consumer_closes.load(Ordering::Relaxed) > before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "no slow-consumer close counted {:?} after a client stopped reading",
+            started.elapsed()
+        );
+        n += 1;
+        bystander
+            .send_text(format!(
+                "{{\"type\":1,\"invocationId\":\"{n}\",\"target\":\"echo\",\"arguments\":[\"x\"]}}\u{1e}"
+            ))
+            .await;
+        loop {
+            match bystander.recv().await.expect("bystander still open") {
+                HubMessage::Completion(done) => {
+                    assert_eq!(done.invocation_id, n.to_string());
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The send timeout is 10 s; the close is counted once it fires, not before.
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "counted after {:?}, before any send timeout could fire",
+        started.elapsed()
+    );
+    // The victim's connection is gone: reading what was buffered ends in the socket closing.
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(_)) = victim.ws.next().await {}
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled connection was not closed");
 }

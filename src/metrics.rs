@@ -194,7 +194,7 @@ impl Metrics {
         counter(
             &mut out,
             "feedhub_slow_consumer_closes_total",
-            "Connections closed as slow consumers.",
+            "Connections (or stateful transports) closed as slow consumers: outbound queue full or a write timed out.",
             &self.slow_consumer_closes,
         );
         counter(

@@ -425,7 +425,8 @@ const FONT_CANDIDATES: [&str; 5] = [
     "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
 ];
 
-fn register_font() -> anyhow::Result<()> {
+/// Registers a system TrueType font as `sans-serif` for `plotters` (once).
+pub fn register_font() -> anyhow::Result<()> {
     use std::sync::OnceLock;
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {

@@ -313,6 +313,15 @@ struct Loop {
     stateful: Option<Stateful>,
 }
 
+/// The reason a failed transport ends with. A write that timed out (the session's send
+/// timeout or the socket writer's) is a slow consumer too: counted like a full queue's close.
+fn transport_failed(e: TransportError) -> String {
+    if e.is_send_timeout() {
+        inc(&METRICS.slow_consumer_closes);
+    }
+    e.to_string()
+}
+
 /// Receives from the transport, if one is attached.
 async fn recv_opt<Src: FrameSource>(
     source: &mut Option<Src>,
@@ -567,7 +576,7 @@ impl Loop {
                         }
                         let data = concat(frames);
                         if let Err(e) = self.send(&mut sink, data).await {
-                            lost!(e.to_string());
+                            lost!(transport_failed(e));
                         }
                     }
                     Outgoing::Close(req) => {
@@ -606,7 +615,7 @@ impl Loop {
                         let end = Box::pin(self.finish(&mut sink, End::ServerClose(Some(format!("{CLOSE_ERROR_TEXT} InvalidDataException: {error}"))))).await;
                         return (end, sink);
                     }
-                    Some(Err(e)) => lost!(e.to_string()),
+                    Some(Err(e)) => lost!(transport_failed(e)),
                     Some(Ok(bytes)) => {
                         self.last_received = Instant::now();
                         inbuf.extend_from_slice(&bytes);
@@ -629,7 +638,7 @@ impl Loop {
                         // client resends whole messages after its Sequence.
                         inbuf.clear();
                         if let Err(e) = Box::pin(self.resume(&mut sink)).await {
-                            lost!(e.to_string());
+                            lost!(transport_failed(e));
                         }
                     }
                     // Not stateful (or shutting down): the new socket is dropped, closing it.
@@ -666,12 +675,12 @@ impl Loop {
                     };
                     if let Some(id) = ack {
                         if let Err(e) = self.send_message(&mut sink, &HubMessage::Ack(Ack { sequence_id: id })).await {
-                            lost!(e.to_string());
+                            lost!(transport_failed(e));
                         }
                     } else if now >= self.last_sent + self.keep_alive {
                         let ping = self.ping.clone();
                         if let Err(e) = self.send(&mut sink, ping).await {
-                            lost!(e.to_string());
+                            lost!(transport_failed(e));
                         }
                     }
                 }

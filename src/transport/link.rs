@@ -229,7 +229,7 @@ impl Link {
     pub fn sink(&self) -> LinkSink {
         LinkSink {
             wire: self.wire.clone(),
-            gone: self.gone.token.clone(),
+            gone: self.gone.clone(),
         }
     }
 
@@ -307,12 +307,23 @@ impl LinkSource {
 #[derive(Debug, Clone)]
 pub struct LinkSink {
     wire: Arc<Wire>,
-    gone: CancellationToken,
+    gone: Arc<GoneState>,
 }
 
 impl FrameSink for LinkSink {
     async fn send(&mut self, data: Bytes, format: TransferFormat) -> Result<(), TransportError> {
-        self.wire.push(data, format, &self.gone).await
+        self.wire
+            .push(data, format, &self.gone.token)
+            .await
+            .map_err(|e| {
+                // A write that failed because the transport went away fails with the
+                // transport's reason (a socket write timeout, say), not a generic one.
+                let reason = self.gone.reason.lock().unwrap_or_else(|p| p.into_inner());
+                match reason.as_ref() {
+                    Some(r) if self.gone.token.is_cancelled() => TransportError::Closed(r.clone()),
+                    _ => e,
+                }
+            })
     }
 
     async fn close(&mut self, code: u16, reason: &str) {

@@ -30,6 +30,23 @@ pub enum TransportError {
     TooLarge,
 }
 
+impl TransportError {
+    /// Whether the transport ended because a write did not finish in time: the session's
+    /// own send timeout, or the socket writer's (reported as the reason the transport is
+    /// gone). A slow consumer, as far as the metrics are concerned.
+    pub fn is_send_timeout(&self) -> bool {
+        match self {
+            TransportError::SendTimeout => true,
+            TransportError::Closed(reason) => reason == SEND_TIMED_OUT,
+            TransportError::TooLarge => false,
+        }
+    }
+}
+
+/// The reason a transport writer reports when a socket write timed out
+/// (`TransportError::SendTimeout`'s text).
+pub const SEND_TIMED_OUT: &str = "send timed out";
+
 /// Inbound side of a transport.
 pub trait FrameSource: Send {
     /// The next chunk of bytes from the client; `None` when the client closed cleanly.

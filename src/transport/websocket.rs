@@ -147,7 +147,7 @@ where
                     match tokio::time::timeout(WRITE_TIMEOUT, sink.send(data, format)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return Some(e.to_string()),
-                        Err(_) => return Some(TransportError::SendTimeout.to_string()),
+                        Err(_) => return Some(super::SEND_TIMED_OUT.to_string()),
                     }
                 }
                 WireItem::End(code, reason) => {
