@@ -286,26 +286,63 @@ async fn the_per_address_cap_answers_429_with_retry_after() {
     assert!(metric(&r.body, "feedhub_http_refused_total{reason=\"address_cap\"}") >= 1);
 }
 
+/// A kept-alive connection that has been served one request.
+async fn served_connection(a: SocketAddr) -> TcpStream {
+    let mut c = TcpStream::connect(a).await.unwrap();
+    c.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut c).await.status, 200);
+    c
+}
+
 #[tokio::test]
-async fn the_total_cap_answers_503_and_frees_places_as_connections_close() {
+async fn the_total_cap_answers_503_when_every_connection_has_sent_a_request() {
     let s = server(LimitsConfig {
         max_connections: 2,
         ..LimitsConfig::default()
     })
     .await;
     let a = addr(&s);
-    let one = TcpStream::connect(a).await.unwrap();
-    let _two = TcpStream::connect(a).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let one = served_connection(a).await;
+    let _two = served_connection(a).await;
     let r = get(a, "/healthz").await;
     assert_eq!(r.status, 503, "{}", r.head);
     assert_eq!(r.header("retry-after").as_deref(), Some("5"));
+    assert!(r.body.contains("connection limit"));
     drop(one);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = get(a, "/metrics").await;
     assert_eq!(r.status, 200);
     assert!(metric(&r.body, "feedhub_http_refused_total{reason=\"total_cap\"}") >= 1);
     assert_eq!(metric(&r.body, "feedhub_http_connection_limit"), 2);
+}
+
+#[tokio::test]
+async fn at_the_total_cap_half_open_connections_make_room_for_new_ones() {
+    let s = server(LimitsConfig {
+        max_connections: 3,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let a = addr(&s);
+    // Three half-open connections fill the server...
+    let mut half_open = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(a).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        half_open.push(c);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...yet /healthz answers: the oldest half-open one is closed to make room.
+    for _ in 0..3 {
+        assert_eq!(get(a, "/healthz").await.status, 200);
+    }
+    let started = Instant::now();
+    closed_silently(&mut half_open[0], started).await;
+    let m = get(a, "/metrics").await.body;
+    assert!(metric(&m, "feedhub_http_timeouts_total{kind=\"evicted_at_cap\"}") >= 3);
 }
 
 #[tokio::test]

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub idle_timeouts: AtomicU64,
     /// Requests answered 408: body not complete in time.
     pub body_read_timeouts: AtomicU64,
+    /// Connections without a request yet closed to make room at the total cap.
+    pub evicted_fresh: AtomicU64,
 }
 
 /// The process's metrics.
@@ -121,6 +123,7 @@ pub static METRICS: Metrics = Metrics {
     header_read_timeouts: AtomicU64::new(0),
     idle_timeouts: AtomicU64::new(0),
     body_read_timeouts: AtomicU64::new(0),
+    evicted_fresh: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -338,6 +341,7 @@ impl Metrics {
             ("header_read", &self.header_read_timeouts),
             ("idle", &self.idle_timeouts),
             ("body_read", &self.body_read_timeouts),
+            ("evicted_at_cap", &self.evicted_fresh),
         ] {
             let _ = writeln!(
                 out,

@@ -13,6 +13,9 @@
 //!   Server-Sent Events stream) neither applies; its body has `body_read_timeout`
 //!   ([`super::read_incoming`], 408).
 //!
+//! At the total connection cap, the oldest connection still without a complete request is
+//! evicted to make room for a new one (see `limits::Admission::admit`).
+//!
 //! A timed-out connection is closed without a response (as nginx and hyper do): no request
 //! is in progress on it. An upgraded connection (WebSocket) leaves this watch: the session's
 //! handshake timeout and client timeout take over, and the [`Slot`] stays with the socket.
@@ -35,7 +38,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::limits::Slot;
+use super::limits::{Fresh, Slot};
 use super::Body;
 use crate::app::AppState;
 use crate::metrics::{inc, METRICS};
@@ -68,21 +71,28 @@ struct Activity {
     first_byte: AtomicU64,
     /// A request has been served (the next idle period is a keep-alive pause).
     served: AtomicU32,
+    /// The connection's entry in the eviction queue (`limits::Admission`).
+    fresh: Option<Arc<Fresh>>,
 }
 
 impl Activity {
-    fn new() -> Arc<Activity> {
+    fn new(fresh: Option<Arc<Fresh>>) -> Arc<Activity> {
         Arc::new(Activity {
             in_flight: AtomicU32::new(0),
             idle_since: AtomicU64::new(now_ms()),
             first_byte: AtomicU64::new(0),
             served: AtomicU32::new(0),
+            fresh,
         })
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.served.store(1, Ordering::Relaxed);
+        if self.served.swap(1, Ordering::Relaxed) == 0 {
+            if let Some(f) = &self.fresh {
+                f.served();
+            }
+        }
         InFlight(self.clone())
     }
 }
@@ -238,7 +248,10 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = state.admission.config().clone();
-    let activity = Activity::new();
+    // Evictable at the total cap until its first request arrives.
+    let fresh = state.admission.register_fresh();
+    let _closed = ClosedOnDrop(fresh.clone());
+    let activity = Activity::new(Some(fresh.clone()));
     let io = TrackedIo {
         inner: io,
         activity: activity.clone(),
@@ -277,6 +290,9 @@ where
                 tracing::debug!(error = %e, "http connection error");
             }
         }
+        _ = fresh.evicted() => {
+            tracing::debug!(%peer, "connection without a request evicted at the total cap");
+        }
         expired = watchdog => {
             // Dropping the connection closes the socket.
             match expired {
@@ -292,6 +308,15 @@ where
     }
 }
 
+/// Marks the connection closed in the eviction queue when its task ends.
+struct ClosedOnDrop(Arc<Fresh>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.closed();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +327,7 @@ mod tests {
             idle_since: AtomicU64::new(since),
             first_byte: AtomicU64::new(first),
             served: AtomicU32::new(u32::from(served)),
+            fresh: None,
         }
     }
 

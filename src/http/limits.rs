@@ -6,7 +6,7 @@
 //!
 //! | limit | default | over it |
 //! |---|---|---|
-//! | open connections in total | 100,000, lowered below `RLIMIT_NOFILE` | `503` + `Retry-After`, socket closed |
+//! | open connections in total | 100,000, lowered below `RLIMIT_NOFILE` | the oldest connection without a request yet is evicted; if none, `503` + `Retry-After`, socket closed |
 //! | open connections per address (IPv4 /32, IPv6 /64) | 1,024 | `429` + `Retry-After`, socket closed |
 //! | negotiate / connect requests per address | 50/s, bursts of 250 | `429` + `Retry-After` |
 //!
@@ -29,9 +29,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicU8;
+use std::sync::Mutex;
+
 use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{inc, METRICS};
 
@@ -136,6 +141,36 @@ pub enum Refusal {
     Address,
 }
 
+/// A connection that has not sent a complete request yet, as the eviction queue sees it.
+#[derive(Debug, Default)]
+pub struct Fresh {
+    /// [`FRESH`], [`SERVED`] or [`CLOSED`].
+    state: AtomicU8,
+    /// Cancelled to evict the connection.
+    evict: CancellationToken,
+}
+
+const FRESH: u8 = 0;
+const SERVED: u8 = 1;
+const CLOSED: u8 = 2;
+
+impl Fresh {
+    /// Its first request has arrived: no longer evictable.
+    pub fn served(&self) {
+        self.state.store(SERVED, Ordering::Relaxed);
+    }
+
+    /// The connection is gone.
+    pub fn closed(&self) {
+        self.state.store(CLOSED, Ordering::Relaxed);
+    }
+
+    /// Resolves when the connection is evicted.
+    pub async fn evicted(&self) {
+        self.evict.cancelled().await
+    }
+}
+
 /// One token bucket (negotiate/connect rate of one address).
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -153,6 +188,9 @@ pub struct Admission {
     per_address: DashMap<AddressKey, usize>,
     buckets: DashMap<AddressKey, Bucket>,
     refusing: AtomicUsize,
+    /// Connections without a first request yet, oldest first (stale entries are dropped as
+    /// they reach the front; every entry goes stale within the header read timeout).
+    fresh: Mutex<VecDeque<Arc<Fresh>>>,
 }
 
 /// An admitted connection's place in the counters; dropping it frees the place. It travels
@@ -170,7 +208,8 @@ impl Drop for Slot {
             .http_connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(key) = self.key {
-            self.admission
+            let _ = self
+                .admission
                 .per_address
                 .remove_if_mut(&key, |_, n| {
                     *n = n.saturating_sub(1);
@@ -195,6 +234,7 @@ impl Admission {
             per_address: DashMap::new(),
             buckets: DashMap::new(),
             refusing: AtomicUsize::new(0),
+            fresh: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -213,10 +253,14 @@ impl Admission {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Takes a place for a new connection from `ip`, or says why not.
+    /// Takes a place for a new connection from `ip`, or says why not. At the total cap, the
+    /// oldest connection that has not sent a complete request yet is evicted to make room
+    /// (it is closing; the place is taken at once): half-open connections cannot lock
+    /// everyone else, `/healthz` included, out of a full server. Only when every connection
+    /// has sent a request is the new one refused with 503.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
         let open = self.open.fetch_add(1, Ordering::Relaxed);
-        if self.max_total > 0 && open >= self.max_total {
+        if self.max_total > 0 && open >= self.max_total && !self.evict_oldest_fresh() {
             self.open.fetch_sub(1, Ordering::Relaxed);
             inc(&METRICS.refused_total_cap);
             return Err(Refusal::Total);
@@ -242,16 +286,50 @@ impl Admission {
         })
     }
 
+    /// Enters a new connection in the eviction queue; the caller marks it served or closed.
+    pub fn register_fresh(&self) -> Arc<Fresh> {
+        let fresh = Arc::new(Fresh::default());
+        let mut q = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+        while q
+            .front()
+            .is_some_and(|f| f.state.load(Ordering::Relaxed) != FRESH)
+        {
+            q.pop_front();
+        }
+        q.push_back(fresh.clone());
+        fresh
+    }
+
+    /// Evicts the oldest connection still without a request; false when there is none.
+    fn evict_oldest_fresh(&self) -> bool {
+        let mut q = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(f) = q.pop_front() {
+            if f
+                .state
+                .compare_exchange(FRESH, CLOSED, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                f.evict.cancel();
+                inc(&METRICS.evicted_fresh);
+                return true;
+            }
+        }
+        false
+    }
+
     /// One negotiate/connect request from `ip`: `Err(retry_after)` when the address is over
     /// its rate.
     pub fn allow_connect(&self, ip: IpAddr) -> Result<(), Duration> {
+        self.allow_connect_at(ip, Instant::now())
+    }
+
+    fn allow_connect_at(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let rate = self.config.connect_rate_per_address;
         if rate == 0 {
             return Ok(());
         }
         let burst = f64::from(self.config.connect_burst_per_address.max(1));
         let rate = f64::from(rate);
-        let now = Instant::now();
         let mut b = self.buckets.entry(AddressKey::of(ip)).or_insert(Bucket {
             tokens: burst,
             at: now,
@@ -271,9 +349,12 @@ impl Admission {
     /// Forgets buckets that have refilled (addresses that stopped connecting), so the map
     /// only holds recently active addresses. Called periodically by the server.
     pub fn prune(&self) {
+        self.prune_at(Instant::now());
+    }
+
+    fn prune_at(&self, now: Instant) {
         let rate = f64::from(self.config.connect_rate_per_address);
         let burst = f64::from(self.config.connect_burst_per_address.max(1));
-        let now = Instant::now();
         self.buckets
             .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
     }
@@ -363,7 +444,7 @@ pub fn fd_limit() -> Option<u64> {
         if r != 0 || rl.rlim_cur == libc::RLIM_INFINITY {
             return None;
         }
-        Some(rl.rlim_cur as u64)
+        Some(rl.rlim_cur)
     }
     #[cfg(not(unix))]
     {
@@ -436,11 +517,29 @@ mod tests {
         let _b = adm.admit(one).unwrap();
         assert_eq!(adm.admit(one).unwrap_err(), Refusal::Address);
         let _c = adm.admit(two).unwrap();
+        // Nothing registered as fresh (all have sent requests): refused.
         assert_eq!(adm.admit(two).unwrap_err(), Refusal::Total);
         drop(a);
         assert_eq!(adm.open_connections(), 2);
         let _d = adm.admit(one).unwrap();
         assert_eq!(adm.admit(one).unwrap_err(), Refusal::Total);
+    }
+
+    #[test]
+    fn at_the_total_cap_the_oldest_connection_without_a_request_is_evicted() {
+        let adm = Admission::new(limits(0, 2), None);
+        let ip: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let _a = adm.admit(ip).unwrap();
+        let a_fresh = adm.register_fresh();
+        let _b = adm.admit(ip).unwrap();
+        let b_fresh = adm.register_fresh();
+        a_fresh.served();
+        let _c = adm.admit(ip).unwrap();
+        assert!(b_fresh.evict.is_cancelled());
+        assert!(!a_fresh.evict.is_cancelled());
+        let c_fresh = adm.register_fresh();
+        c_fresh.served();
+        assert_eq!(adm.admit(ip).unwrap_err(), Refusal::Total);
     }
 
     #[test]
@@ -462,8 +561,8 @@ mod tests {
         assert_eq!(effective_max_connections(100_000, None), 100_000);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_connect_rate_is_a_token_bucket() {
+    #[test]
+    fn the_connect_rate_is_a_token_bucket() {
         let adm = Admission::new(
             LimitsConfig {
                 connect_rate_per_address: 2,
@@ -473,18 +572,20 @@ mod tests {
             None,
         );
         let ip: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let t0 = Instant::now();
         for _ in 0..3 {
-            adm.allow_connect(ip).unwrap();
+            adm.allow_connect_at(ip, t0).unwrap();
         }
-        assert_eq!(adm.allow_connect(ip), Err(Duration::from_secs(1)));
-        tokio::time::advance(Duration::from_millis(500)).await;
-        adm.allow_connect(ip).unwrap();
-        assert!(adm.allow_connect(ip).is_err());
+        assert_eq!(adm.allow_connect_at(ip, t0), Err(Duration::from_secs(1)));
+        let t1 = t0 + Duration::from_millis(500);
+        adm.allow_connect_at(ip, t1).unwrap();
+        assert!(adm.allow_connect_at(ip, t1).is_err());
         // Another address has its own bucket.
-        adm.allow_connect(Ipv4Addr::new(10, 0, 0, 2).into())
+        adm.allow_connect_at(Ipv4Addr::new(10, 0, 0, 2).into(), t1)
             .unwrap();
-        tokio::time::advance(Duration::from_secs(10)).await;
-        adm.prune();
+        adm.prune_at(t1);
+        assert_eq!(adm.buckets.len(), 2);
+        adm.prune_at(t1 + Duration::from_secs(10));
         assert!(adm.buckets.is_empty());
     }
 }
