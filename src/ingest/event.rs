@@ -53,7 +53,9 @@ impl FeedEvent {
         let Some(rest) = text.strip_prefix('{') else {
             return self.payload.clone();
         };
-        let keys: std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny> =
+        // Values as RawValue: skipped without serde_json's recursion limit (127), so a
+        // payload at the depth limit still gets its id.
+        let keys: std::collections::HashMap<std::borrow::Cow<'_, str>, &RawValue> =
             match serde_json::from_str(text) {
                 Ok(k) => k,
                 Err(_) => return self.payload.clone(),
