@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use feedhub::http::limits::LimitsConfig;
-use feedhub::protocol::{handshake, HubMessage, ProtocolKind};
+use feedhub::protocol::{handshake, ProtocolKind};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 use futures_util::StreamExt;
 use support::{start_feed_server_with, within, RawClient, TestServer, TEST_API_KEY};
@@ -315,7 +315,8 @@ async fn the_total_cap_answers_503_when_every_connection_has_sent_a_request() {
     let r = get(a, "/metrics").await;
     assert_eq!(r.status, 200);
     assert!(metric(&r.body, "feedhub_http_refused_total{reason=\"total_cap\"}") >= 1);
-    assert_eq!(metric(&r.body, "feedhub_http_connection_limit"), 2);
+    // (The gauge is process-wide, and other tests' servers run in this process.)
+    assert!(r.body.contains("feedhub_http_connection_limit "));
 }
 
 #[tokio::test]
@@ -327,20 +328,26 @@ async fn at_the_total_cap_half_open_connections_make_room_for_new_ones() {
     .await;
     let a = addr(&s);
     // Three half-open connections fill the server...
-    let mut half_open = Vec::new();
-    for _ in 0..3 {
+    let half_open_one = |a: SocketAddr| async move {
         let mut c = TcpStream::connect(a).await.unwrap();
         c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-        half_open.push(c);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c
+    };
+    let mut half_open = Vec::new();
+    for _ in 0..3 {
+        half_open.push(half_open_one(a).await);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // ...yet /healthz answers: the oldest half-open one is closed to make room.
+    // ...yet /healthz answers, again and again while the flood refills the server: each
+    // time the oldest half-open connection is closed to make room.
     for _ in 0..3 {
         assert_eq!(get(a, "/healthz").await.status, 200);
+        half_open.push(half_open_one(a).await);
     }
-    let started = Instant::now();
-    closed_silently(&mut half_open[0], started).await;
+    for c in half_open.iter_mut().take(3) {
+        let started = Instant::now();
+        closed_silently(c, started).await;
+    }
     let m = get(a, "/metrics").await.body;
     assert!(metric(&m, "feedhub_http_timeouts_total{kind=\"evicted_at_cap\"}") >= 3);
 }
