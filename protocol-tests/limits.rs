@@ -283,7 +283,12 @@ async fn the_per_address_cap_answers_429_with_retry_after() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = get(a, "/metrics").await;
     assert_eq!(r.status, 200);
-    assert!(metric(&r.body, "feedhub_http_refused_total{reason=\"address_cap\"}") >= 1);
+    assert!(
+        metric(
+            &r.body,
+            "feedhub_http_refused_total{reason=\"address_cap\"}"
+        ) >= 1
+    );
 }
 
 /// A kept-alive connection that has been served one request.
@@ -330,7 +335,9 @@ async fn at_the_total_cap_half_open_connections_make_room_for_new_ones() {
     // Three half-open connections fill the server...
     let half_open_one = |a: SocketAddr| async move {
         let mut c = TcpStream::connect(a).await.unwrap();
-        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
         c
     };
@@ -470,7 +477,10 @@ async fn wildcard_and_null_origins_and_public_development_mode_are_refused_at_st
         jwt_secret: Some("s".to_string()),
         ..ServerConfig::default()
     };
-    for (origins, expect) in [(vec!["*"], "'*' is refused"), (vec!["null"], "'null' is refused")] {
+    for (origins, expect) in [
+        (vec!["*"], "'*' is refused"),
+        (vec!["null"], "'null' is refused"),
+    ] {
         let config = ServerConfig {
             cors_origins: origins.iter().map(|o| o.to_string()).collect(),
             ..base()

@@ -206,7 +206,9 @@ impl ServerBuilder {
         }
         crate::http::origin::validate(&config.cors_origins)
             .map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
-        if config.jwt_secret.is_none() && !config.listen.ip().is_loopback() && !config.dev_mode_public
+        if config.jwt_secret.is_none()
+            && !config.listen.ip().is_loopback()
+            && !config.dev_mode_public
         {
             // Development mode signs tokens with a public secret: anyone who can reach the
             // port can be anyone. Only on a loopback address unless asked for explicitly.

@@ -175,9 +175,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TrackedIo<IO> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before
-            && this.activity.first_byte.load(Ordering::Relaxed) == 0
-        {
+        if buf.filled().len() > before && this.activity.first_byte.load(Ordering::Relaxed) == 0 {
             this.activity.first_byte.store(now_ms(), Ordering::Relaxed);
         }
         r

@@ -208,13 +208,10 @@ impl Drop for Slot {
             .http_connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(key) = self.key {
-            let _ = self
-                .admission
-                .per_address
-                .remove_if_mut(&key, |_, n| {
-                    *n = n.saturating_sub(1);
-                    *n == 0
-                });
+            let _ = self.admission.per_address.remove_if_mut(&key, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
         }
     }
 }
@@ -304,8 +301,7 @@ impl Admission {
     fn evict_oldest_fresh(&self) -> bool {
         let mut q = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(f) = q.pop_front() {
-            if f
-                .state
+            if f.state
                 .compare_exchange(FRESH, CLOSED, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
             {

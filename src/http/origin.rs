@@ -28,9 +28,8 @@ pub fn validate(origins: &[String]) -> Result<(), String> {
             && scheme
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.');
-        let host_ok = !rest.is_empty()
-            && !rest.contains(['/', '?', '#', '@', ' '])
-            && rest.is_ascii();
+        let host_ok =
+            !rest.is_empty() && !rest.contains(['/', '?', '#', '@', ' ']) && rest.is_ascii();
         if !scheme_ok || !host_ok {
             return Err(format!("{t:?} is not an origin (scheme://host[:port])"));
         }
@@ -40,7 +39,9 @@ pub fn validate(origins: &[String]) -> Result<(), String> {
 
 /// Whether `origin` is in `allowed`.
 pub fn listed(origin: &str, allowed: &[String]) -> bool {
-    allowed.iter().any(|a| a.trim().eq_ignore_ascii_case(origin))
+    allowed
+        .iter()
+        .any(|a| a.trim().eq_ignore_ascii_case(origin))
 }
 
 /// Whether `origin` is the server's own (its host and port are the request's `Host`).
@@ -90,7 +91,11 @@ mod tests {
         assert!(upgrade_allowed(Some("https://APP.example"), None, &list));
         assert!(!upgrade_allowed(Some("https://evil.example"), None, &list));
         assert!(!upgrade_allowed(Some("null"), Some("hub:5000"), &list));
-        assert!(upgrade_allowed(Some("http://hub:5000"), Some("hub:5000"), &list));
+        assert!(upgrade_allowed(
+            Some("http://hub:5000"),
+            Some("hub:5000"),
+            &list
+        ));
         assert!(upgrade_allowed(None, None, &list));
         assert!(upgrade_allowed(Some("https://evil.example"), None, &[]));
     }

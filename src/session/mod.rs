@@ -187,8 +187,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
             let reason = crate::hub::user_cap_message(max);
             handshake::send_error(&mut sink, &reason).await;
             // 1008: policy violation (the Close reason is limited to 123 bytes).
-            sink.close(1008, "too many connections for this user")
-                .await;
+            sink.close(1008, "too many connections for this user").await;
             return;
         }
         Err(ConnectError::Backplane(e)) => {
