@@ -189,6 +189,16 @@ fn spawn_on(tools: &Tools, kind: Kind, port: u16, extra: &[String]) -> anyhow::R
             let mut c = Command::new(&tools.feedhub);
             c.args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
+                // Every client comes from a few 127.0.0.x addresses, many per user: the
+                // per-address and per-user limits would refuse most of them (issue 14).
+                .args([
+                    "--max-connections-per-address",
+                    "0",
+                    "--connect-rate-per-address",
+                    "0",
+                    "--max-connections-per-user",
+                    "0",
+                ])
                 .env("RUST_LOG", "warn");
             c
         }

@@ -186,7 +186,9 @@ pub async fn start(listen: SocketAddr, jwt_secret: Option<String>) -> anyhow::Re
     let config = ServerConfig {
         listen,
         jwt_secret,
-        cors_origins: vec!["*".to_string()],
+        // A page on a local dev server (Vite's default port) may connect; `*` is refused at
+        // start (CORS responses carry credentials).
+        cors_origins: vec!["http://localhost:5173".to_string()],
         ..ServerConfig::default()
     };
     ServerBuilder::new(config)

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::{json, Value};
-use support::{start_feed_server, unique_prefix, TEST_API_KEY, TEST_SECRET};
+use support::{start_feed_server_with, unique_prefix, TEST_API_KEY, TEST_SECRET};
 
 /// Upper bound for one tiny load-generator run.
 const RUN_LIMIT: Duration = Duration::from_secs(90);
@@ -86,7 +86,14 @@ fn check_step(step: &Value, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedhub_scenarios_and_report() {
-    let server = start_feed_server().await;
+    // The load generator opens every client from a few 127.0.0.x addresses, as the
+    // benchmark does: per-address limits off (the benchmark passes the same flags).
+    let server = start_feed_server_with(|c| feedhub::ServerConfig {
+        limits: c.limits.without_per_address_limits(),
+        max_connections_per_user: Some(0),
+        ..c
+    })
+    .await;
     let url = format!("{}/hubs/feed", server.base_url);
     let pid = std::process::id().to_string();
     let out = temp_dir("bench-smoke");

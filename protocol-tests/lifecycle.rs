@@ -70,34 +70,49 @@ async fn the_server_pings_an_idle_connection_at_the_keep_alive_interval() {
 }
 
 #[tokio::test]
-async fn a_client_that_stops_after_its_first_ping_is_closed_after_the_client_timeout() {
+async fn a_silent_client_is_closed_after_the_client_timeout_counted_from_the_handshake() {
     let s = server_with(|o| {
         o.client_timeout = Duration::from_millis(400);
         o.keep_alive_interval = Duration::from_millis(100);
     })
     .await;
-    // A client that never pings is never timed out (ASP.NET starts the timer on the first Ping).
+    // Issue 14: a client that completes the handshake and never sends anything is timed out
+    // too (the timer no longer waits for a first Ping), as is one that stops after a Ping.
     let mut quiet = RawClient::connect(&url(&s), ProtocolKind::Json).await;
     let mut c = RawClient::connect(&url(&s), ProtocolKind::Json).await;
+    let mut alive = RawClient::connect(&url(&s), ProtocolKind::Json).await;
     c.send(&HubMessage::Ping).await;
-    let close = loop {
-        match c.recv().await {
-            Some(HubMessage::Close(close)) => break close,
-            Some(_) => continue,
-            None => panic!("socket closed without a Close message"),
+    let started = std::time::Instant::now();
+    let closes = async {
+        for client in [&mut quiet, &mut c] {
+            let close = loop {
+                match client.recv().await {
+                    Some(HubMessage::Close(close)) => break close,
+                    Some(_) => continue,
+                    None => panic!("socket closed without a Close message"),
+                }
+            };
+            assert!(close.allow_reconnect);
+            assert!(close.error.unwrap().contains("ClientTimeoutInterval"));
+            client.expect_closed().await;
         }
     };
-    assert!(close.allow_reconnect);
-    assert!(close.error.unwrap().contains("ClientTimeoutInterval"));
-    c.expect_closed().await;
-    // The quiet one is still served.
-    quiet
+    // Meanwhile a client that keeps pinging is still served.
+    let pings = async {
+        for _ in 0..12 {
+            alive.send(&HubMessage::Ping).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::join!(closes, pings);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    alive
         .send_text(
             "{\"type\":1,\"invocationId\":\"1\",\"target\":\"echo\",\"arguments\":[\"x\"]}\u{1e}",
         )
         .await;
     loop {
-        match quiet.recv().await.expect("still open") {
+        match alive.recv().await.expect("still open") {
             HubMessage::Completion(done) => {
                 assert_eq!(done.invocation_id, "1");
                 break;

@@ -543,6 +543,7 @@ async fn malformed_messages_are_dead_lettered_with_a_reason() {
         "no_payload",
         "no_address",
         "too_many_recipients",
+        "too_deep",
     ]
     .into_iter()
     .map(|r| (r, rejected(r)))
@@ -586,6 +587,22 @@ async fn malformed_messages_are_dead_lettered_with_a_reason() {
             "no_payload",
         ),
         ("feed".into(), too_many.into_bytes(), "too_many_recipients"),
+        // Deeper than MessagePack clients can be sent (issue 14): nobody gets it.
+        (
+            format!("feed.{user}"),
+            format!("{}{}", "[".repeat(129), "]".repeat(129)).into_bytes(),
+            "too_deep",
+        ),
+        (
+            "feed".into(),
+            format!(
+                r#"{{"recipients":["{user}"],"payload":{}{}}}"#,
+                "[".repeat(60_000),
+                "]".repeat(60_000)
+            )
+            .into_bytes(),
+            "too_deep",
+        ),
     ];
     for (key, body, _) in &cases {
         topo.publish(key, body, None).await;
@@ -645,6 +662,7 @@ fn rejected(reason: &str) -> u64 {
         BadUserId,
         NoPayload,
         NoAddress,
+        TooDeep,
     ]
     .into_iter()
     .find(|r| r.as_str() == reason)

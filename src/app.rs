@@ -12,9 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -27,6 +24,7 @@ use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, HistoryConfig, Inbox};
 use crate::demo::store::{MemoryStore, PostStore};
 use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
+use crate::http::limits::Admission;
 use crate::http::negotiate::Tokens;
 use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 
@@ -66,6 +64,12 @@ pub struct ServerConfig {
     /// Most events one `Recover` returns (`--recover-limit`); overrides every hub's
     /// `HubOptions::recover_limit`.
     pub recover_limit: usize,
+    /// Connection, rate and time limits of the HTTP layer (see `http::limits`).
+    pub limits: crate::http::limits::LimitsConfig,
+    /// Overrides every hub's `HubOptions::max_connections_per_user` (0: no cap).
+    pub max_connections_per_user: Option<usize>,
+    /// Development mode (no JWT secret) may listen on a non-loopback address.
+    pub dev_mode_public: bool,
 }
 
 impl ServerConfig {
@@ -102,6 +106,9 @@ impl Default for ServerConfig {
             history_size: crate::backplane::history::DEFAULT_HISTORY_SIZE,
             history_ttl: crate::backplane::history::DEFAULT_HISTORY_TTL,
             recover_limit: crate::backplane::history::DEFAULT_RECOVER_LIMIT,
+            limits: crate::http::limits::LimitsConfig::default(),
+            max_connections_per_user: None,
+            dev_mode_public: false,
         }
     }
 }
@@ -125,6 +132,8 @@ pub struct AppState {
     /// (no sticky sessions, see `http::relay`).
     pub(crate) router: Arc<crate::http::relay::Router>,
     pub(crate) demo: Option<Arc<DemoService>>,
+    /// Connection counters and per-address rates (`http::limits`).
+    pub(crate) admission: Arc<Admission>,
 }
 
 /// Builds a [`Server`].
@@ -225,6 +234,19 @@ impl ServerBuilder {
                 crate::http::negotiate::MAX_NODE_ID
             );
         }
+        crate::http::origin::validate(&config.cors_origins)
+            .map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
+        if config.jwt_secret.is_none()
+            && !config.listen.ip().is_loopback()
+            && !config.dev_mode_public
+        {
+            // Development mode signs tokens with a public secret: anyone who can reach the
+            // port can be anyone. Only on a loopback address unless asked for explicitly.
+            anyhow::bail!(
+                "development mode (no --jwt-secret) refuses to listen on {}, a non-loopback address: anyone reaching it could sign in as any user. Give --jwt-secret, listen on 127.0.0.1, or pass --dev-mode-public",
+                config.listen
+            );
+        }
         let (inbox, receivers) = Inbox::new(config.dispatch_workers, config.dispatch_queue);
         let resync = inbox.clone();
         let backplane: Arc<dyn Backplane> = match self.backplane {
@@ -241,6 +263,9 @@ impl ServerBuilder {
                 def.options.channel_prefix = prefix.clone();
             }
             def.options.recover_limit = config.recover_limit.max(1);
+            if let Some(max) = config.max_connections_per_user {
+                def.options.max_connections_per_user = max;
+            }
             let lifetime = HubLifetime::new(def, backplane.clone());
             if let Err(e) = lifetime.start().await {
                 // The backplane is down: serve anyway (not ready) and keep trying.
@@ -319,6 +344,13 @@ impl ServerBuilder {
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
         let tracker = TaskTracker::new();
+        let admission = Admission::new(config.limits.clone(), crate::http::limits::fd_limit());
+        tracing::info!(
+            max_connections = admission.max_connections(),
+            per_address = config.limits.max_connections_per_address,
+            connect_rate_per_address = config.limits.connect_rate_per_address,
+            "connection limits"
+        );
         let state = Arc::new(AppState {
             hubs,
             auth: Authenticator::new(config.jwt_secret.as_deref()),
@@ -332,6 +364,7 @@ impl ServerBuilder {
             demo_page: self.demo_page,
             router: router.clone(),
             demo,
+            admission,
         });
         if state.auth.is_development() {
             tracing::warn!(
@@ -340,6 +373,7 @@ impl ServerBuilder {
         }
         router.attach(&state);
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        tokio::spawn(prune_rates(state.admission.clone(), shutdown.clone()));
         tracing::info!(addr = %local_addr, node = %state.config.node_id, "listening");
         Ok(Server {
             local_addr,
@@ -404,12 +438,13 @@ async fn resync_worker(
 async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => { backoff = Duration::from_millis(5); s }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // EMFILE and friends: back off instead of spinning. (The total cap in
+                    // `http::limits` is kept below the descriptor limit so this stays rare.)
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -417,29 +452,31 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            let svc_state = state.clone();
-            let service = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
-            let conn = http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .serve_connection(io, service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "http connection error");
-                    }
-                }
-                _ = state.shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
+        // Admission before anything is read: the total and per-address caps.
+        let slot = match state.admission.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                state.admission.refuse(stream, why);
+                continue;
             }
-        });
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(crate::http::conn::serve_connection(
+            stream,
+            peer.ip(),
+            Some(slot),
+            state.clone(),
+        ));
+    }
+}
+
+/// Forgets idle per-address rate buckets now and then (bounded memory, see `http::limits`).
+async fn prune_rates(admission: Arc<Admission>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => admission.prune(),
+        }
     }
 }
 

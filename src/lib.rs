@@ -18,7 +18,8 @@
 //! - [`http`]: hyper routing: negotiate, the three transports (WebSockets, Server-Sent
 //!   Events, Long Polling), health, metrics, CORS; no sticky sessions: SSE and Long Polling
 //!   requests that land on another instance are forwarded to the connection's instance over
-//!   the backplane ([`http::forward`]), stateful WebSocket resumes relayed ([`http::relay`]).
+//!   the backplane ([`http::forward`]), stateful WebSocket resumes relayed ([`http::relay`]);
+//!   admission and time limits ([`http::limits`], [`http::conn`], [`http::origin`]).
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
 //! - [`demo`]: the feed page's assets and its post service (development identities only).
 //!

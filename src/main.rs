@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
 use clap::Parser;
@@ -11,6 +12,7 @@ use feedhub::backplane::history;
 use feedhub::backplane::redis::RedisConfig;
 use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
+use feedhub::http::limits::{self, LimitsConfig};
 use feedhub::ingest::amqp::{self, AmqpConfig, AmqpIngest};
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
@@ -75,6 +77,36 @@ struct Args {
     #[arg(long, env = "FEEDHUB_RECOVER_LIMIT", default_value_t = history::DEFAULT_RECOVER_LIMIT,
           value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
     recover_limit: usize,
+    /// Development mode (no --jwt-secret) may listen on a non-loopback address.
+    #[arg(long, env = "FEEDHUB_DEV_MODE_PUBLIC")]
+    dev_mode_public: bool,
+    /// Seconds a request head may take to arrive (slowloris guard).
+    #[arg(long, env = "FEEDHUB_HEADER_READ_TIMEOUT_SECS", default_value_t = limits::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_secs: u64,
+    /// Seconds an HTTP connection may stay idle between requests.
+    #[arg(long, env = "FEEDHUB_IDLE_TIMEOUT_SECS", default_value_t = limits::DEFAULT_IDLE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_secs: u64,
+    /// Seconds a request body may take to arrive (408 after).
+    #[arg(long, env = "FEEDHUB_BODY_READ_TIMEOUT_SECS", default_value_t = limits::DEFAULT_BODY_READ_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    body_read_timeout_secs: u64,
+    /// Open connections in total (503 over it); lowered below the descriptor limit.
+    #[arg(long, env = "FEEDHUB_MAX_CONNECTIONS", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Open connections per client address, IPv6 per /64 (429 over it; 0: no cap).
+    #[arg(long, env = "FEEDHUB_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = limits::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    max_connections_per_address: usize,
+    /// Negotiate/connect requests per second per client address (429 over it; 0: no limit).
+    #[arg(long, env = "FEEDHUB_CONNECT_RATE_PER_ADDRESS", default_value_t = limits::DEFAULT_CONNECT_RATE_PER_ADDRESS)]
+    connect_rate_per_address: u32,
+    /// Burst allowance of --connect-rate-per-address.
+    #[arg(long, env = "FEEDHUB_CONNECT_BURST_PER_ADDRESS", default_value_t = limits::DEFAULT_CONNECT_BURST_PER_ADDRESS)]
+    connect_burst_per_address: u32,
+    /// Connections one user may hold per hub on this instance (0: no cap).
+    #[arg(long, env = "FEEDHUB_MAX_CONNECTIONS_PER_USER", default_value_t = feedhub::hub::builder::DEFAULT_MAX_CONNECTIONS_PER_USER)]
+    max_connections_per_user: usize,
 }
 
 #[tokio::main]
@@ -85,6 +117,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    // The usual soft limit of 1,024 descriptors would cap the server at a few hundred
+    // clients; the total connection cap is then kept below whatever limit is in force.
+    if let Some(fds) = limits::raise_fd_limit() {
+        tracing::info!(fds, "descriptor limit (RLIMIT_NOFILE)");
+    }
     // A malformed URL is a startup error; an unreachable Redis is not (the server starts
     // not ready and keeps reconnecting).
     let redis = match &args.redis_url {
@@ -105,6 +142,17 @@ async fn main() -> anyhow::Result<()> {
         history_size: args.history_size,
         history_ttl: std::time::Duration::from_secs(args.history_ttl_secs),
         recover_limit: args.recover_limit,
+        limits: LimitsConfig {
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
+            max_connections: args.max_connections,
+            max_connections_per_address: args.max_connections_per_address,
+            connect_rate_per_address: args.connect_rate_per_address,
+            connect_burst_per_address: args.connect_burst_per_address,
+        },
+        max_connections_per_user: Some(args.max_connections_per_user),
+        dev_mode_public: args.dev_mode_public,
         ..ServerConfig::default()
     };
     let dev_identities = config.dev_identities;

@@ -80,6 +80,28 @@ pub struct Metrics {
     pub gap_lost_events: AtomicU64,
     /// `Recover` calls by result: recovered, not recovered, bad argument, failed.
     pub recover: [AtomicU64; 4],
+    /// Open HTTP/WebSocket connections (admitted sockets).
+    pub http_connections: AtomicI64,
+    /// The total connection cap in force (after lowering it below the descriptor limit).
+    pub http_connection_limit: AtomicI64,
+    /// Connections refused at accept: total cap (503).
+    pub refused_total_cap: AtomicU64,
+    /// Connections refused at accept: per-address cap (429).
+    pub refused_address_cap: AtomicU64,
+    /// Negotiate/connect requests refused: per-address rate (429).
+    pub refused_rate: AtomicU64,
+    /// Negotiates (429) and connects (handshake error) refused: per-user cap.
+    pub refused_user_cap: AtomicU64,
+    /// WebSocket and SSE requests refused: Origin not allowed (403).
+    pub refused_origin: AtomicU64,
+    /// Connections closed: request head not complete in time.
+    pub header_read_timeouts: AtomicU64,
+    /// Connections closed: idle between requests.
+    pub idle_timeouts: AtomicU64,
+    /// Requests answered 408: body not complete in time.
+    pub body_read_timeouts: AtomicU64,
+    /// Connections without a request yet closed to make room at the total cap.
+    pub evicted_fresh: AtomicU64,
 }
 
 /// The `result` labels of `feedhub_recover_total`, in [`Metrics::recover`] order.
@@ -126,6 +148,17 @@ pub static METRICS: Metrics = Metrics {
         AtomicU64::new(0),
         AtomicU64::new(0),
     ],
+    http_connections: AtomicI64::new(0),
+    http_connection_limit: AtomicI64::new(0),
+    refused_total_cap: AtomicU64::new(0),
+    refused_address_cap: AtomicU64::new(0),
+    refused_rate: AtomicU64::new(0),
+    refused_user_cap: AtomicU64::new(0),
+    refused_origin: AtomicU64::new(0),
+    header_read_timeouts: AtomicU64::new(0),
+    idle_timeouts: AtomicU64::new(0),
+    body_read_timeouts: AtomicU64::new(0),
+    evicted_fresh: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -366,6 +399,51 @@ impl Metrics {
         for (i, result) in RECOVER_RESULTS.iter().enumerate() {
             let v = self.recover[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "feedhub_recover_total{{result=\"{result}\"}} {v}");
+        }
+        gauge(
+            &mut out,
+            "feedhub_http_connections",
+            "Open HTTP and WebSocket connections (admitted sockets).",
+            self.http_connections.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "feedhub_http_connection_limit",
+            "Total connection cap in force (below the descriptor limit).",
+            self.http_connection_limit.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP feedhub_http_refused_total Connections and requests refused by a limit.\n# TYPE feedhub_http_refused_total counter"
+        );
+        for (reason, c) in [
+            ("total_cap", &self.refused_total_cap),
+            ("address_cap", &self.refused_address_cap),
+            ("address_rate", &self.refused_rate),
+            ("user_cap", &self.refused_user_cap),
+            ("origin", &self.refused_origin),
+        ] {
+            let _ = writeln!(
+                out,
+                "feedhub_http_refused_total{{reason=\"{reason}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP feedhub_http_timeouts_total Connections closed or requests ended by a time limit.\n# TYPE feedhub_http_timeouts_total counter"
+        );
+        for (kind, c) in [
+            ("header_read", &self.header_read_timeouts),
+            ("idle", &self.idle_timeouts),
+            ("body_read", &self.body_read_timeouts),
+            ("evicted_at_cap", &self.evicted_fresh),
+        ] {
+            let _ = writeln!(
+                out,
+                "feedhub_http_timeouts_total{{kind=\"{kind}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         crate::ingest::amqp::AMQP_METRICS.render(&mut out);
         out

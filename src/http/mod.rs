@@ -15,9 +15,12 @@
 //! | `GET /`, `/app.js`, `/app.css` | the demo page ([`crate::demo`]) |
 //! | `/demo/users`, `/demo/feed`, `/demo/posts` | the demo's post service, with development identities only ([`crate::demo`]) |
 
+pub mod conn;
 pub mod connections;
 pub mod forward;
+pub mod limits;
 pub mod negotiate;
+pub mod origin;
 pub mod relay;
 pub mod transports;
 
@@ -50,17 +53,46 @@ fn empty() -> Body {
     full(Bytes::new())
 }
 
-/// Reads a request body of at most `limit` bytes: 413 above it, 400 when it cannot be read.
+/// Reads a request body of at most `limit` bytes: 413 above it, 400 when it cannot be read,
+/// 408 when it does not arrive within the connection's body read timeout.
 pub(crate) async fn read_body(
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<Bytes, Response<Body>> {
-    read_incoming(req.into_body(), limit).await
+    let timeout = body_timeout(req.extensions());
+    read_incoming(req.into_body(), limit, timeout).await
+}
+
+/// The body read timeout of a request (from its connection, see [`conn::ConnInfo`]).
+pub(crate) fn body_timeout(extensions: &http::Extensions) -> std::time::Duration {
+    extensions
+        .get::<conn::ConnInfo>()
+        .map_or(limits::DEFAULT_BODY_READ_TIMEOUT, |i| i.body_read_timeout)
 }
 
 /// [`read_body`] for a body already split from its request.
-pub(crate) async fn read_incoming(body: Incoming, limit: usize) -> Result<Bytes, Response<Body>> {
-    match Limited::new(body, limit).collect().await {
+pub(crate) async fn read_incoming(
+    body: Incoming,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, Response<Body>> {
+    let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
+    let Ok(read) = read else {
+        // A body that never arrives (a chunked POST left open) must not hold the
+        // connection, or a per-connection send lock, forever.
+        inc(&METRICS.body_read_timeouts);
+        let mut r = text(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "The request body did not arrive within {} s.",
+                timeout.as_secs_f64()
+            ),
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(r);
+    };
+    match read {
         Ok(b) => Ok(b.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -132,16 +164,12 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// Adds CORS headers for an allowed origin: the origin echoed (never `*`, because the
-/// SignalR client sends credentials), credentials allowed.
+/// Adds CORS headers for a listed origin: the origin echoed (never `*`, because the
+/// SignalR client sends credentials; `*` and `null` are refused at start, see [`origin`]),
+/// credentials allowed.
 fn apply_cors(state: &AppState, origin: &HeaderValue, resp: &mut Response<Body>) {
     let Ok(o) = origin.to_str() else { return };
-    let allowed = state
-        .config
-        .cors_origins
-        .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(o));
-    if !allowed {
+    if !origin::listed(o, &state.config.cors_origins) {
         return;
     }
     let h = resp.headers_mut();
@@ -217,6 +245,9 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
     }
     if let Some(hub_path) = path.strip_suffix("/negotiate") {
         if let Some(hub) = state.hubs.get(hub_path) {
+            if let Err(r) = connect_rate(state, &req) {
+                return *r;
+            }
             return negotiate(state, hub, &req);
         }
     }
@@ -268,6 +299,24 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
             return json(StatusCode::OK, body);
         }
     };
+    if let Some(user) = &identity.user_id {
+        let max = hub.definition().options.max_connections_per_user;
+        if max > 0 && hub.registry().user_connection_count(user) >= max {
+            // A clear negotiate error: the official clients show it as the reason start()
+            // failed. Counted per hub, on this node.
+            inc(&METRICS.refused_user_cap);
+            let body = serde_json::to_vec(&serde_json::json!({
+                "error": crate::hub::user_cap_message(max)
+            }))
+            .unwrap_or_default();
+            let mut r = json(StatusCode::TOO_MANY_REQUESTS, body);
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(limits::RETRY_AFTER_SECS),
+            );
+            return r;
+        }
+    }
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
     // Stateful reconnect needs a token (v1) and a hub that allows it (ASP.NET's
     // `AllowStatefulReconnects`); the flag travels signed inside the token.
@@ -339,11 +388,17 @@ async fn connect(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let method = req.method().clone();
+    let is_ws = method == Method::GET && is_websocket_upgrade(&req);
+    if is_ws || (method == Method::GET && transports::accepts_event_stream(req.headers())) {
+        // A new persistent transport: its Origin, then its address's connect rate.
+        if let Err(r) = check_origin(state, &req).and_then(|()| connect_rate(state, &req)) {
+            return *r;
+        }
+    }
     let (identity, token) = match admit(state, &hub, &method, req.uri(), req.headers()) {
         Ok(admitted) => admitted,
         Err(r) => return *r,
     };
-    let is_ws = method == Method::GET && is_websocket_upgrade(&req);
     let Some(token) = token else {
         if is_ws {
             return transports::websocket(state, hub, None, identity, req).await;
@@ -359,7 +414,8 @@ async fn connect(
     let (parts, body) = req.into_parts();
     if let Some(owner) = state.tokens.remote_owner(&token, &user) {
         let body = if method == Method::POST {
-            match read_incoming(body, transports::max_post_body(&hub)).await {
+            let timeout = body_timeout(&parts.extensions);
+            match read_incoming(body, transports::max_post_body(&hub), timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             }
@@ -370,6 +426,48 @@ async fn connect(
     }
     let body = transports::SendBody::Incoming(body);
     hub_request(state, hub, &parts, identity, &token, &user, body).await
+}
+
+/// With `--cors-origin` set, a WebSocket upgrade or SSE request from another origin: 403
+/// (see [`origin`]).
+fn check_origin(state: &AppState, req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str());
+    let origin = match origin {
+        None => None,
+        Some(Ok(o)) => Some(o),
+        Some(Err(_)) => Some("\u{fffd}"),
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    if origin::upgrade_allowed(origin, host, &state.config.cors_origins) {
+        return Ok(());
+    }
+    inc(&METRICS.refused_origin);
+    Err(Box::new(text(
+        StatusCode::FORBIDDEN,
+        "Origin not allowed (see --cors-origin).",
+    )))
+}
+
+/// The per-address negotiate/connect rate (see [`limits`]): 429 with `Retry-After` over it.
+fn connect_rate(state: &AppState, req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
+    let Some(info) = req.extensions().get::<conn::ConnInfo>() else {
+        return Ok(());
+    };
+    match state.admission.allow_connect(info.peer) {
+        Ok(()) => Ok(()),
+        Err(retry) => {
+            let mut r = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many connection attempts from this address. Try again later.",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry.as_secs()));
+            Err(Box::new(r))
+        }
+    }
 }
 
 /// The checks every hub-path request passes, landed here or forwarded: the method (GET,
@@ -418,7 +516,8 @@ async fn hub_request(
     body: transports::SendBody,
 ) -> Response<Body> {
     if parts.method == Method::POST {
-        return transports::send(state, &hub, token, user, body).await;
+        let timeout = body_timeout(&parts.extensions);
+        return transports::send(state, &hub, token, user, body, timeout).await;
     }
     if parts.method == Method::DELETE {
         return transports::delete(state, token, user);

@@ -493,6 +493,7 @@ pub(crate) async fn send(
     token: &str,
     user: &str,
     body: SendBody,
+    body_timeout: Duration,
 ) -> Response<Body> {
     let conn = match lookup(state, token, user) {
         Lookup::Live(c) | Lookup::Pending(c) => c,
@@ -515,7 +516,7 @@ pub(crate) async fn send(
     // Sends of one connection are applied in arrival order, one at a time.
     let _lock = conn.send_lock.lock().await;
     let body = match body {
-        SendBody::Incoming(b) => match super::read_incoming(b, limit).await {
+        SendBody::Incoming(b) => match super::read_incoming(b, limit, body_timeout).await {
             Ok(b) => b,
             Err(r) => return r,
         },

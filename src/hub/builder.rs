@@ -60,13 +60,17 @@ impl Transports {
     }
 }
 
+/// Default of [`HubOptions::max_connections_per_user`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 100;
+
 /// Per-hub options. Defaults are ASP.NET's `HubOptions` defaults.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
     /// Server ping interval (`KeepAliveInterval`, 15 s).
     pub keep_alive_interval: Duration,
-    /// Close a client silent for this long, counted from its first Ping
-    /// (`ClientTimeoutInterval`, 30 s).
+    /// Close a client silent for this long, counted from the handshake
+    /// (`ClientTimeoutInterval`, 30 s; official clients ping every 15 s). Long Polling is
+    /// exempt: its polls are its keep-alive (`disconnect_timeout`).
     pub client_timeout: Duration,
     /// Deadline for the handshake (`HandshakeTimeout`, 15 s).
     pub handshake_timeout: Duration,
@@ -126,6 +130,11 @@ pub struct HubOptions {
     pub history: bool,
     /// Most events one `Recover` returns (`--recover-limit`, 300).
     pub recover_limit: usize,
+    /// Connections one user may hold on this hub on one node (0: no cap). Over it, negotiate
+    /// answers 429 with an `error`, and a connect gets a handshake error and Close 1008.
+    /// 100 by default: far more tabs and devices than a person has, far fewer than a
+    /// script holding one token opens to exhaust a node.
+    pub max_connections_per_user: usize,
 }
 
 impl Default for HubOptions {
@@ -157,6 +166,7 @@ impl Default for HubOptions {
             sse_keep_alive: Duration::from_secs(10),
             history: false,
             recover_limit: crate::backplane::history::DEFAULT_RECOVER_LIMIT,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
         }
     }
 }

@@ -50,6 +50,22 @@ pub enum Target {
     },
 }
 
+/// Why [`HubLifetime::connect`] refused a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The user holds `max_connections_per_user` connections here already.
+    #[error("{}", user_cap_message(*.0))]
+    UserLimit(usize),
+    /// The backplane subscription failed.
+    #[error(transparent)]
+    Backplane(#[from] BackplaneError),
+}
+
+/// What a client over the per-user cap is told (negotiate error, handshake error, Close).
+pub fn user_cap_message(max: usize) -> String {
+    format!("Too many connections for this user (at most {max} per user on this server). Close another connection and try again.")
+}
+
 /// One hub's runtime on this node.
 pub struct HubLifetime {
     pub(super) def: HubDefinition,
@@ -125,9 +141,14 @@ impl HubLifetime {
     }
 
     /// Registers a connection and subscribes its user's and its own channel; returns once the
-    /// subscriptions are active.
-    pub async fn connect(&self, conn: &ConnectionHandle) -> Result<(), BackplaneError> {
-        let first_for_user = self.registry.insert(conn);
+    /// subscriptions are active. Refused when its user already holds
+    /// `max_connections_per_user` connections here.
+    pub async fn connect(&self, conn: &ConnectionHandle) -> Result<(), ConnectError> {
+        let max = self.def.options.max_connections_per_user;
+        let Ok(first_for_user) = self.registry.insert_capped(conn, max) else {
+            inc(&METRICS.refused_user_cap);
+            return Err(ConnectError::UserLimit(max));
+        };
         let mut channels = vec![self.scheme.connection(&conn.id)];
         if let Some(user) = conn.user_id() {
             channels.push(self.scheme.user(user));
@@ -151,7 +172,7 @@ impl HubLifetime {
                 }
             }
             if let Some(e) = first_error {
-                return Err(e);
+                return Err(ConnectError::Backplane(e));
             }
         }
         if first_for_user {

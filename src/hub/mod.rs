@@ -30,7 +30,7 @@ pub use builder::{HubBuilder, HubDefinition, HubOptions, Transports};
 pub use clients::{ClientProxy, Clients, Groups, SingleClientProxy};
 pub use context::HubContext;
 pub use history::{HistoryCounts, HistoryStats};
-pub use lifetime::{HubLifetime, Target};
+pub use lifetime::{user_cap_message, ConnectError, HubLifetime, Target};
 pub use method::{
     channel_stream, ChannelStream, FromArg, FromArgs, IntoArgs, IntoValue, StreamWriter,
     UploadStream,

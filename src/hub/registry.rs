@@ -28,15 +28,27 @@ impl Registry {
 
     /// Adds a connection. Returns true if it is its user's first connection here.
     pub fn insert(&self, conn: &ConnectionHandle) -> bool {
-        self.connections.insert(conn.id.clone(), conn.clone());
-        match conn.user_id() {
+        self.insert_capped(conn, 0).unwrap_or(false)
+    }
+
+    /// [`Registry::insert`] unless the connection's user already has `max` connections here
+    /// (`0`: no cap): then `Err(())` and nothing is added. The check and the insert happen
+    /// under the user's entry lock, so concurrent connects cannot overshoot.
+    #[allow(clippy::result_unit_err)]
+    pub fn insert_capped(&self, conn: &ConnectionHandle, max: usize) -> Result<bool, ()> {
+        let first = match conn.user_id() {
             Some(user) => {
                 let mut entry = self.users.entry(user.clone()).or_default();
+                if max > 0 && entry.len() >= max {
+                    return Err(());
+                }
                 entry.push(conn.clone());
                 entry.len() == 1
             }
             None => false,
-        }
+        };
+        self.connections.insert(conn.id.clone(), conn.clone());
+        Ok(first)
     }
 
     /// Removes a connection. Returns true if it was its user's last connection here.

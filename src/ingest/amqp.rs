@@ -162,10 +162,12 @@ pub enum RejectReason {
     NoPayload,
     /// Neither `feed.<userId>` routing key nor a recipients body.
     NoAddress,
+    /// The payload nests deeper than `event::MAX_PAYLOAD_DEPTH`.
+    TooDeep,
 }
 
 impl RejectReason {
-    const ALL: [RejectReason; 7] = [
+    const ALL: [RejectReason; 8] = [
         RejectReason::TooLarge,
         RejectReason::NotJson,
         RejectReason::NoRecipients,
@@ -173,6 +175,7 @@ impl RejectReason {
         RejectReason::BadUserId,
         RejectReason::NoPayload,
         RejectReason::NoAddress,
+        RejectReason::TooDeep,
     ];
 
     /// The label: `too_large`, `not_json`, ...
@@ -185,6 +188,7 @@ impl RejectReason {
             RejectReason::BadUserId => "bad_user_id",
             RejectReason::NoPayload => "no_payload",
             RejectReason::NoAddress => "no_address",
+            RejectReason::TooDeep => "too_deep",
         }
     }
 
@@ -196,6 +200,7 @@ impl RejectReason {
             EventError::BadUserId(_) => RejectReason::BadUserId,
             EventError::NoPayload | EventError::ReservedOffset => RejectReason::NoPayload,
             EventError::NoAddress(_) => RejectReason::NoAddress,
+            EventError::TooDeep => RejectReason::TooDeep,
         }
     }
 
@@ -221,7 +226,7 @@ pub struct AmqpMetrics {
     /// Deliveries flagged redelivered by RabbitMQ (after a consumer failure or a requeue).
     pub redelivered: AtomicU64,
     /// Deliveries dead-lettered, by [`RejectReason`].
-    pub rejected: [AtomicU64; 7],
+    pub rejected: [AtomicU64; 8],
     /// Successful reconnects after a lost or failed connection.
     pub reconnects: AtomicU64,
     /// Failed connection attempts.
@@ -237,7 +242,7 @@ pub static AMQP_METRICS: AmqpMetrics = AmqpMetrics {
     nacked: AtomicU64::new(0),
     batches: AtomicU64::new(0),
     redelivered: AtomicU64::new(0),
-    rejected: [const { AtomicU64::new(0) }; 7],
+    rejected: [const { AtomicU64::new(0) }; 8],
     reconnects: AtomicU64::new(0),
     connect_failures: AtomicU64::new(0),
     connected: AtomicU64::new(0),

@@ -27,6 +27,13 @@ use crate::ids::UserId;
 /// Most recipients one event may name.
 pub const MAX_RECIPIENTS: usize = 10_000;
 
+/// Deepest nesting of arrays and objects in a payload: the bound every hub protocol can
+/// carry (the MessagePack transcoder's, [`crate::protocol::transcode::MAX_DEPTH`]), checked
+/// here so that an event either reaches JSON and MessagePack clients alike or nobody
+/// (issue 14: a 100,000-deep payload reached JSON clients while MessagePack clients
+/// silently lost it).
+pub const MAX_PAYLOAD_DEPTH: usize = crate::protocol::transcode::MAX_DEPTH;
+
 /// One feed event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeedEvent {
@@ -56,7 +63,9 @@ impl FeedEvent {
         let Some(rest) = text.strip_prefix('{') else {
             return self.payload.clone();
         };
-        let keys: std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny> =
+        // Values as RawValue: skipped without serde_json's recursion limit (127), so a
+        // payload at the depth limit still gets its id.
+        let keys: std::collections::HashMap<std::borrow::Cow<'_, str>, &RawValue> =
             match serde_json::from_str(text) {
                 Ok(k) => k,
                 Err(_) => return self.payload.clone(),
@@ -97,6 +106,9 @@ pub enum EventError {
     /// `payload` missing.
     #[error("'payload' is required")]
     NoPayload,
+    /// The payload nests arrays/objects deeper than [`MAX_PAYLOAD_DEPTH`].
+    #[error("payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")]
+    TooDeep,
     /// The routing key is not `feed.<userId>` and the body has no recipients.
     #[error("routing key {0:?} does not name a user and the body has no recipients")]
     NoAddress(String),
@@ -122,6 +134,14 @@ fn user_id(v: &serde_json::Value) -> Result<UserId, EventError> {
     UserId::new(&s).map_err(|_| EventError::BadUserId(s))
 }
 
+/// [`EventError::TooDeep`] when `payload` nests deeper than [`MAX_PAYLOAD_DEPTH`].
+fn check_depth(payload: &[u8]) -> Result<(), EventError> {
+    if crate::protocol::json::nesting_exceeds(payload, MAX_PAYLOAD_DEPTH) {
+        return Err(EventError::TooDeep);
+    }
+    Ok(())
+}
+
 /// Decodes a `{"recipients":[...],"payload":...}` body.
 pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
     let parsed: Body<'_> =
@@ -144,6 +164,7 @@ pub fn decode_recipients_body(body: &[u8]) -> Result<FeedEvent, EventError> {
     if has_reserved_offset(payload.get().as_bytes()) {
         return Err(EventError::ReservedOffset);
     }
+    check_depth(payload.get().as_bytes())?;
     let id = parsed.id.map(|v| match v {
         serde_json::Value::String(s) => s,
         other => other.to_string(),
@@ -202,8 +223,11 @@ pub fn decode_message(
     if let Some(user) = routing_key.strip_prefix("feed.") {
         if !user.is_empty() {
             let user = UserId::new(user).map_err(|_| EventError::BadUserId(user.to_string()))?;
-            serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            // RawValue: validated without serde_json's recursion limit (127 levels), so the
+            // depth bound is ours, the same for both forms.
+            serde_json::from_slice::<&RawValue>(body)
                 .map_err(|e| EventError::NotJson(e.to_string()))?;
+            check_depth(body)?;
             let text = std::str::from_utf8(body).map_err(|e| EventError::NotJson(e.to_string()))?;
             if has_reserved_offset(text.as_bytes()) {
                 return Err(EventError::ReservedOffset);
@@ -244,6 +268,33 @@ mod tests {
         );
         assert_eq!(&e.payload[..], br#"{"a":[1, 2]}"#);
         assert_eq!(e.id.as_deref(), Some("e1"));
+    }
+
+    #[test]
+    fn payload_depth_is_bounded_the_same_for_both_forms() {
+        let nested = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        let ok = nested(MAX_PAYLOAD_DEPTH);
+        let deep = nested(MAX_PAYLOAD_DEPTH + 1);
+        let body = |p: &str| format!(r#"{{"recipients":["1"],"payload":{p}}}"#);
+        assert!(decode_recipients_body(body(&ok).as_bytes()).is_ok());
+        assert_eq!(
+            decode_recipients_body(body(&deep).as_bytes()),
+            Err(EventError::TooDeep)
+        );
+        assert!(decode_message("feed.1", ok.as_bytes(), None).is_ok());
+        assert_eq!(
+            decode_message("feed.1", deep.as_bytes(), None),
+            Err(EventError::TooDeep)
+        );
+        let huge = nested(100_000);
+        assert_eq!(
+            decode_message("feed.1", huge.as_bytes(), None),
+            Err(EventError::TooDeep)
+        );
+        // A payload at the limit transcodes for MessagePack clients.
+        let mut out = Vec::new();
+        crate::protocol::transcode::json_to_msgpack(ok.as_bytes(), &mut out).unwrap();
+        assert!(crate::protocol::transcode::json_to_msgpack(deep.as_bytes(), &mut out).is_err());
     }
 
     #[test]

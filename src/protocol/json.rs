@@ -163,7 +163,7 @@ pub const MAX_DEPTH: usize = super::transcode::MAX_DEPTH;
 
 /// Whether arrays/objects in `text` nest deeper than `max` (brackets inside strings are
 /// skipped). One linear pass; malformed text is left for the parser to report.
-fn nesting_exceeds(text: &[u8], max: usize) -> bool {
+pub fn nesting_exceeds(text: &[u8], max: usize) -> bool {
     // Fast path: with no more than `max` opening brackets anywhere (strings included), the
     // nesting cannot exceed `max`. This count vectorizes; the state machine below does not.
     let openings = text.iter().filter(|&&b| b == b'[' || b == b'{').count();

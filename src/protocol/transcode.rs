@@ -146,8 +146,14 @@ fn write_base64(out: &mut Vec<u8>, data: &[u8]) {
 pub fn json_to_msgpack(input: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
     let start = out.len();
     let mut de = serde_json::Deserializer::from_slice(input);
+    // serde_json's own limit stops at 127 levels; the writer bounds nesting at MAX_DEPTH
+    // (128) instead, the same bound as everywhere else (ingest, the JSON decoder).
+    de.disable_recursion_limit();
     let result = de
-        .deserialize_any(MsgPackWriter { out: &mut *out })
+        .deserialize_any(MsgPackWriter {
+            out: &mut *out,
+            depth: 0,
+        })
         .and_then(|()| de.end());
     result.map_err(|e| {
         out.truncate(start);
@@ -156,9 +162,22 @@ pub fn json_to_msgpack(input: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError
 }
 
 /// A serde visitor that writes each visited JSON value straight into MessagePack.
-/// serde_json bounds the recursion (128 levels by default).
+/// It bounds the recursion: arrays and objects nested deeper than [`MAX_DEPTH`] are an
+/// error (serde_json's limit is off, see [`json_to_msgpack`]).
 struct MsgPackWriter<'o> {
     out: &'o mut Vec<u8>,
+    /// Arrays and objects around the value being written.
+    depth: usize,
+}
+
+impl MsgPackWriter<'_> {
+    /// The depth of a container visited now, or an error past [`MAX_DEPTH`].
+    fn enter<E: de::Error>(&self) -> Result<usize, E> {
+        if self.depth >= MAX_DEPTH {
+            return Err(E::custom(format!("nesting deeper than {MAX_DEPTH}")));
+        }
+        Ok(self.depth + 1)
+    }
 }
 
 impl<'de> de::DeserializeSeed<'de> for MsgPackWriter<'_> {
@@ -220,12 +239,14 @@ impl<'de> Visitor<'de> for MsgPackWriter<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let depth = self.enter()?;
         let pos = self.out.len();
         self.out.push(0x90);
         let mut count = 0usize;
         while seq
             .next_element_seed(MsgPackWriter {
                 out: &mut *self.out,
+                depth,
             })?
             .is_some()
         {
@@ -236,17 +257,20 @@ impl<'de> Visitor<'de> for MsgPackWriter<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let depth = self.enter()?;
         let pos = self.out.len();
         self.out.push(0x80);
         let mut count = 0usize;
         while map
             .next_key_seed(MsgPackWriter {
                 out: &mut *self.out,
+                depth,
             })?
             .is_some()
         {
             map.next_value_seed(MsgPackWriter {
                 out: &mut *self.out,
+                depth,
             })?;
             count += 1;
         }
@@ -366,6 +390,23 @@ mod tests {
         let mut ok = vec![0x91; MAX_DEPTH];
         ok.push(0xc0);
         assert!(msgpack_to_json(&ok, &mut Vec::new()).is_ok());
+    }
+
+    #[test]
+    fn json_nesting_is_bounded_at_max_depth_in_both_shapes() {
+        let arrays = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        let objects = |d: usize| format!("{}1{}", "{\"a\":".repeat(d), "}".repeat(d));
+        for (ok, deep) in [
+            (arrays(MAX_DEPTH), arrays(MAX_DEPTH + 1)),
+            (objects(MAX_DEPTH), objects(MAX_DEPTH + 1)),
+        ] {
+            let mut out = b"keep".to_vec();
+            assert!(json_to_msgpack(deep.as_bytes(), &mut out).is_err());
+            assert_eq!(out, b"keep");
+            json_to_msgpack(ok.as_bytes(), &mut out).unwrap();
+        }
+        // Far deeper input fails cleanly (no stack overflow).
+        assert!(json_to_msgpack(arrays(100_000).as_bytes(), &mut Vec::new()).is_err());
     }
 
     #[test]

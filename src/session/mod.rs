@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Identity;
 use crate::connection::outbound::{Outbound, Outgoing, SLOW_CONSUMER_REASON};
 use crate::connection::{Connection, ConnectionHandle, RequestInfo, TransportKind};
-use crate::hub::{HubContext, HubLifetime};
+use crate::hub::{ConnectError, HubContext, HubLifetime};
 use crate::ids::ConnectionId;
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{Ack, Close, CompletionResult, HubMessage, ProtocolKind, Sequence};
@@ -179,16 +179,27 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     );
     let span = tracing::debug_span!("session", conn_id = %conn.id, user = ?conn.user_id().map(|u| u.as_str()), protocol = protocol.name());
     let _enter = span.enter();
-    if let Err(e) = hub.connect(&conn).await {
+    match hub.connect(&conn).await {
+        Ok(()) => {}
         // The handshake is not answered yet: the client's start() fails with this error.
-        tracing::warn!(error = %e, "backplane subscribe failed; refusing the connection");
-        handshake::send_error(
-            &mut sink,
-            "Backplane unavailable; the server cannot deliver messages right now. Try again later.",
-        )
-        .await;
-        sink.close(1011, "backplane unavailable").await;
-        return;
+        Err(ConnectError::UserLimit(max)) => {
+            tracing::debug!(max, "per-user connection cap; refusing the connection");
+            let reason = crate::hub::user_cap_message(max);
+            handshake::send_error(&mut sink, &reason).await;
+            // 1008: policy violation (the Close reason is limited to 123 bytes).
+            sink.close(1008, "too many connections for this user").await;
+            return;
+        }
+        Err(ConnectError::Backplane(e)) => {
+            tracing::warn!(error = %e, "backplane subscribe failed; refusing the connection");
+            handshake::send_error(
+                &mut sink,
+                "Backplane unavailable; the server cannot deliver messages right now. Try again later.",
+            )
+            .await;
+            sink.close(1011, "backplane unavailable").await;
+            return;
+        }
     }
     // Only now is the handshake answered: the user's channel is subscribed, so nothing
     // published after the client's start() resolved is missed.
@@ -307,7 +318,9 @@ struct Loop {
     ping: Bytes,
     last_sent: Instant,
     last_received: Instant,
-    /// Armed by the client's first Ping (ASP.NET never times out clients that never ping).
+    /// Whether the client timeout runs: from the handshake on (a client that never sends
+    /// anything must not hold a connection forever, issue 14), except on Long Polling, whose
+    /// polls are its keep-alive; disarmed while a stateful connection waits for a resume.
     client_timeout_armed: bool,
     /// Stateful reconnect, when negotiated.
     stateful: Option<Stateful>,
@@ -377,7 +390,7 @@ impl Loop {
             ping: Bytes::from(ping),
             last_sent: now,
             last_received: now,
-            client_timeout_armed: false,
+            client_timeout_armed: conn.transport != TransportKind::LongPolling,
             stateful: None,
             conn,
         }
@@ -487,6 +500,8 @@ impl Loop {
         tracing::debug!(resent, "stateful reconnect: resending");
         let now = Instant::now();
         self.last_received = now;
+        // The client timeout runs again on the new transport.
+        self.client_timeout_armed = true;
         self.send_message(sink, &seq).await?;
         let mut batch = Vec::new();
         let mut size = 0;
@@ -735,7 +750,9 @@ impl Loop {
                 }
             }
             match msg {
-                HubMessage::Ping => self.client_timeout_armed = true,
+                HubMessage::Ping => {
+                    self.client_timeout_armed = self.conn.transport != TransportKind::LongPolling
+                }
                 HubMessage::Close(c) => return Err(End::ClientClose(c.error)),
                 HubMessage::Invocation(inv) => self.dispatcher.invocation(inv, false, tasks),
                 HubMessage::StreamInvocation(inv) => self.dispatcher.invocation(inv, true, tasks),
