@@ -21,6 +21,8 @@ pub fn feed_hub() -> HubDefinition {
             o.feed_target = FEED_TARGET.to_string();
             // A feed must not lose events over a network blip: resume on a new socket.
             o.stateful_reconnect = true;
+            // A feed outliving its token would keep delivering to someone logged out.
+            o.close_on_token_expiry = true;
         })
         // Lets a page show who it is connected as (and check the connection end to end).
         .method("WhoAmI", |ctx: HubContext, (): ()| async move {

@@ -97,6 +97,9 @@ pub struct Connection {
     pub outbound: Outbound,
     /// Cancelled when the connection ends (`Context.ConnectionAborted`).
     pub aborted: CancellationToken,
+    /// When the session closes the connection because its access token expired (hubs with
+    /// `close_on_token_expiry`); kept here, not in the session future (`session::size_tests`).
+    pub(crate) token_expiry: Option<tokio::time::Instant>,
     /// Groups this connection is in, so they can be left when it ends.
     pub(crate) groups: Mutex<Vec<GroupName>>,
     /// `Context.Items`, allocated on first use (most connections never use it).
@@ -130,6 +133,19 @@ impl Connection {
         request: RequestInfo,
         outbound: Outbound,
     ) -> ConnectionHandle {
+        Connection::with_expiry(id, identity, protocol, transport, request, outbound, None)
+    }
+
+    /// A new connection record that the session closes at `token_expiry`.
+    pub(crate) fn with_expiry(
+        id: ConnectionId,
+        identity: Identity,
+        protocol: ProtocolKind,
+        transport: TransportKind,
+        request: RequestInfo,
+        outbound: Outbound,
+        token_expiry: Option<tokio::time::Instant>,
+    ) -> ConnectionHandle {
         Arc::new(Connection {
             id,
             identity,
@@ -138,6 +154,7 @@ impl Connection {
             request,
             outbound,
             aborted: CancellationToken::new(),
+            token_expiry,
             groups: Mutex::new(Vec::new()),
             items: Mutex::new(None),
             pending_results: Mutex::new(None),

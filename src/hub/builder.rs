@@ -120,6 +120,11 @@ pub struct HubOptions {
     pub disconnect_timeout: Duration,
     /// An SSE stream idle this long gets a `:` comment line, so proxies keep it open.
     pub sse_keep_alive: Duration,
+    /// Close a connection (Close with a reason and `allowReconnect: true`) when its access
+    /// token stops being accepted (`exp` plus the leeway), as ASP.NET's
+    /// `CloseOnAuthenticationExpiration`: the client reconnects with a fresh token, or is
+    /// refused. Default false; the feed hub turns it on.
+    pub close_on_token_expiry: bool,
 }
 
 impl Default for HubOptions {
@@ -149,6 +154,7 @@ impl Default for HubOptions {
             long_poll_timeout: Duration::from_secs(90),
             disconnect_timeout: Duration::from_secs(15),
             sse_keep_alive: Duration::from_secs(10),
+            close_on_token_expiry: false,
         }
     }
 }
