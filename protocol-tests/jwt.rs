@@ -325,7 +325,7 @@ async fn invoke_who_am_i(ws: &mut RawClient) -> Value {
     match ws.recv().await {
         Some(HubMessage::Completion(c)) => match c.result {
             feedhub::protocol::CompletionResult::Value(v) => {
-                serde_json::to_value(&v).unwrap_or(Value::Null)
+                serde_json::from_str(&v.to_json_string().unwrap()).unwrap()
             }
             other => panic!("WhoAmI failed: {other:?}"),
         },

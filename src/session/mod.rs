@@ -89,8 +89,10 @@ pub struct SessionParams {
     pub hub: Arc<HubLifetime>,
     /// The connection id (from negotiate, or fresh for skipNegotiation).
     pub connection_id: ConnectionId,
-    /// Who is connecting.
-    pub identity: Identity,
+    /// Who is connecting. Boxed: the parameters stay in the session future for the
+    /// connection's whole life (`size_tests`), the identity is needed only until the
+    /// connection is registered.
+    pub identity: Box<Identity>,
     /// The connect request.
     pub request: RequestInfo,
     /// The transport in use.
@@ -180,7 +182,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     };
     let conn = Connection::with_expiry(
         connection_id,
-        identity,
+        *identity,
         protocol,
         transport,
         request,
@@ -838,7 +840,7 @@ mod size_tests {
         let params = SessionParams {
             hub,
             connection_id: ConnectionId::random(),
-            identity: crate::auth::Identity::anonymous(),
+            identity: Box::new(crate::auth::Identity::anonymous()),
             request: RequestInfo {
                 query: String::new(),
                 headers: Default::default(),
