@@ -971,7 +971,8 @@ fn binary() -> Command {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
     // The test's own environment must not configure the binary.
     for (key, _) in std::env::vars() {
         if key.starts_with("FEEDHUB_") {
@@ -1046,7 +1047,11 @@ async fn the_binary_takes_public_key_issuer_audience_and_leeway_from_env() {
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(at) = line.find("feed hub at http://") {
                 let url = &line[at + "feed hub at ".len()..];
-                return url.trim().trim_end_matches("/hubs/feed").to_string();
+                let url = url
+                    .split(|c: char| c.is_whitespace() || c == '\u{1b}')
+                    .next()
+                    .unwrap();
+                return url.trim_end_matches("/hubs/feed").to_string();
             }
         }
         panic!("feedhub exited without listening");

@@ -124,20 +124,8 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// A new connection record.
+    /// A new connection record; the session closes it at `token_expiry`, if any.
     pub fn new(
-        id: ConnectionId,
-        identity: Identity,
-        protocol: ProtocolKind,
-        transport: TransportKind,
-        request: RequestInfo,
-        outbound: Outbound,
-    ) -> ConnectionHandle {
-        Connection::with_expiry(id, identity, protocol, transport, request, outbound, None)
-    }
-
-    /// A new connection record that the session closes at `token_expiry`.
-    pub(crate) fn with_expiry(
         id: ConnectionId,
         identity: Identity,
         protocol: ProtocolKind,

@@ -180,7 +180,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
         Some(t) if options.close_on_token_expiry => Some(crate::auth::instant_at(t)),
         _ => None,
     };
-    let conn = Connection::with_expiry(
+    let conn = Connection::new(
         connection_id,
         *identity,
         protocol,
