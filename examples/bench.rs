@@ -27,7 +27,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use serde_json::{json, Value};
 
-const SECRET: &str = "feedhub-bench-secret";
+const SECRET: &str = "feedhub-bench-secret-of-at-least-32-bytes";
 const API_KEY: &str = "feedhub-bench-key";
 
 /// Runs every benchmark scenario against feedhub and its peers.

@@ -23,7 +23,7 @@
 //!
 //! ```sh
 //! cargo run --release --example loadgen -- --mode signalr-json \
-//!   --url http://127.0.0.1:5000/hubs/feed --jwt-secret s3cret --conns 1000 --users 200 \
+//!   --url http://127.0.0.1:5000/hubs/feed --jwt-secret feedhub-bench-secret-of-at-least-32-bytes --conns 1000 --users 200 \
 //!   --scenario publish --publisher http --api-key k --rates 2000,5000 --server-pid 1234
 //! ```
 
@@ -121,7 +121,7 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     source_ips: u8,
     /// HS256 secret to mint client JWTs (SignalR modes).
-    #[arg(long, default_value = "feedhub-bench-secret")]
+    #[arg(long, default_value = "feedhub-bench-secret-of-at-least-32-bytes")]
     jwt_secret: String,
     /// Client keep-alive interval (SignalR Ping / WebSocket ping), seconds.
     #[arg(long, default_value_t = 15)]
@@ -1266,7 +1266,7 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         .clone()
         .unwrap_or_else(|| format!("b{:08x}-", rand::random::<u32>()));
     let ctx = Arc::new(Ctx {
-        auth: feedhub::auth::Authenticator::new(Some(&args.jwt_secret)),
+        auth: feedhub::auth::Authenticator::with_secret(Some(&args.jwt_secret)),
         args,
         stats: Stats::new(),
         prefix,

@@ -33,8 +33,15 @@ use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 pub struct ServerConfig {
     /// Address to listen on (port 0 picks a free port).
     pub listen: SocketAddr,
-    /// HS256 secret; `None` runs the development mode (see `auth`).
+    /// HS256 secret (at least 32 bytes); with neither it nor public keys in `jwt`, the
+    /// server runs in development mode (see `auth`).
     pub jwt_secret: Option<String>,
+    /// Public keys, key set, issuer, audience, leeway and user claim of JWTs.
+    pub jwt: crate::auth::JwtOptions,
+    /// Key of the connection tokens negotiate issues (at least 32 bytes); instances that
+    /// accept each other's tokens (no sticky sessions) share it. `None`: derived from
+    /// `jwt_secret`, or random per instance where there is none (public keys only).
+    pub connection_key: Option<String>,
     /// Key for `POST /api/feed`; `None` disables the publish API.
     pub api_key: Option<String>,
     /// Origins allowed for CORS with credentials (`*` allows any, echoed).
@@ -93,6 +100,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             jwt_secret: None,
+            jwt: crate::auth::JwtOptions::default(),
+            connection_key: None,
             api_key: None,
             cors_origins: Vec::new(),
             shutdown_timeout: Duration::from_secs(10),
@@ -234,9 +243,29 @@ impl ServerBuilder {
                 crate::http::negotiate::MAX_NODE_ID
             );
         }
+        // A short secret, an unreadable key file or a bad key set URL stops the start.
+        let auth = Authenticator::new(config.jwt_secret.as_deref(), &config.jwt)?;
+        let token_key = match (&config.connection_key, &config.jwt_secret) {
+            (Some(k), _) if k.len() < crate::auth::MIN_SECRET_BYTES => {
+                anyhow::bail!(
+                    "--connection-key is {} bytes; it needs at least {}",
+                    k.len(),
+                    crate::auth::MIN_SECRET_BYTES
+                )
+            }
+            (Some(k), _) => format!("feedhub-connection-token:{k}").into_bytes(),
+            // Nodes sharing the JWT secret accept each other's connection tokens.
+            (None, Some(s)) => format!("feedhub-connection-token:{s}").into_bytes(),
+            (None, None) => {
+                if !auth.is_development() {
+                    tracing::warn!("no --connection-key (nor --jwt-secret): connection tokens are valid on this instance only; without sticky sessions, give every instance the same --connection-key");
+                }
+                rand::random::<[u8; 32]>().to_vec()
+            }
+        };
         crate::http::origin::validate(&config.cors_origins)
             .map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
-        if config.jwt_secret.is_none()
+        if auth.is_development()
             && !config.listen.ip().is_loopback()
             && !config.dev_mode_public
         {
@@ -318,11 +347,6 @@ impl ServerBuilder {
             }
             _ => None,
         };
-        let token_key = match &config.jwt_secret {
-            // Nodes sharing the JWT secret accept each other's connection tokens.
-            Some(s) => format!("feedhub-connection-token:{s}").into_bytes(),
-            None => rand::random::<[u8; 32]>().to_vec(),
-        };
         let draining = Arc::new(AtomicBool::new(false));
         let ready = {
             let backplane = backplane.clone();
@@ -353,7 +377,7 @@ impl ServerBuilder {
         );
         let state = Arc::new(AppState {
             hubs,
-            auth: Authenticator::new(config.jwt_secret.as_deref()),
+            auth,
             tokens: Tokens::for_node(&token_key, &config.node_id),
             connections: crate::http::connections::Connections::new(),
             config,
@@ -368,8 +392,13 @@ impl ServerBuilder {
         });
         if state.auth.is_development() {
             tracing::warn!(
-                "DEVELOPMENT MODE: no --jwt-secret given; tokens are signed with a public development secret. Do not expose this server."
+                "DEVELOPMENT MODE: no --jwt-secret, --jwt-public-key or --jwt-jwks-url given; tokens are signed with a public development secret. Do not expose this server."
             );
+        }
+        if let Some(jwks) = state.auth.jwks() {
+            // Fetches the key set at once, then keeps it fresh; a token arriving before the
+            // first fetch ends waits for it (`Authenticator::prepare`).
+            tokio::spawn(jwks.clone().refresh_loop(shutdown.clone()));
         }
         router.attach(&state);
         let accept = tokio::spawn(accept_loop(listener, state.clone()));

@@ -44,6 +44,8 @@ pub fn feed_hub() -> HubDefinition {
         o.stateful_reconnect = true;
         // Offsets, Recover and gap repair.
         o.history = true;
+        // A feed outliving its token would keep delivering to someone logged out.
+        o.close_on_token_expiry = true;
     });
     feed_methods(hub).build()
 }

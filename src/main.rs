@@ -2,6 +2,8 @@
 //! with the feed hub, and runs until SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser as _;
 use clap::Parser;
 use feedhub::backplane::history;
+use feedhub::auth::{self, jwks, JwtOptions};
 use feedhub::backplane::redis::RedisConfig;
 use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
@@ -52,9 +55,46 @@ struct Args {
     /// on the broker's side a hung active consumer, is noticed after about this long.
     #[arg(long, env = "FEEDHUB_AMQP_HEARTBEAT", default_value_t = amqp::DEFAULT_HEARTBEAT_SECS)]
     amqp_heartbeat: u16,
-    /// HS256 secret for client JWTs (without it: development mode).
+    /// HS256 secret for client JWTs, at least 32 bytes (without it and without public
+    /// keys: development mode).
     #[arg(long, env = "FEEDHUB_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// PEM file of a public key (RSA, EC P-256/P-384 or Ed25519) verifying RS*/PS*/ES*/EdDSA
+    /// JWTs (repeat, or comma-separate).
+    #[arg(long, env = "FEEDHUB_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    jwt_public_key: Vec<PathBuf>,
+    /// https:// URL of the identity provider's JSON Web Key Set (fetched, cached, refreshed).
+    #[arg(long, env = "FEEDHUB_JWT_JWKS_URL")]
+    jwt_jwks_url: Option<String>,
+    /// PEM file of extra CA certificates to trust for the JWKS fetch.
+    #[arg(long, env = "FEEDHUB_JWT_JWKS_CA")]
+    jwt_jwks_ca: Option<PathBuf>,
+    /// Seconds between background refreshes of the key set.
+    #[arg(long, env = "FEEDHUB_JWT_JWKS_REFRESH_SECS", default_value_t = jwks::DEFAULT_REFRESH.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    jwt_jwks_refresh_secs: u64,
+    /// Shortest time, in seconds, between two key set fetches caused by unknown key ids.
+    #[arg(long, env = "FEEDHUB_JWT_JWKS_MIN_REFETCH_SECS", default_value_t = jwks::DEFAULT_MIN_REFETCH.as_secs())]
+    jwt_jwks_min_refetch_secs: u64,
+    /// Accepted `iss` claim (repeat, or comma-separate); not checked when absent.
+    #[arg(long, env = "FEEDHUB_JWT_ISSUER", value_delimiter = ',')]
+    jwt_issuer: Vec<String>,
+    /// Accepted `aud` claim (repeat, or comma-separate); not checked when absent.
+    #[arg(long, env = "FEEDHUB_JWT_AUDIENCE", value_delimiter = ',')]
+    jwt_audience: Vec<String>,
+    /// Accept JWTs without `exp` (they never expire).
+    #[arg(long, env = "FEEDHUB_JWT_ALLOW_NO_EXP")]
+    jwt_allow_no_exp: bool,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[arg(long, env = "FEEDHUB_JWT_LEEWAY_SECS", default_value_t = auth::DEFAULT_LEEWAY_SECS)]
+    jwt_leeway_secs: u64,
+    /// The claim holding the user id (default: `sub`, else ASP.NET's nameidentifier claim).
+    #[arg(long, env = "FEEDHUB_JWT_USER_CLAIM")]
+    jwt_user_claim: Option<String>,
+    /// Key of negotiate's connection tokens, shared by instances without sticky sessions
+    /// (at least 32 bytes; default: derived from --jwt-secret).
+    #[arg(long, env = "FEEDHUB_CONNECTION_KEY", hide_env_values = true)]
+    connection_key: Option<String>,
     /// API key for POST /api/feed.
     #[arg(long, env = "FEEDHUB_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -130,10 +170,27 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    let development = args.jwt_secret.is_none();
+    let development =
+        args.jwt_secret.is_none() && args.jwt_public_key.is_empty() && args.jwt_jwks_url.is_none();
+    let jwt = JwtOptions {
+        public_keys: args.jwt_public_key,
+        jwks: args.jwt_jwks_url.map(|url| jwks::JwksConfig {
+            ca: args.jwt_jwks_ca,
+            refresh_interval: Duration::from_secs(args.jwt_jwks_refresh_secs),
+            min_refetch_interval: Duration::from_secs(args.jwt_jwks_min_refetch_secs),
+            ..jwks::JwksConfig::new(url)
+        }),
+        issuers: args.jwt_issuer,
+        audiences: args.jwt_audience,
+        allow_no_exp: args.jwt_allow_no_exp,
+        leeway_secs: args.jwt_leeway_secs,
+        user_claim: args.jwt_user_claim,
+    };
     let config = ServerConfig {
         listen: args.listen,
         jwt_secret: args.jwt_secret,
+        jwt,
+        connection_key: args.connection_key,
         api_key: args.api_key,
         cors_origins: args.cors_origin,
         dev_identities: development || args.dev_identities,

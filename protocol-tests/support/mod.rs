@@ -18,7 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// The JWT secret test servers use.
-pub const TEST_SECRET: &str = "feedhub-test-secret";
+pub const TEST_SECRET: &str = "feedhub-test-secret-of-at-least-32-bytes";
 /// The publish API key test servers use.
 pub const TEST_API_KEY: &str = "feedhub-test-api-key";
 /// Default timeout for any wait in tests.

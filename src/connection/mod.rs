@@ -97,6 +97,9 @@ pub struct Connection {
     pub outbound: Outbound,
     /// Cancelled when the connection ends (`Context.ConnectionAborted`).
     pub aborted: CancellationToken,
+    /// When the session closes the connection because its access token expired (hubs with
+    /// `close_on_token_expiry`); kept here, not in the session future (`session::size_tests`).
+    pub(crate) token_expiry: Option<tokio::time::Instant>,
     /// Groups this connection is in, so they can be left when it ends.
     pub(crate) groups: Mutex<Vec<GroupName>>,
     /// `Context.Items`, allocated on first use (most connections never use it).
@@ -121,7 +124,7 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// A new connection record.
+    /// A new connection record; the session closes it at `token_expiry`, if any.
     pub fn new(
         id: ConnectionId,
         identity: Identity,
@@ -129,6 +132,7 @@ impl Connection {
         transport: TransportKind,
         request: RequestInfo,
         outbound: Outbound,
+        token_expiry: Option<tokio::time::Instant>,
     ) -> ConnectionHandle {
         Arc::new(Connection {
             id,
@@ -138,6 +142,7 @@ impl Connection {
             request,
             outbound,
             aborted: CancellationToken::new(),
+            token_expiry,
             groups: Mutex::new(Vec::new()),
             items: Mutex::new(None),
             pending_results: Mutex::new(None),

@@ -243,6 +243,9 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         }
         _ => {}
     }
+    // A token signed with a key the cached key set lacks refetches it here, where waiting
+    // is fine; `authenticate` itself stays synchronous.
+    prepare_auth(state, req.uri(), req.headers()).await;
     if let Some(hub_path) = path.strip_suffix("/negotiate") {
         if let Some(hub) = state.hubs.get(hub_path) {
             if let Err(r) = connect_rate(state, &req) {
@@ -255,6 +258,18 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         return connect(state, hub, req).await;
     }
     text(StatusCode::NOT_FOUND, "Not Found")
+}
+
+/// Lets the authenticator fetch what the request's token needs (`auth::Authenticator::prepare`).
+async fn prepare_auth(state: &AppState, uri: &http::Uri, headers: &http::HeaderMap) {
+    if state.auth.jwks().is_none() {
+        return;
+    }
+    let auth_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = token_from_request(uri.query(), auth_header);
+    state.auth.prepare(token.as_deref()).await;
 }
 
 /// Authenticates a request for `hub`: 401 where a token is required and missing, and
@@ -544,6 +559,7 @@ pub(crate) async fn serve_forwarded(
     let Some(hub) = state.hubs.get(path).cloned() else {
         return text(StatusCode::NOT_FOUND, "Not Found");
     };
+    prepare_auth(state, &parts.uri, &parts.headers).await;
     let (identity, token) = match admit(state, &hub, &parts.method, &parts.uri, &parts.headers) {
         Ok(admitted) => admitted,
         Err(r) => return *r,

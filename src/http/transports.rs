@@ -203,7 +203,7 @@ pub(crate) fn bind(
         SessionParams {
             hub: start.hub,
             connection_id: conn.id.clone(),
-            identity: start.identity,
+            identity: Box::new(start.identity),
             request: start.request,
             transport: start.kind,
             shutdown: state.shutdown.clone(),

@@ -135,6 +135,11 @@ pub struct HubOptions {
     /// 100 by default: far more tabs and devices than a person has, far fewer than a
     /// script holding one token opens to exhaust a node.
     pub max_connections_per_user: usize,
+    /// Close a connection (Close with a reason and `allowReconnect: true`) when its access
+    /// token stops being accepted (`exp` plus the leeway), as ASP.NET's
+    /// `CloseOnAuthenticationExpiration`: the client reconnects with a fresh token, or is
+    /// refused. Default false; the feed hub turns it on.
+    pub close_on_token_expiry: bool,
 }
 
 impl Default for HubOptions {
@@ -167,6 +172,7 @@ impl Default for HubOptions {
             history: false,
             recover_limit: crate::backplane::history::DEFAULT_RECOVER_LIMIT,
             max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
+            close_on_token_expiry: false,
         }
     }
 }

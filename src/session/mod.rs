@@ -78,14 +78,21 @@ const NO_PINGS: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The generic text of a Close caused by an error, as ASP.NET words it.
 pub const CLOSE_ERROR_TEXT: &str = "Connection closed with an error.";
 
+/// The Close error of a connection whose access token expired (hubs with
+/// `close_on_token_expiry`); `allowReconnect` is true, so the client comes back with a fresh
+/// token (its `accessTokenFactory` is asked again) or is refused with 401.
+pub const TOKEN_EXPIRED_REASON: &str = "The access token expired; reconnect with a new one.";
+
 /// Everything a session needs besides the transport.
 pub struct SessionParams {
     /// The hub.
     pub hub: Arc<HubLifetime>,
     /// The connection id (from negotiate, or fresh for skipNegotiation).
     pub connection_id: ConnectionId,
-    /// Who is connecting.
-    pub identity: Identity,
+    /// Who is connecting. Boxed: the parameters stay in the session future for the
+    /// connection's whole life (`size_tests`), the identity is needed only until the
+    /// connection is registered.
+    pub identity: Box<Identity>,
     /// The connect request.
     pub request: RequestInfo,
     /// The transport in use.
@@ -169,13 +176,18 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
         };
 
     // 2. Registration.
+    let token_expiry = match identity.valid_until {
+        Some(t) if options.close_on_token_expiry => Some(crate::auth::instant_at(t)),
+        _ => None,
+    };
     let conn = Connection::new(
         connection_id,
-        identity,
+        *identity,
         protocol,
         transport,
         request,
         Outbound::new(options.outbound, options.slow_consumer),
+        token_expiry,
     );
     let span = tracing::debug_span!("session", conn_id = %conn.id, user = ?conn.user_id().map(|u| u.as_str()), protocol = protocol.name());
     let _enter = span.enter();
@@ -397,6 +409,15 @@ impl Loop {
     }
 
     fn next_deadline(&self) -> Instant {
+        let at = self.timers_deadline();
+        match self.conn.token_expiry {
+            Some(expiry) => at.min(expiry),
+            None => at,
+        }
+    }
+
+    /// The next keep-alive, client timeout, ack or reconnect window deadline.
+    fn timers_deadline(&self) -> Instant {
         if let Some(until) = self.stateful.as_ref().and_then(|s| s.detached_until) {
             return until;
         }
@@ -662,6 +683,13 @@ impl Loop {
                 },
                 () = &mut timer => {
                     let now = Instant::now();
+                    if self.conn.token_expiry.is_some_and(|at| now >= at) {
+                        // The Close request is taken by the outbound (or closing) branch,
+                        // which come first, on the next turn.
+                        tracing::debug!("access token expired; closing");
+                        self.conn.close(Some(TOKEN_EXPIRED_REASON.to_string()), true);
+                        continue;
+                    }
                     if let Some(until) = self.stateful.as_ref().and_then(|s| s.detached_until) {
                         if now >= until {
                             tracing::debug!("stateful reconnect window expired");
@@ -838,7 +866,7 @@ mod size_tests {
         let params = SessionParams {
             hub,
             connection_id: ConnectionId::random(),
-            identity: crate::auth::Identity::anonymous(),
+            identity: Box::new(crate::auth::Identity::anonymous()),
             request: RequestInfo {
                 query: String::new(),
                 headers: Default::default(),
