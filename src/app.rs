@@ -15,7 +15,8 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,7 @@ use crate::demo::store::{MemoryStore, PostStore};
 use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
 use crate::http::negotiate::Tokens;
 use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
+use crate::tls::{Tls, TlsConfig};
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -98,6 +100,8 @@ pub struct AppState {
     /// (no sticky sessions, see `http::relay`).
     pub(crate) router: Arc<crate::http::relay::Router>,
     pub(crate) demo: Option<Arc<DemoService>>,
+    /// TLS on the listener (`--tls-cert`/`--tls-key`); `None` serves plain HTTP.
+    pub(crate) tls: Option<Arc<Tls>>,
 }
 
 /// Builds a [`Server`].
@@ -110,6 +114,7 @@ pub struct ServerBuilder {
     demo_publisher: Option<Arc<dyn FeedPublisher>>,
     demo_users: Directory,
     extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    tls: Option<TlsConfig>,
 }
 
 impl ServerBuilder {
@@ -124,6 +129,7 @@ impl ServerBuilder {
             demo_publisher: None,
             demo_users: Directory::standard(),
             extra_ready: Vec::new(),
+            tls: None,
         }
     }
 
@@ -186,9 +192,22 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves HTTPS and WSS with this certificate and key instead of plain HTTP. The files
+    /// are read by [`ServerBuilder::start`] (unusable files are a startup error) and again
+    /// by [`Tls::reload`] (SIGHUP in the binary).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Binds the listener, starts the hubs and the backplane, and begins serving.
     pub async fn start(self) -> anyhow::Result<Server> {
         let config = self.config;
+        // Unusable certificate files are a startup error, before anything is started.
+        let tls = match self.tls {
+            Some(c) => Some(Arc::new(Tls::load(c)?)),
+            None => None,
+        };
         if config.node_id.is_empty() || config.node_id.len() > crate::http::negotiate::MAX_NODE_ID {
             anyhow::bail!(
                 "the node id must be 1 to {} bytes long",
@@ -300,6 +319,7 @@ impl ServerBuilder {
             demo_page: self.demo_page,
             router: router.clone(),
             demo,
+            tls,
         });
         if state.auth.is_development() {
             tracing::warn!(
@@ -368,28 +388,50 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
             },
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            let svc_state = state.clone();
-            let service = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
-            let conn = http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .serve_connection(io, service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "http connection error");
-                    }
-                }
-                _ = state.shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
+        tokio::spawn(serve_stream(stream, state.clone()));
+    }
+}
+
+/// One accepted socket, in its own task: the TLS handshake when TLS is on (bounded by its
+/// deadline, and by shutdown), then HTTP.
+async fn serve_stream(stream: TcpStream, state: Arc<AppState>) {
+    let Some(tls) = state.tls.clone() else {
+        return serve_connection(stream, state).await;
+    };
+    let accepted = tokio::select! {
+        r = tls.accept(stream) => r,
+        _ = state.shutdown.cancelled() => return,
+    };
+    match accepted {
+        Ok(stream) => serve_connection(stream, state).await,
+        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+    }
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one connection, plain or TLS, until it ends or the
+/// server shuts down.
+async fn serve_connection<IO>(io: IO, state: Arc<AppState>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let svc_state = state.clone();
+    let service = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
+    let conn = http1::Builder::new()
+        .max_buf_size(64 * 1024)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http connection error");
             }
-        });
+        }
+        _ = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }
 
@@ -414,6 +456,21 @@ impl Server {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The listener's TLS (certificate reload: [`Tls::reload`]), when it serves TLS.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.state.tls.as_ref()
+    }
+
+    /// `https://ADDR` with TLS, `http://ADDR` without.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.state.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.local_addr)
     }
 
     /// `IHubContext`: send to a hub's clients from outside any connection.

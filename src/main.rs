@@ -1,7 +1,9 @@
 //! The `feedhub` binary: parses flags (each with an environment twin), starts the server
-//! with the feed hub, and runs until SIGINT/SIGTERM.
+//! with the feed hub, and runs until SIGINT/SIGTERM. With `--tls-cert`/`--tls-key`, SIGHUP
+//! reloads the certificate and key.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use feedhub::backplane::redis::RedisConfig;
 use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
 use feedhub::ingest::amqp::{self, AmqpConfig, AmqpIngest};
+use feedhub::tls::TlsConfig;
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
 /// A SignalR-compatible hub server for live feeds.
@@ -51,6 +54,12 @@ struct Args {
     /// Serve demo identities at /dev/token even with a JWT secret.
     #[arg(long, env = "FEEDHUB_DEV_IDENTITIES")]
     dev_identities: bool,
+    /// PEM certificate chain (leaf first): serve HTTPS/WSS instead of HTTP; SIGHUP reloads it.
+    #[arg(long, env = "FEEDHUB_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    #[arg(long, env = "FEEDHUB_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -113,12 +122,15 @@ async fn main() -> anyhow::Result<()> {
             c.exchange.clone(),
         )));
     }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        builder = builder.tls(TlsConfig::new(cert, key));
+    }
     let server = builder.start().await?;
-    tracing::info!(
-        "feed hub at http://{}{}",
-        server.local_addr(),
-        feed::FEED_HUB_PATH
-    );
+    #[cfg(unix)]
+    if let Some(tls) = server.tls() {
+        tokio::spawn(feedhub::tls::reload_on_sighup(tls.clone()));
+    }
+    tracing::info!("feed hub at {}{}", server.base_url(), feed::FEED_HUB_PATH);
     if let Some(ingest) = &ingest {
         let hub = server
             .hub(feed::FEED_HUB_PATH)

@@ -272,6 +272,7 @@ impl Metrics {
             &self.feed_rejected,
         );
         crate::ingest::amqp::AMQP_METRICS.render(&mut out);
+        crate::tls::TLS_METRICS.render(&mut out);
         out
     }
 }
