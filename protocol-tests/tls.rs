@@ -29,7 +29,7 @@ mod support;
 mod external;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use feedhub::{feed, Server, ServerBuilder, ServerConfig};
 use futures_util::{SinkExt, StreamExt};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -818,12 +818,12 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
         "{metrics}"
     );
 
+    drop((open, fresh));
     binary.signal(libc::SIGTERM);
     let status = within("feedhub exit", binary.child.wait())
         .await
         .expect("wait");
     assert!(status.success(), "graceful exit: {status}");
-    drop((open, fresh));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -899,7 +899,3 @@ async fn chromium_runs_the_demo_over_https_and_wss() {
     server.shutdown().await;
     run.assert_success();
 }
-
-/// Keeps `Path` in use for helpers above on every platform.
-#[allow(dead_code)]
-fn _uses(_: &Path) {}
