@@ -15,7 +15,7 @@
 //! - the official `@microsoft/signalr` Node client on every transport over https/wss
 //!   (`protocol-tests/js/tls.mjs`, the CA through `NODE_EXTRA_CA_CERTS`);
 //! - the demo page in headless Chromium over https with a wss:// hub connection
-//!   (`protocol-tests/js/browser.mjs`, the CA's key trusted with
+//!   (`protocol-tests/js/browser.mjs`, the server's key pinned with
 //!   `--ignore-certificate-errors-spki-list`).
 //!
 //! Node and Chromium tests print `SKIPPED` without the tools, and fail under `CI=true`.
@@ -63,9 +63,6 @@ struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate, PEM.
     pem: String,
-    /// base64(SHA-256(SubjectPublicKeyInfo)): what Chromium's
-    /// `--ignore-certificate-errors-spki-list` takes.
-    spki_sha256: String,
 }
 
 /// A server certificate (for `localhost` and `127.0.0.1`) with its key.
@@ -73,6 +70,10 @@ struct ServerCert {
     cert_pem: String,
     key_pem: String,
     der: Vec<u8>,
+    /// base64(SHA-256(SubjectPublicKeyInfo)): what Chromium's
+    /// `--ignore-certificate-errors-spki-list` takes (it matches keys of the chain the
+    /// server presents, so the leaf's, not the CA's).
+    spki_sha256: String,
 }
 
 impl TestCa {
@@ -91,12 +92,9 @@ impl TestCa {
         params.not_before = rcgen::date_time_ymd(2025, 1, 1);
         params.not_after = rcgen::date_time_ymd(2040, 1, 1);
         let cert = params.self_signed(&key).expect("CA certificate");
-        let spki_sha256 = base64::engine::general_purpose::STANDARD
-            .encode(Sha256::digest(key.subject_public_key_info()));
         TestCa {
             pem: cert.pem(),
             issuer: Issuer::new(params, key),
-            spki_sha256,
         }
     }
 
@@ -120,6 +118,8 @@ impl TestCa {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             der: cert.der().to_vec(),
+            spki_sha256: base64::engine::general_purpose::STANDARD
+                .encode(Sha256::digest(key.subject_public_key_info())),
         }
     }
 }
@@ -855,8 +855,10 @@ async fn official_node_client_over_wss_and_https() {
 
 /// The demo page in headless Chromium over https: the feed scenario of `browser.mjs`
 /// (Alice posts, Bob sees it live, Carol does not, ...) with every page checked to be an
-/// https secure context whose hub WebSocket is wss://. Chromium trusts the test CA's key
-/// (`--ignore-certificate-errors-spki-list`), Node (the script's own requests) the CA file.
+/// https secure context whose hub WebSocket is wss://. Chromium accepts the server's key,
+/// pinned with `--ignore-certificate-errors-spki-list` (Chromium has no flag to trust a CA
+/// file; any other certificate still fails), Node (the script's own requests) trusts the
+/// CA file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_runs_the_demo_over_https_and_wss() {
     let Some(node) = external::node() else { return };
@@ -864,6 +866,7 @@ async fn chromium_runs_the_demo_over_https_and_wss() {
         return;
     };
     let ca = TestCa::new("chromium");
+    let cert = ca.issue("server");
     let files = Files::new("chromium");
     let config = ServerConfig {
         dev_identities: true,
@@ -873,7 +876,7 @@ async fn chromium_runs_the_demo_over_https_and_wss() {
         .hub(feed::feed_hub())
         .memory_bus(MemoryBus::new())
         .demo_store(Arc::new(MemoryStore::new(1000)))
-        .tls(files.install(&ca.issue("server")))
+        .tls(files.install(&cert))
         .start()
         .await
         .expect("demo over tls");
@@ -888,7 +891,7 @@ async fn chromium_runs_the_demo_over_https_and_wss() {
         ("FEEDHUB_CHROMIUM", chromium.display().to_string()),
         (
             "FEEDHUB_CHROMIUM_ARGS",
-            format!("--ignore-certificate-errors-spki-list={}", ca.spki_sha256),
+            format!("--ignore-certificate-errors-spki-list={}", cert.spki_sha256),
         ),
         ("FEEDHUB_EXPECT_SECURE", "1".to_string()),
         ("NODE_EXTRA_CA_CERTS", ca_file.display().to_string()),

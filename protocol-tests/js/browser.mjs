@@ -12,7 +12,7 @@
 // FEEDHUB_CHROMIUM overrides /usr/bin/chromium. FEEDHUB_USER_PREFIX is put before the demo
 // user ids (the servers' demo directory has the same prefix) for tests on a shared Redis.
 // TLS (protocol-tests/tls.rs): FEEDHUB_CHROMIUM_ARGS adds Chromium flags (whitespace-separated,
-// e.g. --ignore-certificate-errors-spki-list=<the test CA's key hash>), and
+// e.g. --ignore-certificate-errors-spki-list=<the server key's hash>), and
 // FEEDHUB_EXPECT_SECURE=1 checks every page is an https:// secure context whose WebSocket
 // (when it uses one) is wss://.
 
