@@ -187,10 +187,7 @@ fn connector(cas: &[&TestCa]) -> tokio_rustls::TlsConnector {
 }
 
 /// A TLS connection to `addr` for the name `localhost`.
-async fn tls_connect(
-    addr: SocketAddr,
-    cas: &[&TestCa],
-) -> std::io::Result<TlsStream<TcpStream>> {
+async fn tls_connect(addr: SocketAddr, cas: &[&TestCa]) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = within("tcp connect", TcpStream::connect(addr)).await?;
     let name = ServerName::try_from("localhost").expect("server name");
     within("tls handshake", connector(cas).connect(name, tcp)).await
@@ -281,8 +278,9 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap_or("0").trim(), 16)
-            .unwrap_or(0);
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap_or("0").trim(), 16)
+                .unwrap_or(0);
         if size == 0 || raw.len() < eol + 2 + size {
             break;
         }
@@ -351,8 +349,9 @@ async fn next_text(ws: &mut Wss) -> Option<String> {
 /// Invokes `WhoAmI` on `ws` and returns the user it names (a full round trip through the
 /// server's session).
 async fn who_am_i(ws: &mut Wss, id: &str) -> String {
-    let call =
-        format!("{{\"type\":1,\"invocationId\":\"{id}\",\"target\":\"WhoAmI\",\"arguments\":[]}}\x1e");
+    let call = format!(
+        "{{\"type\":1,\"invocationId\":\"{id}\",\"target\":\"WhoAmI\",\"arguments\":[]}}\x1e"
+    );
     within("invoke", ws.send(Message::text(call)))
         .await
         .expect("send");
@@ -434,7 +433,10 @@ async fn https_negotiate_then_wss_hub_connection_receives_a_feed_event() {
     let id = connection_token(&negotiate);
 
     let (mut ws, leaf) = wss_feed(addr, &[&ca], &format!("id={id}&access_token={token}")).await;
-    assert_eq!(leaf, cert.der, "the server presented the configured certificate");
+    assert_eq!(
+        leaf, cert.der,
+        "the server presented the configured certificate"
+    );
     assert_eq!(who_am_i(&mut ws, "1").await, "2001");
 
     let text = unique_prefix("over-tls");
@@ -445,7 +447,10 @@ async fn https_negotiate_then_wss_hub_connection_receives_a_feed_event() {
         &ca,
         "POST",
         "/api/feed",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         body.as_bytes(),
     )
     .await;
@@ -561,7 +566,10 @@ async fn bad_handshakes_end_only_their_own_connection() {
 
     // A client that does not trust this server's CA fails its own handshake.
     let refused = tls_connect(addr, &[&stranger]).await;
-    assert!(refused.is_err(), "an untrusted certificate must fail the client's check");
+    assert!(
+        refused.is_err(),
+        "an untrusted certificate must fail the client's check"
+    );
 
     // The server is fine: the open WebSocket works and new https requests are served.
     assert_eq!(who_am_i(&mut ws, "after").await, "2002");
@@ -602,7 +610,11 @@ async fn reload_serves_new_connections_the_new_certificate_and_keeps_open_ones()
         tls_connect(addr, &[&old_ca]).await.is_err(),
         "the old CA no longer verifies new connections"
     );
-    assert_eq!(who_am_i(&mut before, "b").await, "2003", "the old connection works");
+    assert_eq!(
+        who_am_i(&mut before, "b").await,
+        "2003",
+        "the old connection works"
+    );
     assert_eq!(who_am_i(&mut after, "a").await, "2003");
 
     // A key that is not the certificate's: refused, the new certificate stays.
@@ -794,8 +806,15 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     binary.signal(libc::SIGHUP);
     binary.wait_for_log("TLS certificate reloaded", seen).await;
     let (mut fresh, got) = wss_feed(addr, &[&ca], &query).await;
-    assert_eq!(got, second.der, "a new connection gets the reloaded certificate");
-    assert_eq!(who_am_i(&mut open, "1").await, "2004", "the open WebSocket still works");
+    assert_eq!(
+        got, second.der,
+        "a new connection gets the reloaded certificate"
+    );
+    assert_eq!(
+        who_am_i(&mut open, "1").await,
+        "2004",
+        "the open WebSocket still works"
+    );
     assert_eq!(who_am_i(&mut fresh, "2").await, "2004");
 
     // A half-written key on the next SIGHUP: logged, the second certificate stays.

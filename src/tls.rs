@@ -49,7 +49,8 @@ pub const PLAIN_HTTP_HEAD_LIMIT: usize = 16 * 1024;
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// The body of the `400` plain HTTP on the TLS port gets.
-pub const PLAIN_HTTP_ANSWER: &str = "This port speaks TLS: use https:// (or wss://), not http://.\n";
+pub const PLAIN_HTTP_ANSWER: &str =
+    "This port speaks TLS: use https:// (or wss://), not http://.\n";
 
 /// Where the certificate and key come from.
 #[derive(Debug, Clone)]
