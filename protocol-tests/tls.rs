@@ -677,13 +677,9 @@ struct Binary {
 }
 
 impl Binary {
-    async fn start(args: &[String]) -> (Binary, SocketAddr) {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_feedhub"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("FEEDHUB_") {
-                cmd.env_remove(k);
-            }
-        }
+    /// Starts the binary with `args` and, of the `FEEDHUB_*` variables, only `envs`.
+    async fn start(args: &[String], envs: &[(&str, String)]) -> (Binary, SocketAddr) {
+        let mut cmd = binary_command(envs);
         cmd.args(args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
@@ -750,6 +746,18 @@ impl Binary {
     }
 }
 
+/// The `feedhub` binary with none of this process's `FEEDHUB_*` variables, plus `envs`.
+fn binary_command(envs: &[(&str, String)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_feedhub"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FEEDHUB_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+    cmd
+}
+
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
@@ -777,6 +785,7 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     let second = ca.issue("second");
     let files = Files::new("sighup");
     let tls = files.install(&first);
+    // The certificate by flag, the key by its environment twin.
     let args: Vec<String> = [
         "--listen",
         "127.0.0.1:0",
@@ -789,9 +798,9 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     .iter()
     .map(|s| s.to_string())
     .chain([tls.cert.display().to_string()])
-    .chain(["--tls-key".to_string(), tls.key.display().to_string()])
     .collect();
-    let (mut binary, addr) = Binary::start(&args).await;
+    let envs = [("FEEDHUB_TLS_KEY", tls.key.display().to_string())];
+    let (mut binary, addr) = Binary::start(&args, &envs).await;
     binary.wait_for_log("feed hub at https://", 0).await;
     let token = feedhub::auth::Authenticator::new(Some(TEST_SECRET))
         .issue("2004", 3600)
@@ -920,4 +929,46 @@ async fn chromium_runs_the_demo_over_https_and_wss() {
         .await;
     server.shutdown().await;
     run.assert_success();
+}
+
+/// The binary refuses half a TLS configuration (a certificate without its key, by flag or by
+/// environment) and unusable files, with a message naming what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_refuses_half_or_unusable_tls_settings() {
+    let ca = TestCa::new("flags");
+    let files = Files::new("flags");
+    let tls = files.install(&ca.issue("server"));
+    let cert = tls.cert.display().to_string();
+    let key = tls.key.display().to_string();
+    let cases: [(Vec<&str>, Vec<(&str, String)>, &str); 4] = [
+        (vec!["--tls-cert", &cert], vec![], "--tls-key"),
+        (vec![], vec![("FEEDHUB_TLS_KEY", key.clone())], "--tls-cert"),
+        // Certificate and key swapped: the "certificate" file holds no certificate.
+        (
+            vec!["--tls-cert", &key],
+            vec![("FEEDHUB_TLS_KEY", cert.clone())],
+            "no PEM certificate",
+        ),
+        (
+            vec!["--tls-cert", &cert, "--tls-key", "/nonexistent/feedhub.key"],
+            vec![],
+            "/nonexistent/feedhub.key",
+        ),
+    ];
+    for (args, envs, expected) in cases {
+        let mut cmd = binary_command(&envs);
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = within("feedhub exits", cmd.output()).await.expect("run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{args:?} {envs:?} must fail: {text}");
+        assert!(text.contains(expected), "{args:?}: {expected:?} in {text}");
+    }
 }
