@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::net::IpAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,9 +26,10 @@ use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, HistoryConfig, Inbox};
 use crate::demo::store::{MemoryStore, PostStore};
 use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
-use crate::http::limits::Admission;
+use crate::http::limits::{Admission, Slot};
 use crate::http::negotiate::Tokens;
 use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
+use crate::tls::{Tls, TlsConfig};
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -143,6 +146,8 @@ pub struct AppState {
     pub(crate) demo: Option<Arc<DemoService>>,
     /// Connection counters and per-address rates (`http::limits`).
     pub(crate) admission: Arc<Admission>,
+    /// TLS on the listener (`--tls-cert`/`--tls-key`); `None` serves plain HTTP.
+    pub(crate) tls: Option<Arc<Tls>>,
 }
 
 /// Builds a [`Server`].
@@ -155,6 +160,7 @@ pub struct ServerBuilder {
     demo_publisher: Option<Arc<dyn FeedPublisher>>,
     demo_users: Directory,
     extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    tls: Option<TlsConfig>,
 }
 
 impl ServerBuilder {
@@ -169,6 +175,7 @@ impl ServerBuilder {
             demo_publisher: None,
             demo_users: Directory::standard(),
             extra_ready: Vec::new(),
+            tls: None,
         }
     }
 
@@ -234,9 +241,22 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves HTTPS and WSS with this certificate and key instead of plain HTTP. The files
+    /// are read by [`ServerBuilder::start`] (unusable files are a startup error) and again
+    /// by [`Tls::reload`] (SIGHUP in the binary).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Binds the listener, starts the hubs and the backplane, and begins serving.
     pub async fn start(self) -> anyhow::Result<Server> {
         let config = self.config;
+        // Unusable certificate files are a startup error, before anything is started.
+        let tls = match self.tls {
+            Some(c) => Some(Arc::new(Tls::load(c)?)),
+            None => None,
+        };
         if config.node_id.is_empty() || config.node_id.len() > crate::http::negotiate::MAX_NODE_ID {
             anyhow::bail!(
                 "the node id must be 1 to {} bytes long",
@@ -389,6 +409,7 @@ impl ServerBuilder {
             router: router.clone(),
             demo,
             admission,
+            tls,
         });
         if state.auth.is_development() {
             tracing::warn!(
@@ -490,12 +511,24 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(crate::http::conn::serve_connection(
-            stream,
-            peer.ip(),
-            Some(slot),
-            state.clone(),
-        ));
+        tokio::spawn(serve_stream(stream, peer.ip(), slot, state.clone()));
+    }
+}
+
+/// One admitted socket, in its own task: the TLS handshake when TLS is on (bounded by its
+/// deadline, and by shutdown), then HTTP with the time limits of `http::conn`. The admission
+/// slot is held throughout.
+async fn serve_stream(stream: TcpStream, peer: IpAddr, slot: Slot, state: Arc<AppState>) {
+    let Some(tls) = state.tls.clone() else {
+        return crate::http::conn::serve_connection(stream, peer, Some(slot), state).await;
+    };
+    let accepted = tokio::select! {
+        r = tls.accept(stream) => r,
+        _ = state.shutdown.cancelled() => return,
+    };
+    match accepted {
+        Ok(stream) => crate::http::conn::serve_connection(stream, peer, Some(slot), state).await,
+        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
     }
 }
 
@@ -530,6 +563,21 @@ impl Server {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The listener's TLS (certificate reload: [`Tls::reload`]), when it serves TLS.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.state.tls.as_ref()
+    }
+
+    /// `https://ADDR` with TLS, `http://ADDR` without.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.state.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.local_addr)
     }
 
     /// `IHubContext`: send to a hub's clients from outside any connection.

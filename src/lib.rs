@@ -20,6 +20,7 @@
 //!   requests that land on another instance are forwarded to the connection's instance over
 //!   the backplane ([`http::forward`]), stateful WebSocket resumes relayed ([`http::relay`]);
 //!   admission and time limits ([`http::limits`], [`http::conn`], [`http::origin`]).
+//! - [`tls`]: TLS termination (rustls, PEM files reloaded on SIGHUP), per connection.
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
 //! - [`demo`]: the feed page's assets and its post service (development identities only).
 //!
@@ -50,6 +51,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod protocol;
 pub mod session;
+pub mod tls;
 pub mod transport;
 
 pub use app::{Server, ServerBuilder, ServerConfig};

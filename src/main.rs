@@ -1,10 +1,9 @@
 //! The `feedhub` binary: parses flags (each with an environment twin), starts the server
-//! with the feed hub, and runs until SIGINT/SIGTERM.
+//! with the feed hub, and runs until SIGINT/SIGTERM. With `--tls-cert`/`--tls-key`, SIGHUP
+//! reloads the certificate and key.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
 use feedhub::http::limits::{self, LimitsConfig};
 use feedhub::ingest::amqp::{self, AmqpConfig, AmqpIngest};
+use feedhub::tls::TlsConfig;
 use feedhub::{feed, ServerBuilder, ServerConfig};
 
 /// A SignalR-compatible hub server for live feeds.
@@ -147,6 +147,12 @@ struct Args {
     /// Connections one user may hold per hub on this instance (0: no cap).
     #[arg(long, env = "FEEDHUB_MAX_CONNECTIONS_PER_USER", default_value_t = feedhub::hub::builder::DEFAULT_MAX_CONNECTIONS_PER_USER)]
     max_connections_per_user: usize,
+    /// PEM certificate chain (leaf first): serve HTTPS/WSS instead of HTTP; SIGHUP reloads it.
+    #[arg(long, env = "FEEDHUB_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    #[arg(long, env = "FEEDHUB_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -248,12 +254,15 @@ async fn main() -> anyhow::Result<()> {
             c.exchange.clone(),
         )));
     }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        builder = builder.tls(TlsConfig::new(cert, key));
+    }
     let server = builder.start().await?;
-    tracing::info!(
-        "feed hub at http://{}{}",
-        server.local_addr(),
-        feed::FEED_HUB_PATH
-    );
+    #[cfg(unix)]
+    if let Some(tls) = server.tls() {
+        tokio::spawn(feedhub::tls::reload_on_sighup(tls.clone()));
+    }
+    tracing::info!("feed hub at {}{}", server.base_url(), feed::FEED_HUB_PATH);
     if let Some(ingest) = &ingest {
         let hub = server
             .hub(feed::FEED_HUB_PATH)

@@ -446,6 +446,7 @@ impl Metrics {
             );
         }
         crate::ingest::amqp::AMQP_METRICS.render(&mut out);
+        crate::tls::TLS_METRICS.render(&mut out);
         out
     }
 }

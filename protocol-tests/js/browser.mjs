@@ -11,6 +11,10 @@
 //   screenshot  Alice and Bob side by side, saved to FEEDHUB_SCREENSHOT
 // FEEDHUB_CHROMIUM overrides /usr/bin/chromium. FEEDHUB_USER_PREFIX is put before the demo
 // user ids (the servers' demo directory has the same prefix) for tests on a shared Redis.
+// TLS (protocol-tests/tls.rs): FEEDHUB_CHROMIUM_ARGS adds Chromium flags (whitespace-separated,
+// e.g. --ignore-certificate-errors-spki-list=<the server key's hash>), and
+// FEEDHUB_EXPECT_SECURE=1 checks every page is an https:// secure context whose WebSocket
+// (when it uses one) is wss://.
 
 import assert from "node:assert/strict";
 
@@ -40,7 +44,9 @@ const CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-dev-shm-usage",
+    ...(process.env.FEEDHUB_CHROMIUM_ARGS || "").split(/\s+/).filter(Boolean),
 ];
+const EXPECT_SECURE = process.env.FEEDHUB_EXPECT_SECURE === "1";
 
 let browser;
 const runner = new Runner(`browser ${SCENARIO} (${PROTOCOL})`);
@@ -55,7 +61,8 @@ async function openAs(t, name, user, { base = BASE_A, protocol = PROTOCOL, trans
         await context.addInitScript(() => { delete window.WebSocket; });
     }
     const page = await context.newPage();
-    const p = { name, user, page, dialogs: [], errors: [] };
+    const p = { name, user, page, dialogs: [], errors: [], sockets: [] };
+    page.on("websocket", (ws) => p.sockets.push(ws.url()));
     page.on("dialog", (d) => { p.dialogs.push(d.message()); d.dismiss().catch(() => {}); });
     page.on("pageerror", (e) => { p.errors.push(String(e)); t.log(`${name} pageerror: ${e}`); });
     page.on("console", (m) => t.log(`${name} console.${m.type()}: ${m.text()}`));
@@ -71,7 +78,22 @@ async function openAs(t, name, user, { base = BASE_A, protocol = PROTOCOL, trans
         await page.goto(`${base}/?${query}`);
     }
     await waitState(p, "connected", CONNECT_MS);
+    if (EXPECT_SECURE) {
+        await expectSecure(p, !noWebSocket && !transport);
+    }
     return p;
+}
+
+/** The page is an https:// secure context; its hub WebSocket, if it should have one, is wss://. */
+async function expectSecure(p, websocket) {
+    const where = await p.page.evaluate(() => ({ protocol: location.protocol, secure: window.isSecureContext }));
+    assert.deepEqual(where, { protocol: "https:", secure: true }, `${p.name}: page over https`);
+    if (websocket) {
+        assert.ok(p.sockets.length > 0, `${p.name}: a WebSocket was opened`);
+        for (const url of p.sockets) {
+            assert.ok(url.startsWith("wss://"), `${p.name}: WebSocket ${url} is wss://`);
+        }
+    }
 }
 
 async function waitState(p, state, ms) {
