@@ -20,6 +20,8 @@
 //!   requests that land on another instance are forwarded to the connection's instance over
 //!   the backplane ([`http::forward`]), stateful WebSocket resumes relayed ([`http::relay`]).
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
+//! - [`fuzzing`]: one entry point per parser of network or peer bytes, with its
+//!   invariants (the cargo-fuzz targets in `fuzz/` and the corpus replay test call them).
 //! - [`demo`]: the feed page's assets and its post service (development identities only).
 //!
 //! # Data path
@@ -42,6 +44,7 @@ pub mod backplane;
 pub mod connection;
 pub mod demo;
 pub mod feed;
+pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod ids;
