@@ -22,6 +22,8 @@
 //!   admission and time limits ([`http::limits`], [`http::conn`], [`http::origin`]).
 //! - [`tls`]: TLS termination (rustls, PEM files reloaded on SIGHUP), per connection.
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
+//! - [`fuzzing`]: one entry point per parser of network or peer bytes, with its
+//!   invariants (the cargo-fuzz targets in `fuzz/` and the corpus replay test call them).
 //! - [`demo`]: the feed page's assets and its post service (development identities only).
 //!
 //! # Data path
@@ -44,6 +46,7 @@ pub mod backplane;
 pub mod connection;
 pub mod demo;
 pub mod feed;
+pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod ids;

@@ -79,7 +79,7 @@ const SEND_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Headers that describe one hop, not the request: never forwarded (RFC 9110 §7.6.1), nor
 /// the length (the body travels whole).
-fn hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -97,7 +97,7 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// The end-to-end headers of `headers`, as the envelope carries them.
-fn end_to_end(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
+pub(crate) fn end_to_end(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
     headers
         .iter()
         .filter(|(name, _)| !hop_by_hop(name))
@@ -111,7 +111,7 @@ fn end_to_end(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
 }
 
 /// Rebuilds a header map from the envelope's pairs (invalid ones are dropped).
-fn header_map(pairs: Vec<(String, Bytes)>) -> http::HeaderMap {
+pub(crate) fn header_map(pairs: Vec<(String, Bytes)>) -> http::HeaderMap {
     let mut map = http::HeaderMap::with_capacity(pairs.len());
     for (name, value) in pairs {
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
@@ -378,7 +378,7 @@ pub(crate) fn accept(router: &Arc<Router>, state: Arc<AppState>, relay: u64, kin
     });
 }
 
-fn build_parts(
+pub(crate) fn build_parts(
     method: &str,
     uri: &str,
     headers: Vec<(String, Bytes)>,

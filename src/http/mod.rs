@@ -38,9 +38,6 @@ use crate::auth::{token_from_request, AuthError, Identity};
 use crate::connection::RequestInfo;
 use crate::hub::HubLifetime;
 use crate::metrics::{inc, METRICS};
-use negotiate::{
-    requested_version, wants_stateful_reconnect, AvailableTransport, NegotiateResponse,
-};
 
 /// Response body type: whole bodies, or a stream (Server-Sent Events).
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -306,14 +303,6 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         Ok(i) => i,
         Err(r) => return *r,
     };
-    let version = match requested_version(req.uri().query().unwrap_or("")) {
-        Ok(v) => v,
-        Err(error) => {
-            let body =
-                serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
-            return json(StatusCode::OK, body);
-        }
-    };
     if let Some(user) = &identity.user_id {
         let max = hub.definition().options.max_connections_per_user;
         if max > 0 && hub.registry().user_connection_count(user) >= max {
@@ -333,52 +322,15 @@ fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Re
         }
     }
     let user = identity.user_id.as_ref().map_or("", |u| u.as_str());
-    // Stateful reconnect needs a token (v1) and a hub that allows it (ASP.NET's
-    // `AllowStatefulReconnects`); the flag travels signed inside the token.
-    let stateful = version >= 1
-        && hub.definition().options.stateful_reconnect
-        && wants_stateful_reconnect(req.uri().query().unwrap_or(""));
-    let (connection_id, connection_token) = if version >= 1 {
-        let (id, token) = state.tokens.issue_with(user, stateful);
-        (id, Some(token))
-    } else {
-        (state.tokens.issue_v0(), None)
-    };
-    let body = NegotiateResponse {
-        negotiate_version: version,
-        connection_id: connection_id.to_string(),
-        connection_token,
-        available_transports: available_transports(&hub.definition().options.transports),
-        use_stateful_reconnect: stateful,
-    };
-    json(
-        StatusCode::OK,
-        serde_json::to_vec(&body).unwrap_or_default(),
-    )
-}
-
-/// The transports negotiate lists, in ASP.NET's order (the client tries them in order).
-fn available_transports(allowed: &crate::hub::Transports) -> Vec<AvailableTransport> {
-    let mut out = Vec::with_capacity(3);
-    if allowed.websockets {
-        out.push(AvailableTransport {
-            transport: "WebSockets",
-            transfer_formats: vec!["Text", "Binary"],
-        });
-    }
-    if allowed.server_sent_events {
-        out.push(AvailableTransport {
-            transport: "ServerSentEvents",
-            transfer_formats: vec!["Text"],
-        });
-    }
-    if allowed.long_polling {
-        out.push(AvailableTransport {
-            transport: "LongPolling",
-            transfer_formats: vec!["Text", "Binary"],
-        });
-    }
-    out
+    let options = &hub.definition().options;
+    let body = negotiate::response_body(
+        &state.tokens,
+        user,
+        req.uri().query().unwrap_or(""),
+        options.stateful_reconnect,
+        &options.transports,
+    );
+    json(StatusCode::OK, body)
 }
 
 fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
@@ -506,7 +458,12 @@ fn admit(
 
 /// The `id=` query value, if any.
 fn id_param(uri: &http::Uri) -> Option<String> {
-    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+    id_param_of(uri.query().unwrap_or(""))
+}
+
+/// The `id=` value of a query string, if any and not empty.
+pub(crate) fn id_param_of(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "id")
         .map(|(_, v)| v.into_owned())
         .filter(|v| !v.is_empty())

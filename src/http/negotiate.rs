@@ -24,6 +24,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::auth::unix_now;
+use crate::hub::Transports;
 use crate::ids::ConnectionId;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -374,6 +375,67 @@ pub struct NegotiateResponse {
     /// Present (true) only when the client asked for stateful reconnect and the hub allows it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub use_stateful_reconnect: bool,
+}
+
+/// The transports negotiate lists, in ASP.NET's order (the client tries them in order).
+pub fn available_transports(allowed: &Transports) -> Vec<AvailableTransport> {
+    let mut out = Vec::with_capacity(3);
+    if allowed.websockets {
+        out.push(AvailableTransport {
+            transport: "WebSockets",
+            transfer_formats: vec!["Text", "Binary"],
+        });
+    }
+    if allowed.server_sent_events {
+        out.push(AvailableTransport {
+            transport: "ServerSentEvents",
+            transfer_formats: vec!["Text"],
+        });
+    }
+    if allowed.long_polling {
+        out.push(AvailableTransport {
+            transport: "LongPolling",
+            transfer_formats: vec!["Text", "Binary"],
+        });
+    }
+    out
+}
+
+/// The negotiate response body for a request with `query` from `user` ("" when
+/// anonymous): a new connection id, its token (v1), the transports, and the
+/// stateful-reconnect flag when the client asked for it and `allow_stateful` (the hub's
+/// `AllowStatefulReconnects`; it needs a token, so v1 only); or ASP.NET's
+/// `{"error":"…"}` for a version it refuses (still sent with HTTP 200).
+pub fn response_body(
+    tokens: &Tokens,
+    user: &str,
+    query: &str,
+    allow_stateful: bool,
+    transports: &Transports,
+) -> Vec<u8> {
+    let version = match requested_version(query) {
+        Ok(v) => v,
+        Err(error) => {
+            return serde_json::to_vec(&serde_json::json!({ "error": error }))
+                .unwrap_or_default()
+        }
+    };
+    // The flag travels signed inside the token.
+    let stateful = version >= 1 && allow_stateful && wants_stateful_reconnect(query);
+    let (connection_id, connection_token) = if version >= 1 {
+        let (id, token) = tokens.issue_with(user, stateful);
+        (id, Some(token))
+    } else {
+        (tokens.issue_v0(), None)
+    };
+    let body = NegotiateResponse {
+        negotiate_version: version,
+        connection_id: connection_id.to_string(),
+        connection_token,
+        available_transports: available_transports(transports),
+        use_stateful_reconnect: stateful,
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 /// Whether the negotiate query asks for stateful reconnect (`useStatefulReconnect=true`).
