@@ -391,14 +391,26 @@ fn memory(bus: &MemoryBus) -> BackplaneFactory {
     Box::new(move |cfg, inbox| Arc::new(MemoryBackplane::new(bus, cfg.node_id.clone(), inbox)))
 }
 
-/// The next FeedUpdated argument (as JSON) a client receives.
+/// The next FeedUpdated argument (as JSON) a client receives, without the `offset`
+/// feedhub adds to object payloads (checked to be a positive integer; see `history.rs`).
 async fn next_feed(c: &mut RawClient) -> serde_json::Value {
     match c.recv().await {
         Some(HubMessage::Invocation(inv)) if inv.target == "FeedUpdated" => {
             assert_eq!(inv.arguments.len(), 1, "FeedUpdated has one argument");
-            inv.arguments[0]
+            let mut v = inv.arguments[0]
                 .decode::<serde_json::Value>()
-                .expect("argument is JSON")
+                .expect("argument is JSON");
+            if let Some(o) = v.as_object_mut() {
+                let offset = o.remove("offset");
+                assert!(
+                    offset
+                        .as_ref()
+                        .and_then(|o| o.as_u64())
+                        .is_some_and(|o| o >= 1),
+                    "offset {offset:?}"
+                );
+            }
+            v
         }
         Some(other) => panic!("unexpected message {other:?}"),
         None => panic!("connection closed while waiting for FeedUpdated"),
