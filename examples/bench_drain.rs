@@ -186,19 +186,30 @@ impl Topo {
     }
 }
 
-/// The bare consumer: acks what is already delivered with one `multiple` ack; returns when
-/// `n` are acked.
-async fn bare(conn: &Connection, queue: &str, prefetch: u16, n: usize) -> anyhow::Result<()> {
+/// A channel with `prefetch` consuming `queue`.
+async fn subscribe(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> anyhow::Result<(Channel, lapin::Consumer)> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = ch
+    let consumer = ch
         .basic_consume(
             queue,
-            "bench-bare",
+            tag,
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
+    Ok((ch, consumer))
+}
+
+/// The bare consumer: acks what is already delivered with one `multiple` ack; returns when
+/// `n` are acked.
+async fn bare(conn: &Connection, queue: &str, prefetch: u16, n: usize) -> anyhow::Result<()> {
+    let (ch, mut consumer) = subscribe(conn, queue, prefetch, "bench-bare").await?;
     let mut acked = 0;
     while acked < n {
         let d = consumer.next().await.context("consumer ended")??;
@@ -224,16 +235,7 @@ async fn old(
     n: usize,
     hub: &HubLifetime,
 ) -> anyhow::Result<()> {
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue,
-            "bench-old",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (ch, mut consumer) = subscribe(conn, queue, prefetch, "bench-old").await?;
     let mut acked = 0;
     let mut pending = None;
     let mut count = 0;
