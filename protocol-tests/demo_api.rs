@@ -65,14 +65,24 @@ async fn feed_client(server: &TestServer, user: &str) -> RawClient {
     RawClient::connect(&url, ProtocolKind::Json).await
 }
 
-/// The next FeedUpdated payload as JSON.
+/// The next FeedUpdated payload as JSON, without the `offset` feedhub adds (checked to
+/// be a positive integer; see `history.rs`).
 async fn next_feed_update(client: &mut RawClient) -> serde_json::Value {
     loop {
         match client.recv().await.expect("connection open") {
             HubMessage::Invocation(inv) if inv.target == "FeedUpdated" => {
                 assert_eq!(inv.arguments.len(), 1);
                 let text = inv.arguments[0].to_json_string().expect("json");
-                return serde_json::from_str(&text).expect("payload json");
+                let mut v: serde_json::Value = serde_json::from_str(&text).expect("payload json");
+                let offset = v.as_object_mut().and_then(|o| o.remove("offset"));
+                assert!(
+                    offset
+                        .as_ref()
+                        .and_then(|o| o.as_u64())
+                        .is_some_and(|o| o >= 1),
+                    "offset {offset:?}"
+                );
+                return v;
             }
             _ => continue,
         }

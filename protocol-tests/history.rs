@@ -373,6 +373,7 @@ macro_rules! both {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
+                    #[allow(unused_variables)]
                     let adjust = |c: ServerConfig| c;
                     $(let adjust = $adjust;)?
                     let c = cluster::start_cluster_configured(
@@ -390,6 +391,7 @@ macro_rules! both {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let Some(inspect) = cluster::redis().await else { return };
+                    #[allow(unused_variables)]
                     let adjust = |c: ServerConfig| c;
                     $(let adjust = $adjust;)?
                     let c = cluster::start_cluster_configured(

@@ -845,7 +845,7 @@ async fn health_ready_and_metrics() {
 
 /// `POST /api/feed`: 401 without or with a wrong key, 400 for a bad body, 413 for a too large
 /// one, 202 for a good one, which reaches the user's connection as FeedUpdated(payload) with
-/// the payload's bytes unchanged.
+/// the payload's bytes unchanged (the history offset spliced in before the closing brace).
 #[tokio::test]
 async fn publish_api_statuses_and_delivery() {
     let s = start_feed_server().await;
@@ -930,7 +930,7 @@ async fn publish_api_statuses_and_delivery() {
     )
     .await;
     assert_eq!(r.status, 202, "good: {}", r.text());
-    let expected = "{\"type\":1,\"target\":\"FeedUpdated\",\"arguments\":[{\"n\":1,\"text\":\"h\\u00e9llo\",\"list\":[1,2.5,null]}]}\x1e";
+    let expected = "{\"type\":1,\"target\":\"FeedUpdated\",\"arguments\":[{\"n\":1,\"text\":\"h\\u00e9llo\",\"list\":[1,2.5,null],\"offset\":1}]}\x1e";
     loop {
         match within("FeedUpdated", ws.next()).await {
             Some(Ok(Message::Text(t))) if t.as_str() == "{\"type\":6}\x1e" => {}

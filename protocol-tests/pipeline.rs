@@ -387,15 +387,21 @@ fn memory(bus: &MemoryBus) -> BackplaneFactory {
 }
 
 /// The next FeedUpdated argument (as JSON) a client receives, without what feedhub adds:
-/// the history `"offset"` (checked to be a positive integer) and the stable id of a
+/// the history `"offset"` of an object payload (checked to be there, a positive integer)
+/// and the stable id of a
 /// message that has none (`"id":"h:<hex>"`, checked to be well formed), so the tests below
 /// compare payloads; see [`next_feed_raw`].
 async fn next_feed(c: &mut RawClient) -> serde_json::Value {
     let mut v = next_feed_raw(c).await;
     if let Some(obj) = v.as_object_mut() {
-        if let Some(offset) = obj.remove("offset") {
-            assert!(offset.as_u64().is_some_and(|o| o > 0), "offset {offset}");
-        }
+        let offset = obj.remove("offset");
+        assert!(
+            offset
+                .as_ref()
+                .and_then(|o| o.as_u64())
+                .is_some_and(|o| o > 0),
+            "offset {offset:?}"
+        );
         if let Some(id) = obj.get("id").and_then(|i| i.as_str()) {
             if let Some(hex) = id.strip_prefix("h:") {
                 assert!(

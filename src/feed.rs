@@ -36,16 +36,22 @@ pub const FEED_TARGET: &str = "FeedUpdated";
 
 /// The feed hub declaration.
 pub fn feed_hub() -> HubDefinition {
-    HubBuilder::new(FEED_HUB_PATH)
-        .configure(|o| {
-            o.require_auth = true;
-            o.user_channels = UserChannelStyle::Plain("feed-".to_string());
-            o.feed_target = FEED_TARGET.to_string();
-            // A feed must not lose events over a network blip: resume on a new socket.
-            o.stateful_reconnect = true;
-            // Offsets, Recover and gap repair.
-            o.history = true;
-        })
+    let hub = HubBuilder::new(FEED_HUB_PATH).configure(|o| {
+        o.require_auth = true;
+        o.user_channels = UserChannelStyle::Plain("feed-".to_string());
+        o.feed_target = FEED_TARGET.to_string();
+        // A feed must not lose events over a network blip: resume on a new socket.
+        o.stateful_reconnect = true;
+        // Offsets, Recover and gap repair.
+        o.history = true;
+    });
+    feed_methods(hub).build()
+}
+
+/// Adds the feed hub's methods (`WhoAmI`, `Recover`) to a hub declaration (e.g. a test hub
+/// built on the feed hub's options).
+pub fn feed_methods(hub: HubBuilder) -> HubBuilder {
+    hub
         // Lets a page show who it is connected as (and check the connection end to end).
         .method("WhoAmI", |ctx: HubContext, (): ()| async move {
             Ok::<_, HubError>(ctx.user_id().map(str::to_string))
@@ -53,7 +59,6 @@ pub fn feed_hub() -> HubDefinition {
         .method("Recover", |ctx: HubContext, (arg,): (Value,)| async move {
             recover(&ctx, &arg).await
         })
-        .build()
 }
 
 /// Where a client's `Recover` asks to continue from.

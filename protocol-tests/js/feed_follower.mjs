@@ -1,4 +1,4 @@
-// The client recipe of README "Delivery guarantees", verbatim: keeps a page's feed complete
+// The client recipe of README "Delivery guarantees" (plus position() for the tests): keeps a page's feed complete
 // across reconnects and instance failover with the unchanged @microsoft/signalr client.
 // apply(event) must be idempotent by event id; reload() refetches the feed from the app's
 // own API (the history could not fill the gap).

@@ -53,6 +53,23 @@ export function makeJwt(secret, userId, { expiresIn = 3600, claims = {} } = {}) 
     return `${header}.${payload}.${b64url(signature)}`;
 }
 
+/**
+ * FeedUpdated arguments without the "offset" feedhub adds to object payloads (its
+ * position in the user's history, tested by history.mjs); checks it is a positive integer.
+ */
+export function withoutOffset(args) {
+    return args.map((a) => {
+        if (a === null || typeof a !== "object" || Array.isArray(a) || !("offset" in a)) {
+            return a;
+        }
+        if (!Number.isInteger(a.offset) || a.offset < 1) {
+            throw new Error(`bad offset in ${JSON.stringify(a)}`);
+        }
+        const { offset, ...rest } = a;
+        return rest;
+    });
+}
+
 export function sleep(ms) {
     return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -132,15 +132,15 @@ where
 /// Unsubscribe debounce of the test hubs (short, so tests can watch it).
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
 
-/// The feed hub with a short debounce and helper methods for the tests:
-/// `ConnId()`, `Join(group)`, `SendOthers(text)`, `SendGroup(group, text)`.
+/// The feed hub (its options and methods) with a short debounce and helper methods for the
+/// tests: `ConnId()`, `Join(group)`, `SendOthers(text)`, `SendGroup(group, text)`.
 pub fn test_feed_hub() -> HubDefinition {
     let base = feed::feed_hub();
-    HubBuilder::new(feed::FEED_HUB_PATH)
-        .configure(|o| {
-            *o = base.options.clone();
-            o.unsubscribe_debounce = DEBOUNCE;
-        })
+    let hub = HubBuilder::new(feed::FEED_HUB_PATH).configure(|o| {
+        *o = base.options.clone();
+        o.unsubscribe_debounce = DEBOUNCE;
+    });
+    feed::feed_methods(hub)
         .method("ConnId", |ctx: HubContext, (): ()| async move {
             Ok::<_, HubError>(ctx.connection_id().to_string())
         })

@@ -94,21 +94,22 @@ impl HistoryScript {
         self.load(conn, timeout).await
     }
 
-    /// Runs one pipeline of commands, returning one reply per command.
+    /// Runs one pipeline of commands, returning one reply per command. A timeout is not a
+    /// connection failure (the multiplexed connection drops the late replies).
     async fn run(
         conn: &mut MultiplexedConnection,
         cmds: &[redis::Cmd],
         timeout: Duration,
-    ) -> Result<Vec<Value>, redis::RedisError> {
+    ) -> Result<Vec<Value>, Failure> {
         let mut pipe = redis::pipe();
         for c in cmds {
             pipe.add_command(c.clone());
         }
         pipe.ignore_errors();
         match tokio::time::timeout(timeout, pipe.query_async::<Vec<Value>>(conn)).await {
-            Ok(r) => r,
-            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
+            Ok(r) => r.map_err(Failure::Connection),
+            Err(_) => Err(Failure::Refused(unavailable(
+                "history script",
                 format!("no reply within {timeout:?}"),
             ))),
         }
