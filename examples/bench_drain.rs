@@ -16,8 +16,8 @@
 //! - `feedhub`: feedhub's consumer ([`feedhub::ingest::amqp::AmqpIngest`], ordered batches)
 //!   into the Redis backplane, in process.
 //! - `old`: the consumer loop of earlier releases, rebuilt here: a classic queue, one
-//!   `ingest::deliver` (Redis PUBLISH) awaited per event, a `multiple` ack every 64 events
-//!   (unordered across instances; one instance shown).
+//!   `HubLifetime::send` (a Redis PUBLISH, no history) awaited per event, a `multiple` ack
+//!   every 64 events (unordered across instances; one instance shown).
 //!
 //! The load average is printed before and after each contender (the machine may be
 //! shared). Queues and exchanges are deleted at the end.
@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use feedhub::backplane::redis::RedisConfig;
-use feedhub::hub::HubLifetime;
+use feedhub::hub::{HubLifetime, Target};
 use feedhub::ingest::amqp::{queue_arguments, AmqpConfig, AmqpIngest};
 use feedhub::ingest::event::decode_delivery;
+use feedhub::protocol::Value;
 use feedhub::{feed, ServerBuilder, ServerConfig};
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::options::{
@@ -185,19 +186,30 @@ impl Topo {
     }
 }
 
-/// The bare consumer: acks what is already delivered with one `multiple` ack; returns when
-/// `n` are acked.
-async fn bare(conn: &Connection, queue: &str, prefetch: u16, n: usize) -> anyhow::Result<()> {
+/// A channel with `prefetch` consuming `queue`.
+async fn subscribe(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> anyhow::Result<(Channel, lapin::Consumer)> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = ch
+    let consumer = ch
         .basic_consume(
             queue,
-            "bench-bare",
+            tag,
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
+    Ok((ch, consumer))
+}
+
+/// The bare consumer: acks what is already delivered with one `multiple` ack; returns when
+/// `n` are acked.
+async fn bare(conn: &Connection, queue: &str, prefetch: u16, n: usize) -> anyhow::Result<()> {
+    let (ch, mut consumer) = subscribe(conn, queue, prefetch, "bench-bare").await?;
     let mut acked = 0;
     while acked < n {
         let d = consumer.next().await.context("consumer ended")??;
@@ -223,16 +235,7 @@ async fn old(
     n: usize,
     hub: &HubLifetime,
 ) -> anyhow::Result<()> {
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue,
-            "bench-old",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (ch, mut consumer) = subscribe(conn, queue, prefetch, "bench-old").await?;
     let mut acked = 0;
     let mut pending = None;
     let mut count = 0;
@@ -253,7 +256,14 @@ async fn old(
         let d = next.context("consumer ended")??;
         let message_id = d.properties.message_id().as_ref().map(|m| m.as_str());
         let event = decode_delivery(d.routing_key.as_str(), &d.data, message_id)?;
-        feedhub::ingest::deliver(hub, &event).await?;
+        // Earlier releases' `ingest::deliver`: one PUBLISH per recipient, no history.
+        hub.send(
+            &Target::Users(event.recipients.clone()),
+            &hub.definition().options.feed_target,
+            vec![Value::json_unchecked(event.payload_with_id())],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         pending = Some(d.acker);
         count += 1;
         if count >= 64 {
@@ -342,6 +352,14 @@ async fn run_one(args: &Args, which: &str, conn: &Connection) -> anyhow::Result<
                 }
                 let elapsed = started.elapsed();
                 ingest.stop().await;
+                let batches = feedhub::ingest::amqp::AMQP_METRICS
+                    .batches
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                eprintln!(
+                    "feedhub: {} batches so far in this process (mean {:.0} events per batch)",
+                    batches,
+                    ingest.acked() as f64 / batches.max(1) as f64
+                );
                 Ok(elapsed)
             }
             other => anyhow::bail!("unknown contender {other:?} (bare, feedhub, old)"),

@@ -1214,23 +1214,29 @@ fn sorted(mut v: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
     v
 }
 
-/// Two instances with the Redis backplane consume one RabbitMQ queue (one of them active at
-/// a time): every event reaches all connections of its users on either instance (a user
-/// with connections on both gets it on both), and nobody else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_two_instances_share_the_queue_and_reach_users_anywhere() {
-    let Some(url) = rabbitmq().await else { return };
-    if support::cluster::redis().await.is_none() {
-        return;
-    }
+/// A topology and two consuming instances on the shared Redis (`None`: SKIPPED).
+async fn two_redis_consumers(name: &str) -> Option<(Topo, Node, Node)> {
+    let url = rabbitmq().await?;
+    support::cluster::redis().await?;
     let redis_url = support::cluster::redis_url();
-    let topo = Topo::new(&url, "redis2").await;
+    let topo = Topo::new(&url, name).await;
     let n0 = start_node(Some(topo.config(&url)), Some(redis_backplane(&redis_url))).await;
     let n1 = start_node(Some(topo.config(&url)), Some(redis_backplane(&redis_url))).await;
     for n in [&n0, &n1] {
         n.wait_backplane().await;
         n.wait_consuming().await;
     }
+    Some((topo, n0, n1))
+}
+
+/// Two instances with the Redis backplane consume one RabbitMQ queue (one of them active at
+/// a time): every event reaches all connections of its users on either instance (a user
+/// with connections on both gets it on both), and nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_instances_share_the_queue_and_reach_users_anywhere() {
+    let Some((topo, n0, n1)) = two_redis_consumers("redis2").await else {
+        return;
+    };
     let p = unique_prefix("u");
     let (a, b, c, d) = (
         format!("{p}-a"),
@@ -1401,18 +1407,9 @@ async fn expect_sequence(mut c: RawClient, expected: Vec<u64>, received: Arc<Ato
 /// half, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_two_instances_keep_per_user_order_in_both_forms() {
-    let Some(url) = rabbitmq().await else { return };
-    if support::cluster::redis().await.is_none() {
+    let Some((topo, n0, n1)) = two_redis_consumers("order2").await else {
         return;
-    }
-    let redis_url = support::cluster::redis_url();
-    let topo = Topo::new(&url, "order2").await;
-    let n0 = start_node(Some(topo.config(&url)), Some(redis_backplane(&redis_url))).await;
-    let n1 = start_node(Some(topo.config(&url)), Some(redis_backplane(&redis_url))).await;
-    for n in [&n0, &n1] {
-        n.wait_backplane().await;
-        n.wait_consuming().await;
-    }
+    };
     const PER_USER: usize = 2_000;
     let p = unique_prefix("u");
     let users: Vec<String> = (0..3).map(|i| format!("{p}-{i}")).collect();

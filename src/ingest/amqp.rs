@@ -590,18 +590,61 @@ impl Consumer {
             prefetch = self.config.prefetch,
             "RabbitMQ consumer started (active when RabbitMQ makes it the single active consumer)"
         );
+        // Two stages joined by a one-slot queue, so decoding (and waiting for) the next
+        // batch overlaps the backplane round trip of the previous one, while batches still
+        // reach the backplane one at a time, in order: a batch is sent only after the one
+        // before it succeeded, so a failed batch is never overtaken by a later one.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Prepared>(1);
+        let failed = CancellationToken::new();
+        let (taken, delivered) = tokio::join!(
+            self.take(&mut consumer, dlx_channel.as_ref(), tx, &failed),
+            self.deliver(rx, &failed, st),
+        );
+        let ended = match (delivered, taken) {
+            (Err(HandleError::Backplane(why)), _) => {
+                tracing::warn!(error = %why, "backplane delivery failed; closing the channel (requeues in order), backing off");
+                // Fail-stop: nothing of the failed batch (or after it) is acked; closing the
+                // channel requeues it and everything prefetched after it, in order.
+                Ended::BackplaneFailed
+            }
+            (Err(HandleError::Amqp(why)), _) | (Ok(()), Err(why)) => return Ended::Lost(why),
+            (Ok(()), Ok(())) => Ended::Cancelled,
+        };
+        let why = match ended {
+            Ended::BackplaneFailed => "backplane unavailable",
+            _ => "stopping",
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), channel.close(200, why)).await;
+        if let Some(c) = &dlx_channel {
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.close(200, why)).await;
+        }
+        ended
+    }
+
+    /// Stage 1: takes batches of deliveries (everything already delivered, up to the bound),
+    /// decodes them (dead-lettering malformed messages) and queues them for [`Self::deliver`].
+    /// Ends with Ok when cancelled (or when the delivery stage stopped), Err when the
+    /// channel failed.
+    async fn take(
+        &self,
+        consumer: &mut lapin::Consumer,
+        dlx: Option<&Channel>,
+        tx: tokio::sync::mpsc::Sender<Prepared>,
+        failed: &CancellationToken,
+    ) -> Result<(), String> {
         let max_batch = self.config.max_batch.max(1);
         let mut batch: Vec<Delivery> = Vec::with_capacity(max_batch);
         loop {
             // Wait for the first delivery of the next batch ...
             let first = tokio::select! {
                 // Closing the connection (by the caller) returns every unacked delivery.
-                _ = self.cancel.cancelled() => return Ended::Cancelled,
+                _ = self.cancel.cancelled() => return Ok(()),
+                _ = failed.cancelled() => return Ok(()),
                 n = consumer.next() => n,
             };
             match first {
-                None => return Ended::Lost("consumer cancelled by the broker".to_string()),
-                Some(Err(e)) => return Ended::Lost(e.to_string()),
+                None => return Err("consumer cancelled by the broker".to_string()),
+                Some(Err(e)) => return Err(e.to_string()),
                 Some(Ok(d)) => batch.push(d),
             }
             // ... then take everything already delivered, without waiting, up to the bound.
@@ -609,66 +652,82 @@ impl Consumer {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(d))) => batch.push(d),
                     // The channel is gone: its unacked deliveries are back in the queue.
-                    Some(None) => {
-                        return Ended::Lost("consumer cancelled by the broker".to_string())
-                    }
-                    Some(Some(Err(e))) => return Ended::Lost(e.to_string()),
+                    Some(None) => return Err("consumer cancelled by the broker".to_string()),
+                    Some(Some(Err(e))) => return Err(e.to_string()),
                     None => break,
                 }
             }
-            match self.process(&batch, dlx_channel.as_ref()).await {
-                Ok(()) => st.retry = MIN_BACKOFF,
-                Err(HandleError::Backplane(why)) => {
-                    let n = batch.len() as u64;
-                    AMQP_METRICS.nacked.fetch_add(n, Ordering::Relaxed);
-                    self.status.nacked.fetch_add(n, Ordering::Relaxed);
-                    tracing::warn!(error = %why, events = n, "backplane delivery failed; closing the channel (requeues in order), backing off");
-                    // Fail-stop: nothing of this batch is acked; closing the channel requeues
-                    // it and everything prefetched after it, in order.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        channel.close(200, "backplane unavailable"),
-                    )
-                    .await;
-                    if let Some(c) = &dlx_channel {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), c.close(200, "retry"))
-                            .await;
-                    }
-                    return Ended::BackplaneFailed;
+            let prepared = match self.prepare(&mut batch, dlx).await {
+                Ok(p) => p,
+                Err(HandleError::Amqp(why) | HandleError::Backplane(why)) => return Err(why),
+            };
+            if let Some(p) = prepared {
+                tokio::select! {
+                    _ = failed.cancelled() => return Ok(()),
+                    sent = tx.send(p) => if sent.is_err() { return Ok(()) },
                 }
-                Err(HandleError::Amqp(why)) => return Ended::Lost(why),
             }
-            batch.clear();
         }
     }
 
-    /// Decodes `batch` in order (dead-lettering malformed messages), delivers the events as
-    /// one batch, then acks the batch with one `multiple` ack.
-    async fn process(&self, batch: &[Delivery], dlx: Option<&Channel>) -> Result<(), HandleError> {
+    /// Decodes `batch` in order, draining it; malformed messages are dead-lettered (acked or
+    /// rejected on their own: the batch's `multiple` ack covers the others around them).
+    async fn prepare(
+        &self,
+        batch: &mut Vec<Delivery>,
+        dlx: Option<&Channel>,
+    ) -> Result<Option<Prepared>, HandleError> {
         let n = batch.len() as u64;
         AMQP_METRICS.consumed.fetch_add(n, Ordering::Relaxed);
         self.status.consumed.fetch_add(n, Ordering::Relaxed);
         let mut events = Vec::with_capacity(batch.len());
-        let mut last_delivered = None;
-        for d in batch {
+        let mut last = None;
+        for d in batch.drain(..) {
             if d.redelivered {
                 inc(&AMQP_METRICS.redelivered);
             }
-            match self.decode(d) {
+            match self.decode(&d) {
                 Ok(e) => {
                     events.push(e);
-                    last_delivered = Some(d);
+                    last = Some(d.acker);
                 }
-                // A malformed message is acked (or rejected) on its own; the `multiple` ack
-                // below covers the others around it.
-                Err((reason, text)) => self.dead_letter(d, dlx, reason, &text).await?,
+                Err((reason, text)) => self.dead_letter(&d, dlx, reason, &text).await?,
             }
         }
-        let Some(last) = last_delivered else {
-            return Ok(());
-        };
-        // While the backplane is known to be down, do not even deliver locally: the batch
-        // is requeued anyway, and local recipients would get it again on every retry.
+        Ok(last.map(|acker| Prepared { events, acker }))
+    }
+
+    /// Stage 2: hands each batch to the backplane ([`super::deliver_batch`]: per-user order =
+    /// batch order), then acks it with one `multiple` ack. Stops at the first failure
+    /// (cancelling `failed`); ends with Ok when stage 1 ended.
+    async fn deliver(
+        &self,
+        mut rx: tokio::sync::mpsc::Receiver<Prepared>,
+        failed: &CancellationToken,
+        st: &mut Backoffs,
+    ) -> Result<(), HandleError> {
+        let result = async {
+            while let Some(p) = rx.recv().await {
+                let n = p.events.len() as u64;
+                let delivered = self.deliver_one(&p).await;
+                if let Err(e) = delivered {
+                    if matches!(e, HandleError::Backplane(_)) {
+                        AMQP_METRICS.nacked.fetch_add(n, Ordering::Relaxed);
+                        self.status.nacked.fetch_add(n, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+                st.retry = MIN_BACKOFF;
+            }
+            Ok(())
+        }
+        .await;
+        failed.cancel();
+        result
+    }
+
+    async fn deliver_one(&self, p: &Prepared) -> Result<(), HandleError> {
+        // While the backplane is known to be down, do not even try: the batch is requeued.
         let backplane = self.hub.backplane();
         if !backplane.is_ready() {
             return Err(HandleError::Backplane(format!(
@@ -676,15 +735,15 @@ impl Consumer {
                 backplane.name()
             )));
         }
-        super::deliver_batch(&self.hub, &events)
+        super::deliver_batch(&self.hub, &p.events)
             .await
             .map_err(|e| HandleError::Backplane(e.to_string()))?;
         inc(&AMQP_METRICS.batches);
-        last.acker
+        p.acker
             .ack(BasicAckOptions { multiple: true })
             .await
             .map_err(|e| HandleError::Amqp(format!("ack: {e}")))?;
-        let acked = events.len() as u64;
+        let acked = p.events.len() as u64;
         AMQP_METRICS.acked.fetch_add(acked, Ordering::Relaxed);
         self.status.acked.fetch_add(acked, Ordering::Relaxed);
         Ok(())
@@ -883,6 +942,14 @@ pub fn queue_arguments(dlx: &str) -> FieldTable {
         AMQPValue::LongString(dlx.into()),
     );
     args
+}
+
+/// A decoded batch waiting for the backplane.
+struct Prepared {
+    /// The events, in queue order.
+    events: Vec<FeedEvent>,
+    /// The last delivered message's acker: one `multiple` ack covers the batch.
+    acker: lapin::acker::Acker,
 }
 
 /// Backoff state across connections and channels.
