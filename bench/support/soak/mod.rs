@@ -751,8 +751,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
             lost += tail + missing;
             lost_clients += 1;
             if tail_examples.len() < 10 {
+                // When the first event it never got was published, in run time.
+                let since = oracle
+                    .time_of(slot.user, end.track.last_k + 1)
+                    .map(|t| {
+                        let ago = now_micros().saturating_sub(t) as f64 / 1e6;
+                        format!("{:.1}s", stats.secs() - ago - t0)
+                    })
+                    .unwrap_or_else(|| "?".into());
                 tail_examples.push(format!(
-                    "client {} ({:?}, {} connections, position {:?}) of {}: last k {} of {confirmed} confirmed, {missing} missing in between",
+                    "client {} ({:?}, {} connections, position {:?}) of {}: last k {} of {confirmed} confirmed (the next was published at {since}), {missing} missing in between",
                     end.index, slot.transport, end.connections, end.position, end.track.user, end.track.last_k
                 ));
             }
