@@ -736,6 +736,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
 
     // Final check against the ground truth.
     let mut lost = 0u64;
+    let mut gaps = 0u64;
+    let mut undelivered = 0u64;
     let mut lost_clients = 0usize;
     let mut applied = 0u64;
     let mut reloads = 0u64;
@@ -747,6 +749,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         let missing = end.track.missing() as u64;
         applied += end.track.applied;
         reloads += end.track.reloads;
+        gaps += missing;
+        undelivered += tail;
         if tail + missing > 0 {
             lost += tail + missing;
             lost_clients += 1;
@@ -803,6 +807,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         republished_events: oracle.republished_events.load(Ordering::Relaxed),
         applied,
         lost,
+        gaps,
+        undelivered,
         lost_clients,
         out_of_order: stats
             .phases
