@@ -34,15 +34,13 @@ mod resp;
 #[path = "../bench/support/signalr.rs"]
 mod signalr;
 
-use signalr::{parse_endpoint, parse_response_head, urlencode, Endpoint, Ws};
-
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, bail};
 use bytes::{Buf, BytesMut};
 use clap::{Parser, ValueEnum};
 use feedhub::protocol::{HubMessage, ProtocolKind};
@@ -50,12 +48,11 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::json;
+use signalr::{parse_endpoint, parse_response_head, urlencode, Endpoint, Ws};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -308,10 +305,6 @@ impl Ctx {
         let k = self.args.source_ips.max(1) as usize;
         Ipv4Addr::new(127, 0, 0, 2 + (n % k) as u8)
     }
-}
-
-async fn tcp_from(ctx: &Ctx, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    signalr::tcp_from(Some(ctx.source_ip()), addr).await
 }
 
 async fn ws_connect(ctx: &Ctx, ep: &Endpoint, path_and_query: &str) -> anyhow::Result<Ws> {

@@ -46,9 +46,9 @@ fn chaos_soak_smoke_loses_nothing_and_keeps_order() {
         .expect("runtime");
     let v = rt
         .block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(300), soak::run(cfg)).await
+            tokio::time::timeout(std::time::Duration::from_secs(600), soak::run(cfg)).await
         })
-        .expect("the soak smoke run took more than 5 minutes")
+        .expect("the soak smoke run took more than 10 minutes")
         .expect("the soak smoke run failed to run");
     println!(
         "{}",

@@ -529,7 +529,9 @@ mod tests {
             "{:?}",
             log.violations.borrow()
         );
-        assert_eq!(*log.repaired.borrow(), 1);
+        // Both came from Recover (the stashed copy of 14 is then a duplicate by offset).
+        assert_eq!(*log.repaired.borrow(), 2);
+        assert_eq!(*log.odups.borrow(), 2);
         // A reconnect recovers from the position.
         r.on_disconnect();
         assert_eq!(r.on_connect(), Next::Recover(Some((14, "e".into()))));

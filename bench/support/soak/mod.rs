@@ -736,6 +736,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
 
     // Final check against the ground truth.
     let mut lost = 0u64;
+    let mut gaps = 0u64;
+    let mut undelivered = 0u64;
     let mut lost_clients = 0usize;
     let mut applied = 0u64;
     let mut reloads = 0u64;
@@ -747,12 +749,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         let missing = end.track.missing() as u64;
         applied += end.track.applied;
         reloads += end.track.reloads;
+        gaps += missing;
+        undelivered += tail;
         if tail + missing > 0 {
             lost += tail + missing;
             lost_clients += 1;
             if tail_examples.len() < 10 {
+                // When the first event it never got was published, in run time.
+                let since = oracle
+                    .time_of(slot.user, end.track.last_k + 1)
+                    .map(|t| {
+                        let ago = now_micros().saturating_sub(t) as f64 / 1e6;
+                        format!("{:.1}s", stats.secs() - ago - t0)
+                    })
+                    .unwrap_or_else(|| "?".into());
                 tail_examples.push(format!(
-                    "client {} ({:?}, {} connections, position {:?}) of {}: last k {} of {confirmed} confirmed, {missing} missing in between",
+                    "client {} ({:?}, {} connections, position {:?}) of {}: last k {} of {confirmed} confirmed (the next was published at {since}), {missing} missing in between",
                     end.index, slot.transport, end.connections, end.position, end.track.user, end.track.last_k
                 ));
             }
@@ -795,6 +807,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
         republished_events: oracle.republished_events.load(Ordering::Relaxed),
         applied,
         lost,
+        gaps,
+        undelivered,
         lost_clients,
         out_of_order: stats
             .phases

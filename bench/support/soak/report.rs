@@ -36,6 +36,10 @@ pub struct Summary {
     pub applied: u64,
     /// Events never applied (gaps and tails).
     pub lost: u64,
+    /// Of those: `k`s a client skipped (gaps it never filled).
+    pub gaps: u64,
+    /// Of those: events still undelivered when the drain ended (a client behind).
+    pub undelivered: u64,
     /// Clients that lost any.
     pub lost_clients: usize,
     /// Out-of-order arrivals.
@@ -225,8 +229,10 @@ fn markdown(
     );
     let _ = writeln!(
         out,
-        "**Result: {} lost, {} out of order, {} `recovered:false`** ({} `Recover` calls failed and were retried), over {} messages ({} per-recipient events) confirmed by RabbitMQ and {} first deliveries checked against the publisher's per-user sequence numbers; {} publish failures ({} events republished, so duplicates by id are expected). Every client caught up {:.1} s after publishing stopped. Live latency: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms.\n",
+        "**Result: {} lost ({} skipped, {} still undelivered when the drain ended), {} out of order, {} `recovered:false`** ({} `Recover` calls failed and were retried), over {} messages ({} per-recipient events) confirmed by RabbitMQ and {} first deliveries checked against the publisher's per-user sequence numbers; {} publish failures ({} events republished, so duplicates by id are expected). Every client caught up {:.1} s after publishing stopped. Live latency: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms.\n",
         s.lost,
+        s.gaps,
+        s.undelivered,
         s.out_of_order,
         s.reloads,
         s.recover_errors,
