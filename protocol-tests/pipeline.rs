@@ -362,7 +362,12 @@ async fn start_idle_node(amqp: Option<AmqpConfig>, backplane: Option<BackplaneFa
         amqp.clone()
             .unwrap_or_else(|| AmqpConfig::new("amqp://unused")),
     ));
-    let mut builder = ServerBuilder::new(config).hub(feed::feed_hub());
+    // The raw test clients only receive, and never ping as the official clients do (every
+    // 15 s): under a loaded machine the delivery-rate runs leave them silent longer than
+    // the 30 s client timeout, which counts from the handshake.
+    let mut hub = feed::feed_hub();
+    hub.options.client_timeout = Duration::from_secs(600);
+    let mut builder = ServerBuilder::new(config).hub(hub);
     if amqp.is_some() {
         builder = builder.ready_check(ingest.ready_check());
     }
