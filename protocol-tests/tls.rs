@@ -940,7 +940,9 @@ async fn binary_refuses_half_or_unusable_tls_settings() {
     let tls = files.install(&ca.issue("server"));
     let cert = tls.cert.display().to_string();
     let key = tls.key.display().to_string();
-    let cases: [(Vec<&str>, Vec<(&str, String)>, &str); 4] = [
+    // (flags, FEEDHUB_* variables, what the error must say)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, String)>, &'a str);
+    let cases: [Case; 4] = [
         (vec!["--tls-cert", &cert], vec![], "--tls-key"),
         (vec![], vec![("FEEDHUB_TLS_KEY", key.clone())], "--tls-cert"),
         // Certificate and key swapped: the "certificate" file holds no certificate.
