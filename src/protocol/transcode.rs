@@ -28,8 +28,12 @@ use super::mp::{self, Item, MpError, Reader};
 use super::value::{Timestamp, TIMESTAMP_EXT_TYPE};
 use super::ValueError;
 
-/// Deepest nesting of arrays and maps accepted, like serde_json's default recursion limit.
-pub const MAX_DEPTH: usize = 128;
+/// Deepest nesting of arrays and maps accepted: 127, as many as serde_json's default
+/// recursion limit (128) lets through, so that what one direction writes the other (and
+/// every serde_json parse on the way) accepts. With 128, a MessagePack value nested 128
+/// deep became JSON that `json_to_msgpack` and `Value::decode` refused (found by the
+/// `transcode` fuzz target).
+pub const MAX_DEPTH: usize = 127;
 
 /// Appends the JSON rendering of one MessagePack value (bin → base64, timestamp → ISO-8601).
 ///
@@ -178,7 +182,7 @@ pub fn json_to_msgpack(input: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError
 }
 
 /// A serde visitor that writes each visited JSON value straight into MessagePack.
-/// serde_json bounds the recursion (128 levels by default).
+/// serde_json bounds the recursion (127 nested containers by default).
 struct MsgPackWriter<'o> {
     out: &'o mut Vec<u8>,
 }
@@ -393,6 +397,22 @@ mod tests {
         );
         // An array key holding a map with a non-string key: refused as well.
         assert!(msgpack_to_json(&[0x81, 0x91, 0x81, 0x01, 0xc0, 0x02], &mut out).is_err());
+    }
+
+    #[test]
+    fn the_deepest_value_transcodes_both_ways() {
+        // Regression (fuzz target `transcode`): 128 nested arrays were rendered as JSON that
+        // serde_json (127 levels) could not read back.
+        let mut deep = vec![0x91; MAX_DEPTH];
+        deep.push(0xc0);
+        let json = to_json(&deep);
+        assert_eq!(to_mp(&json), deep);
+        assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
+        let mut deeper = vec![0x91; MAX_DEPTH + 1];
+        deeper.push(0xc0);
+        assert!(msgpack_to_json(&deeper, &mut Vec::new()).is_err());
+        let json = format!("{}null{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(json_to_msgpack(json.as_bytes(), &mut Vec::new()).is_err());
     }
 
     #[test]
