@@ -91,7 +91,12 @@ fn committed_corpora_and_regressions_replay_cleanly() {
     for (name, n) in &counts {
         assert!(*n > 0, "fuzz/corpus/{name}/ is empty or missing");
     }
-    assert!(failures.is_empty(), "{} failing inputs:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failing inputs:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -101,7 +106,12 @@ fn seeds_replay_cleanly() {
         assert!(!inputs.is_empty(), "no seeds for {name}");
         failures.extend(replay(name, &inputs));
     }
-    assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failing seeds:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -210,7 +220,10 @@ fn envelopes() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         }),
         relay(RelayKind::Head {
             status: 200,
-            headers: vec![("content-type".into(), Bytes::from_static(b"text/event-stream"))],
+            headers: vec![(
+                "content-type".into(),
+                Bytes::from_static(b"text/event-stream"),
+            )],
             body: Bytes::from_static(b"data: x\r\n\r\n"),
             end: false,
         }),
@@ -220,7 +233,10 @@ fn envelopes() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         }),
     ];
     let enc = |m: &BackplaneMessage| envelope::encode(m).expect("encode");
-    (plain.iter().map(enc).collect(), relays.iter().map(enc).collect())
+    (
+        plain.iter().map(enc).collect(),
+        relays.iter().map(enc).collect(),
+    )
 }
 
 /// Seed inputs per target.

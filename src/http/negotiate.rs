@@ -416,8 +416,7 @@ pub fn response_body(
     let version = match requested_version(query) {
         Ok(v) => v,
         Err(error) => {
-            return serde_json::to_vec(&serde_json::json!({ "error": error }))
-                .unwrap_or_default()
+            return serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default()
         }
     };
     // The flag travels signed inside the token.

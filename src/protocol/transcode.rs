@@ -28,8 +28,12 @@ use super::mp::{self, Item, MpError, Reader};
 use super::value::{Timestamp, TIMESTAMP_EXT_TYPE};
 use super::ValueError;
 
-/// Deepest nesting of arrays and maps accepted, like serde_json's default recursion limit.
-pub const MAX_DEPTH: usize = 128;
+/// Deepest nesting of arrays and maps accepted: 127, as many as serde_json's default
+/// recursion limit (128) lets through, so that what one direction writes the other (and
+/// every serde_json parse on the way) accepts. With 128, a MessagePack value nested 128
+/// deep became JSON that `json_to_msgpack` and `Value::decode` refused (found by the
+/// `transcode` fuzz target).
+pub const MAX_DEPTH: usize = 127;
 
 /// Appends the JSON rendering of one MessagePack value (bin → base64, timestamp → ISO-8601).
 ///
@@ -37,7 +41,7 @@ pub const MAX_DEPTH: usize = 128;
 pub fn msgpack_to_json(input: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
     let start = out.len();
     let mut reader = Reader::new(input);
-    let result = write_json_value(&mut reader, out, 0).and_then(|()| {
+    let result = write_json_value(&mut reader, out, 0, false).and_then(|()| {
         if reader.remaining() == 0 {
             Ok(())
         } else {
@@ -59,7 +63,14 @@ fn utf8(bytes: &[u8]) -> Result<&str, MpError> {
     std::str::from_utf8(bytes).map_err(|_| MpError::new("invalid UTF-8 in str"))
 }
 
-fn write_json_value(r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Result<(), MpError> {
+/// `in_key`: the value is (part of) a map key, rendered as text and then escaped into a
+/// JSON string; keys of maps inside it must then be strings (see [`write_json_key`]).
+fn write_json_value(
+    r: &mut Reader<'_>,
+    out: &mut Vec<u8>,
+    depth: usize,
+    in_key: bool,
+) -> Result<(), MpError> {
     match r.item()? {
         Item::Nil => out.extend_from_slice(b"null"),
         Item::Bool(true) => out.extend_from_slice(b"true"),
@@ -86,7 +97,7 @@ fn write_json_value(r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Resu
                 if i > 0 {
                     out.push(b',');
                 }
-                write_json_value(r, out, depth)?;
+                write_json_value(r, out, depth, in_key)?;
             }
             out.push(b']');
         }
@@ -97,9 +108,9 @@ fn write_json_value(r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Resu
                 if i > 0 {
                     out.push(b',');
                 }
-                write_json_key(r, out, depth)?;
+                write_json_key(r, out, depth, in_key)?;
                 out.push(b':');
-                write_json_value(r, out, depth)?;
+                write_json_value(r, out, depth, in_key)?;
             }
             out.push(b'}');
         }
@@ -117,11 +128,26 @@ fn enter(depth: usize) -> Result<usize, MpError> {
 /// JSON object keys must be strings: a `str` key is written as is, anything else as its
 /// JSON text in a string (`1` → `"1"`, `null` → `"null"`; bin and timestamps are already
 /// strings).
-fn write_json_key(r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Result<(), MpError> {
+///
+/// Inside such a key (`in_key`), a map's keys must be strings: each level of non-string
+/// keys would escape the text of the level inside it once more, doubling its backslashes,
+/// so a few hundred bytes of nested maps-as-keys would render as gigabytes (found by the
+/// `transcode` and `msgpack` fuzz targets: a peer-controlled out-of-memory).
+fn write_json_key(
+    r: &mut Reader<'_>,
+    out: &mut Vec<u8>,
+    depth: usize,
+    in_key: bool,
+) -> Result<(), MpError> {
     let key_start = out.len();
-    write_json_value(r, out, depth)?;
+    write_json_value(r, out, depth, true)?;
     if out.get(key_start) == Some(&b'"') {
         return Ok(());
+    }
+    if in_key {
+        return Err(MpError::new(
+            "a map key inside a non-string map key must be a string",
+        ));
     }
     let text = out.split_off(key_start);
     // `text` is JSON we just wrote, hence UTF-8.
@@ -369,6 +395,48 @@ mod tests {
             to_json(&[0x81, 0x92, 0x01, 0xa1, b'x', 0xc0]),
             r#"{"[1,\"x\"]":null}"#
         );
+    }
+
+    #[test]
+    fn nested_non_string_keys_are_refused_not_escaped_again_and_again() {
+        // Regression (fuzz targets `transcode`, `msgpack`): {{{…nil: nil}: nil}: nil}, maps
+        // as keys 40 levels deep, 82 bytes. Each level escaped the level inside it once
+        // more, so the JSON doubled per level (2^40 bytes here): an out-of-memory from one
+        // small argument sent to a JSON recipient.
+        let levels = 40;
+        let mut mp = vec![0x81; levels];
+        mp.extend(std::iter::repeat_n(0xc0, levels + 1));
+        let mut out = Vec::new();
+        let err = msgpack_to_json(&mp, &mut out).unwrap_err();
+        assert!(err.to_string().contains("map key inside"), "{err}");
+        assert!(out.is_empty());
+        // One level of non-string keys is still rendered (escaped once).
+        assert_eq!(
+            to_json(&[0x81, 0x81, 0xa1, b'a', 0x01, 0xc0]),
+            r#"{"{\"a\":1}":null}"#
+        );
+        assert_eq!(
+            to_json(&[0x81, 0x91, 0x81, 0xa1, b'k', 0xc0, 0x02]),
+            r#"{"[{\"k\":null}]":2}"#
+        );
+        // An array key holding a map with a non-string key: refused as well.
+        assert!(msgpack_to_json(&[0x81, 0x91, 0x81, 0x01, 0xc0, 0x02], &mut out).is_err());
+    }
+
+    #[test]
+    fn the_deepest_value_transcodes_both_ways() {
+        // Regression (fuzz target `transcode`): 128 nested arrays were rendered as JSON that
+        // serde_json (127 levels) could not read back.
+        let mut deep = vec![0x91; MAX_DEPTH];
+        deep.push(0xc0);
+        let json = to_json(&deep);
+        assert_eq!(to_mp(&json), deep);
+        assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
+        let mut deeper = vec![0x91; MAX_DEPTH + 1];
+        deeper.push(0xc0);
+        assert!(msgpack_to_json(&deeper, &mut Vec::new()).is_err());
+        let json = format!("{}null{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(json_to_msgpack(json.as_bytes(), &mut Vec::new()).is_err());
     }
 
     #[test]
