@@ -802,7 +802,8 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     let envs = [("FEEDHUB_TLS_KEY", tls.key.display().to_string())];
     let (mut binary, addr) = Binary::start(&args, &envs).await;
     binary.wait_for_log("feed hub at https://", 0).await;
-    let token = feedhub::auth::Authenticator::new(Some(TEST_SECRET))
+    let token = feedhub::auth::Authenticator::new(Some(TEST_SECRET), &Default::default())
+        .expect("authenticator")
         .issue("2004", 3600)
         .expect("token");
     let query = format!("access_token={token}");

@@ -318,7 +318,7 @@ async fn start_env(cfg: &Config, run: &str) -> anyhow::Result<Env> {
                 format!("redis://{}", cut.local_addr()),
             ),
             ("FEEDHUB_AMQP_URL".to_string(), rabbit.url()),
-            ("FEEDHUB_JWT_SECRET".to_string(), format!("soak-{run}")),
+            ("FEEDHUB_JWT_SECRET".to_string(), jwt_secret(run)),
             ("FEEDHUB_API_KEY".to_string(), format!("soak-key-{run}")),
             ("FEEDHUB_CHANNEL_PREFIX".to_string(), format!("soak-{run}")),
         ];
@@ -469,7 +469,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
     let ep = signalr::parse_endpoint(&format!("http://{}/hubs/feed", env.proxy.local_addr()))?;
     let ctx = Arc::new(client::Ctx::new(
         ep,
-        feedhub::auth::Authenticator::new(Some(&format!("soak-{run}"))),
+        feedhub::auth::Authenticator::new(Some(&jwt_secret(run)), &Default::default())
+            .expect("the soak secret is long enough"),
         oracle.clone(),
         stats.clone(),
         slots,
@@ -877,4 +878,9 @@ pub fn verdict(v: &serde_json::Value) -> anyhow::Result<()> {
         v["first_violations"],
         v["lost_examples"]
     ))
+}
+
+/// The instances' JWT secret for one run (at least 32 bytes, as feedhub requires).
+fn jwt_secret(run: impl std::fmt::Display) -> String {
+    format!("soak-{run}-jwt-secret-of-at-least-32-bytes")
 }
