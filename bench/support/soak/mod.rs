@@ -469,7 +469,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<serde_json::Value> {
     let ep = signalr::parse_endpoint(&format!("http://{}/hubs/feed", env.proxy.local_addr()))?;
     let ctx = Arc::new(client::Ctx::new(
         ep,
-        feedhub::auth::Authenticator::new(Some(&jwt_secret(run)), &Default::default())
+        feedhub::auth::Authenticator::new(Some(&jwt_secret(&run)), &Default::default())
             .expect("the soak secret is long enough"),
         oracle.clone(),
         stats.clone(),
