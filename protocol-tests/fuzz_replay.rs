@@ -21,6 +21,9 @@ use feedhub::fuzzing::TARGETS;
 use feedhub::ids::{ConnectionId, GroupName};
 use feedhub::protocol::Value;
 
+/// Labelled inputs of one target.
+type Inputs = Vec<(String, Vec<u8>)>;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -161,7 +164,7 @@ fn envelopes() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut packed = Vec::new();
     // [7, "x"] as MessagePack.
     packed.extend_from_slice(&[0x92, 0x07, 0xa1, b'x']);
-    let plain = vec![
+    let plain = [
         BackplaneMessage {
             origin: "node-a".into(),
             payload: BackplanePayload::Invocation {
@@ -193,7 +196,7 @@ fn envelopes() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             },
         },
     ];
-    let relays = vec![
+    let relays = [
         relay(RelayKind::Open {
             connection: id(),
             reply_node: "node-b".into(),
@@ -240,7 +243,7 @@ fn envelopes() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
 }
 
 /// Seed inputs per target.
-fn seeds() -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
+fn seeds() -> Vec<(&'static str, Inputs)> {
     let (plain, relays) = envelopes();
     let mut envelope_seeds: Vec<Vec<u8>> = plain.clone();
     envelope_seeds.extend(relays.iter().cloned());

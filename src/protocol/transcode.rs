@@ -435,7 +435,11 @@ mod tests {
         let mut deeper = vec![0x91; MAX_DEPTH + 1];
         deeper.push(0xc0);
         assert!(msgpack_to_json(&deeper, &mut Vec::new()).is_err());
-        let json = format!("{}null{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let json = format!(
+            "{}null{}",
+            "[".repeat(MAX_DEPTH + 1),
+            "]".repeat(MAX_DEPTH + 1)
+        );
         assert!(json_to_msgpack(json.as_bytes(), &mut Vec::new()).is_err());
     }
 
