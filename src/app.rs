@@ -285,10 +285,7 @@ impl ServerBuilder {
         };
         crate::http::origin::validate(&config.cors_origins)
             .map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
-        if auth.is_development()
-            && !config.listen.ip().is_loopback()
-            && !config.dev_mode_public
-        {
+        if auth.is_development() && !config.listen.ip().is_loopback() && !config.dev_mode_public {
             // Development mode signs tokens with a public secret: anyone who can reach the
             // port can be anyone. Only on a loopback address unless asked for explicitly.
             anyhow::bail!(

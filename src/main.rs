@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
 use clap::Parser;
-use feedhub::backplane::history;
 use feedhub::auth::{self, jwks, JwtOptions};
+use feedhub::backplane::history;
 use feedhub::backplane::redis::RedisConfig;
 use feedhub::demo::amqp_publisher::AmqpPublisher;
 use feedhub::demo::redis_store::RedisStore;
