@@ -474,7 +474,7 @@ async fn with_cors_origins_websocket_and_sse_from_other_origins_get_403() {
 async fn wildcard_and_null_origins_and_public_development_mode_are_refused_at_start() {
     let base = || ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        jwt_secret: Some("s".to_string()),
+        jwt_secret: Some("a-secret-of-at-least-thirty-two-bytes".to_string()),
         ..ServerConfig::default()
     };
     for (origins, expect) in [

@@ -334,13 +334,13 @@ pub fn transcode(data: &[u8]) {
             !json.contains(&RECORD_SEPARATOR),
             "a raw 0x1E in JSON output"
         );
-        let parsed = serde_json::from_slice::<serde::de::IgnoredAny>(&json);
+        let parsed = parse_json::<serde::de::IgnoredAny>(&json);
         assert!(parsed.is_ok(), "MessagePack → JSON gave invalid JSON");
         // After one transcoding the value is representable in both: the round trip keeps
         // it (compared parsed: a float32 and the float64 it becomes print differently).
         let mp = to_msgpack(&json).expect("JSON from the transcoder does not transcode back");
         let json2 = to_json(&mp).expect("MessagePack from the transcoder does not transcode");
-        let parse = |j: &[u8]| serde_json::from_slice::<serde_json::Value>(j).ok();
+        let parse = |j: &[u8]| parse_json::<serde_json::Value>(j).ok();
         assert_eq!(
             parse(&json2),
             parse(&json),
@@ -359,8 +359,8 @@ pub fn transcode(data: &[u8]) {
             mp.len()
         );
         let json = to_json(&mp).expect("MessagePack from the transcoder does not transcode");
-        let original = serde_json::from_slice::<serde_json::Value>(data);
-        let back = serde_json::from_slice::<serde_json::Value>(&json);
+        let original = parse_json::<serde_json::Value>(data);
+        let back = parse_json::<serde_json::Value>(&json);
         if let Ok(original) = original {
             assert_eq!(back.ok(), Some(original), "JSON → MessagePack → JSON");
         }
@@ -810,4 +810,14 @@ mod tests {
             }
         }
     }
+}
+
+/// Parses JSON as the transcoder does: serde_json's own recursion limit (127 levels) off,
+/// since the transcoder bounds nesting at `transcode::MAX_DEPTH` (128) itself.
+fn parse_json<T: serde::de::DeserializeOwned>(json: &[u8]) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }

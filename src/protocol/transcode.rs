@@ -28,12 +28,10 @@ use super::mp::{self, Item, MpError, Reader};
 use super::value::{Timestamp, TIMESTAMP_EXT_TYPE};
 use super::ValueError;
 
-/// Deepest nesting of arrays and maps accepted: 127, as many as serde_json's default
-/// recursion limit (128) lets through, so that what one direction writes the other (and
-/// every serde_json parse on the way) accepts. With 128, a MessagePack value nested 128
-/// deep became JSON that `json_to_msgpack` and `Value::decode` refused (found by the
-/// `transcode` fuzz target).
-pub const MAX_DEPTH: usize = 127;
+/// Deepest nesting of arrays and maps accepted: 128, the ingest limit (issue 14), in both
+/// directions, so that what one direction writes the other accepts. serde_json's own
+/// recursion limit (127 levels) is disabled where this bound applies instead.
+pub const MAX_DEPTH: usize = 128;
 
 /// Appends the JSON rendering of one MessagePack value (bin → base64, timestamp → ISO-8601).
 ///
@@ -425,13 +423,18 @@ mod tests {
 
     #[test]
     fn the_deepest_value_transcodes_both_ways() {
-        // Regression (fuzz target `transcode`): 128 nested arrays were rendered as JSON that
-        // serde_json (127 levels) could not read back.
+        // Regression (fuzz target `transcode`): the deepest value one direction writes, the
+        // other reads back (128 levels, the ingest limit; serde_json's default stops at 127,
+        // so every parse on this path disables it and bounds nesting at MAX_DEPTH itself).
         let mut deep = vec![0x91; MAX_DEPTH];
         deep.push(0xc0);
         let json = to_json(&deep);
         assert_eq!(to_mp(&json), deep);
-        assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
+        let mut de = serde_json::Deserializer::from_str(&json);
+        de.disable_recursion_limit();
+        assert!(serde::Deserialize::deserialize(&mut de)
+            .map(|_: serde_json::Value| ())
+            .is_ok());
         let mut deeper = vec![0x91; MAX_DEPTH + 1];
         deeper.push(0xc0);
         assert!(msgpack_to_json(&deeper, &mut Vec::new()).is_err());
