@@ -785,6 +785,16 @@ fn check_forwarded_headers(map: &http::HeaderMap, pairs: &[(String, Bytes)]) {
     assert_eq!(&again, map, "forwarded headers are not a fixpoint");
 }
 
+/// Parses JSON as the transcoder does: serde_json's own recursion limit (127 levels) off,
+/// since the transcoder bounds nesting at `transcode::MAX_DEPTH` (128) itself.
+fn parse_json<T: serde::de::DeserializeOwned>(json: &[u8]) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,14 +820,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Parses JSON as the transcoder does: serde_json's own recursion limit (127 levels) off,
-/// since the transcoder bounds nesting at `transcode::MAX_DEPTH` (128) itself.
-fn parse_json<T: serde::de::DeserializeOwned>(json: &[u8]) -> serde_json::Result<T> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    de.disable_recursion_limit();
-    let value = T::deserialize(&mut de)?;
-    de.end()?;
-    Ok(value)
 }
