@@ -194,6 +194,18 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         };
+        // One counter with a label, one line per label value.
+        let labelled = |out: &mut String,
+                        name: &str,
+                        help: &str,
+                        label: &str,
+                        values: &[(&str, &AtomicU64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (value, c) in values {
+                let v = c.load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {v}");
+            }
+        };
         gauge(
             &mut out,
             "feedhub_connections",
@@ -392,14 +404,14 @@ impl Metrics {
             "Feed offsets given up: neither delivered live nor still in history.",
             &self.gap_lost_events,
         );
-        let _ = writeln!(
-            out,
-            "# HELP feedhub_recover_total Recover calls by result.\n# TYPE feedhub_recover_total counter"
+        let recover: Vec<_> = RECOVER_RESULTS.into_iter().zip(&self.recover).collect();
+        labelled(
+            &mut out,
+            "feedhub_recover_total",
+            "Recover calls by result.",
+            "result",
+            &recover,
         );
-        for (i, result) in RECOVER_RESULTS.iter().enumerate() {
-            let v = self.recover[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "feedhub_recover_total{{result=\"{result}\"}} {v}");
-        }
         gauge(
             &mut out,
             "feedhub_http_connections",
@@ -412,39 +424,31 @@ impl Metrics {
             "Total connection cap in force (below the descriptor limit).",
             self.http_connection_limit.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP feedhub_http_refused_total Connections and requests refused by a limit.\n# TYPE feedhub_http_refused_total counter"
+        labelled(
+            &mut out,
+            "feedhub_http_refused_total",
+            "Connections and requests refused by a limit.",
+            "reason",
+            &[
+                ("total_cap", &self.refused_total_cap),
+                ("address_cap", &self.refused_address_cap),
+                ("address_rate", &self.refused_rate),
+                ("user_cap", &self.refused_user_cap),
+                ("origin", &self.refused_origin),
+            ],
         );
-        for (reason, c) in [
-            ("total_cap", &self.refused_total_cap),
-            ("address_cap", &self.refused_address_cap),
-            ("address_rate", &self.refused_rate),
-            ("user_cap", &self.refused_user_cap),
-            ("origin", &self.refused_origin),
-        ] {
-            let _ = writeln!(
-                out,
-                "feedhub_http_refused_total{{reason=\"{reason}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP feedhub_http_timeouts_total Connections closed or requests ended by a time limit.\n# TYPE feedhub_http_timeouts_total counter"
+        labelled(
+            &mut out,
+            "feedhub_http_timeouts_total",
+            "Connections closed or requests ended by a time limit.",
+            "kind",
+            &[
+                ("header_read", &self.header_read_timeouts),
+                ("idle", &self.idle_timeouts),
+                ("body_read", &self.body_read_timeouts),
+                ("evicted_at_cap", &self.evicted_fresh),
+            ],
         );
-        for (kind, c) in [
-            ("header_read", &self.header_read_timeouts),
-            ("idle", &self.idle_timeouts),
-            ("body_read", &self.body_read_timeouts),
-            ("evicted_at_cap", &self.evicted_fresh),
-        ] {
-            let _ = writeln!(
-                out,
-                "feedhub_http_timeouts_total{{kind=\"{kind}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
         crate::ingest::amqp::AMQP_METRICS.render(&mut out);
         crate::tls::TLS_METRICS.render(&mut out);
         out
