@@ -51,10 +51,11 @@ pub fn decode_record(record: &Bytes) -> Result<Option<HubMessage>, ProtocolError
     let text = std::str::from_utf8(record).map_err(|_| ProtocolError::InvalidUtf8)?;
     // serde_json skips raw values without a depth limit, so bound nesting here: a value
     // that could not be decoded or transcoded later is refused now, with the message.
-    if nesting_exceeds(record, MAX_DEPTH) {
-        return Err(ProtocolError::Json(format!(
-            "The message is nested deeper than {MAX_DEPTH} levels."
-        )));
+    // The bound is per value, as the MessagePack protocol counts it: an argument sits two
+    // levels down (the envelope object, the `arguments` array), an item or a result one; so
+    // the whole record may nest two deeper, and items and results are checked below.
+    if nesting_exceeds(record, MAX_DEPTH + 2) {
+        return Err(too_deep());
     }
     let env: Envelope<'_> = serde_json::from_str(text).map_err(json_error)?;
 
@@ -107,6 +108,9 @@ pub fn decode_record(record: &Bytes) -> Result<Option<HubMessage>, ProtocolError
         mt::STREAM_ITEM => {
             let invocation_id = required_id(env.invocation_id)?;
             let item = env.item.ok_or(ProtocolError::MissingField("item"))?;
+            if nesting_exceeds(item.get().as_bytes(), MAX_DEPTH) {
+                return Err(too_deep());
+            }
             HubMessage::StreamItem(StreamItem {
                 headers: headers(env.headers)?,
                 invocation_id,
@@ -120,6 +124,9 @@ pub fn decode_record(record: &Bytes) -> Result<Option<HubMessage>, ProtocolError
             let result = match (error, env.result) {
                 (Some(_), Some(_)) => return Err(invalid(MUTUALLY_EXCLUSIVE_ERROR)),
                 (Some(e), None) => CompletionResult::Error(e),
+                (None, Some(raw)) if nesting_exceeds(raw.get().as_bytes(), MAX_DEPTH) => {
+                    return Err(too_deep())
+                }
                 (None, Some(raw)) => {
                     CompletionResult::Value(Value::Json(sub_bytes(record, raw.get())))
                 }
@@ -157,9 +164,16 @@ pub fn decode_record(record: &Bytes) -> Result<Option<HubMessage>, ProtocolError
     Ok(Some(msg))
 }
 
-/// Deepest nesting of a whole record (the envelope object and the `arguments` array
-/// included), the same bound as the transcoder's.
+/// Deepest nesting of one value (an argument, an item, a result), the same bound as the
+/// transcoder's and the MessagePack protocol's, so a value one protocol accepts the other
+/// accepts too (and every recipient can be sent it).
 pub const MAX_DEPTH: usize = super::transcode::MAX_DEPTH;
+
+fn too_deep() -> ProtocolError {
+    ProtocolError::Json(format!(
+        "The message is nested deeper than {MAX_DEPTH} levels."
+    ))
+}
 
 /// Whether arrays/objects in `text` nest deeper than `max` (brackets inside strings are
 /// skipped). One linear pass; malformed text is left for the parser to report.
@@ -921,7 +935,7 @@ mod tests {
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
         // Up to the limit: the value is accepted and can be transcoded.
-        let depth = MAX_DEPTH - 2;
+        let depth = MAX_DEPTH;
         let ok = format!(
             "{{\"type\":2,\"invocationId\":\"[\",\"item\":{}1{}}}\x1e",
             "[".repeat(depth),
@@ -951,6 +965,29 @@ mod tests {
             "]".repeat(10_000)
         );
         assert!(dec(deep.as_bytes()).is_err());
+        // The bound is per value, as in MessagePack: an argument, an item and a result may
+        // each nest MAX_DEPTH deep (the record two levels more), one more is refused.
+        let nest = |d: usize| format!("{}1{}", "[".repeat(d), "]".repeat(d));
+        for (value, fine) in [(nest(MAX_DEPTH), true), (nest(MAX_DEPTH + 1), false)] {
+            for record in [
+                format!("{{\"type\":1,\"target\":\"t\",\"arguments\":[{value}]}}\x1e"),
+                format!("{{\"type\":2,\"invocationId\":\"1\",\"item\":{value}}}\x1e"),
+                format!("{{\"type\":3,\"invocationId\":\"1\",\"result\":{value}}}\x1e"),
+            ] {
+                assert_eq!(dec(record.as_bytes()).is_ok(), fine, "{record:.60}");
+            }
+        }
+        // What the MessagePack protocol accepts, re-encoded as JSON, decodes again (the
+        // fuzzer found the two bounds 2 levels apart).
+        let mut mp = Vec::new();
+        let mut arg = vec![0x91; MAX_DEPTH];
+        arg.push(0xc0);
+        crate::protocol::transcode::msgpack_to_json(&arg, &mut mp).unwrap();
+        let record = format!(
+            "{{\"type\":1,\"target\":\"t\",\"arguments\":[{}]}}\x1e",
+            String::from_utf8(mp).unwrap()
+        );
+        assert!(dec(record.as_bytes()).is_ok());
     }
 
     proptest! {
