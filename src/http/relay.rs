@@ -39,6 +39,7 @@ use dashmap::DashMap;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::backplane::channel::node_channel;
 use crate::backplane::{
@@ -91,6 +92,10 @@ pub struct Router {
     /// Forwarded exchanges in flight on this node (either side), bounded by
     /// `forward::MAX_FORWARDS`.
     pub(crate) in_flight: std::sync::atomic::AtomicUsize,
+    /// Cancelled, and replaced, when relay frames to or from this node may have been lost
+    /// ([`Router::frames_lost`]): every forwarded exchange in flight holds the token of its
+    /// start and fails when it fires.
+    outage: std::sync::Mutex<CancellationToken>,
 }
 
 impl std::fmt::Debug for Router {
@@ -131,7 +136,32 @@ impl Router {
             forwarded: Default::default(),
             served: Default::default(),
             in_flight: Default::default(),
+            outage: std::sync::Mutex::new(CancellationToken::new()),
         })
+    }
+
+    /// The token an exchange starting now holds: it fires when relay frames may have been
+    /// lost after this point.
+    pub(crate) fn outage_token(&self) -> CancellationToken {
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Relay frames to or from this node may have been lost: the backplane lost and
+    /// regained its subscriptions (Redis pub/sub does not keep what was published
+    /// meanwhile), or the node's dispatch queue dropped messages of its node channel. Every
+    /// forwarded exchange in flight fails at once (`http::forward`): a waiting poll answers
+    /// 404, a stream ends, and a connection whose poll or stream this node serves for
+    /// another node ends, so the client starts over and recovers instead of carrying on
+    /// past a hole. Exchanges that start afterwards are not affected.
+    pub fn frames_lost(&self) {
+        let old = {
+            let mut g = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *g, CancellationToken::new())
+        };
+        old.cancel();
     }
 
     /// Lets the router serve forwarded requests with `state`'s handlers.
