@@ -564,3 +564,31 @@ impl FrameSink for RemoteSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::memory::{MemoryBackplane, MemoryBus};
+    use crate::backplane::Inbox;
+
+    #[test]
+    fn lost_frames_fail_the_exchanges_started_before_only() {
+        let (inbox, _rx) = Inbox::new(1, 1);
+        let backplane = Arc::new(MemoryBackplane::new(MemoryBus::new(), "n1", inbox));
+        let router = Router::new("n1".into(), backplane);
+        let (a, b) = (router.outage_token(), router.outage_token());
+        assert!(!a.is_cancelled());
+        router.frames_lost();
+        assert!(
+            a.is_cancelled() && b.is_cancelled(),
+            "every exchange in flight"
+        );
+        let later = router.outage_token();
+        assert!(
+            !later.is_cancelled(),
+            "an exchange starting afterwards is not affected"
+        );
+        router.frames_lost();
+        assert!(later.is_cancelled());
+    }
+}
