@@ -24,7 +24,6 @@ mod support;
 #[path = "../bench/support/soak/cutproxy.rs"]
 mod cutproxy;
 
-#[allow(dead_code)]
 #[path = "../bench/support/signalr.rs"]
 mod signalr;
 
@@ -206,7 +205,7 @@ struct Client {
 /// What the client read.
 #[derive(Debug)]
 enum Got {
-    /// Feed events (offset, n) and Recover answers.
+    /// Hub messages (feed events, completions; pings dropped).
     Messages(Vec<HubMessage>),
     /// The connection ended for the client: a poll answered this status (not 200), or the
     /// stream ended.

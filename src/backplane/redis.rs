@@ -31,7 +31,8 @@
 //! [`super::redis_history`] on the publishing connection: a batch of appends is one
 //! pipeline (one round trip). After a reconnect the inbox is told to resync
 //! ([`Inbox::resync_all`]): whatever was published while this node was not subscribed is
-//! read back from history by the hubs.
+//! read back from history by the hubs, and the forwarded HTTP exchanges in flight fail
+//! (`http::forward`: a lost poll answer or stream frame cannot be read back).
 //!
 //! Channel names are documented in [`super::channel`]; payloads in [`super::envelope`].
 

@@ -29,7 +29,9 @@
 //! The [`Router`] also carries the other cross-node exchanges of the HTTP layer, which share
 //! its relay ids, its node channel and its dispatch: forwarded Server-Sent Events and Long
 //! Polling requests (`Request` → `Opened`, `Head`, `Data`…, `Close`) and WebSocket claims
-//! (`Claim` → `Head`), both in `http::forward`.
+//! (`Claim` → `Head`), both in `http::forward`, and the signal that fails the forwarded
+//! exchanges in flight when relay frames may have been lost ([`Router::frames_lost`], called
+//! by the node's resync worker after a backplane outage).
 
 use std::sync::Arc;
 use std::time::Duration;
