@@ -13,7 +13,8 @@
 //! be contiguous (nothing silently skipped), and a fresh connection's
 //! `Recover({offset, epoch})` must bring back exactly the rest. Cutting the owner also checks
 //! that the owner ended the connection (its token answers 404 afterwards), so a client
-//! cannot poll on past the answers it lost.
+//! cannot poll on past the answers it lost. An owner that stays away longer (as a killed
+//! one does) must be noticed by the landing node's liveness probe within seconds.
 //!
 //! Needs the shared Redis: skipped without it, failing under `CI=true`.
 
@@ -438,6 +439,18 @@ async fn read_events(c: &mut Client, up_to: u64) -> Vec<(u64, u64)> {
 }
 
 async fn forwarded_connection_survives_nothing_silently(name: &str, cut: Cut, kind: Kind) {
+    cut_and_check(name, cut, kind, CUT, NOTICED_WITHIN).await;
+}
+
+/// Cuts `cut` off Redis for `cut_for` while the client's read waits; the client must notice
+/// within `noticed_within`, miss nothing silently, and recover the rest afterwards.
+async fn cut_and_check(
+    name: &str,
+    cut: Cut,
+    kind: Kind,
+    cut_for: Duration,
+    noticed_within: Duration,
+) {
     let Some(pair) = Pair::start(name, cut).await else {
         return;
     };
@@ -470,7 +483,7 @@ async fn forwarded_connection_survives_nothing_silently(name: &str, cut: Cut, ki
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cut_at = Instant::now();
     let proxy = &pair.proxy;
-    let cutting = proxy.cut(CUT);
+    let cutting = proxy.cut(cut_for);
     let publishing = async {
         // The cut instance notices at once (the proxy closes its socket); then publish.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -480,7 +493,7 @@ async fn forwarded_connection_survives_nothing_silently(name: &str, cut: Cut, ki
         }
     };
     tokio::join!(cutting, publishing);
-    let (events, why, ended_at) = tokio::time::timeout(NOTICED_WITHIN * 3, reader)
+    let (events, why, ended_at) = tokio::time::timeout(noticed_within * 3, reader)
         .await
         .expect("the client never noticed the outage")
         .expect("reader");
@@ -490,8 +503,8 @@ async fn forwarded_connection_survives_nothing_silently(name: &str, cut: Cut, ki
          received meanwhile: {events:?}"
     );
     assert!(
-        noticed < NOTICED_WITHIN,
-        "the client must notice within {NOTICED_WITHIN:?} of the cut, took {noticed:?} ({why})"
+        noticed < noticed_within,
+        "the client must notice within {noticed_within:?} of the cut, took {noticed:?} ({why})"
     );
     got.extend(events);
     let offsets: Vec<u64> = got.iter().map(|e| e.0).collect();
@@ -563,4 +576,37 @@ async fn long_polling_forwarded_across_an_owner_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_forwarded_across_an_owner_cut() {
     forwarded_connection_survives_nothing_silently("fo-sse-own", Cut::Owner, Kind::Sse).await;
+}
+
+/// An owner that stays away (its process died, as far as Redis can tell: its subscriptions
+/// are gone): the landing node's probe (`PUBSUB NUMSUB` every second) fails the poll or the
+/// stream waiting on it within seconds, long before the owner could tell anyone and before
+/// the forwarded exchange's own silence limit (10 s).
+const VANISHED: Duration = Duration::from_secs(12);
+
+/// How soon the client must notice a vanished owner.
+const VANISHED_NOTICED_WITHIN: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polling_forwarded_to_a_vanished_owner_ends_within_seconds() {
+    cut_and_check(
+        "fo-lp-gone",
+        Cut::Owner,
+        Kind::LongPolling,
+        VANISHED,
+        VANISHED_NOTICED_WITHIN,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_forwarded_to_a_vanished_owner_ends_within_seconds() {
+    cut_and_check(
+        "fo-sse-gone",
+        Cut::Owner,
+        Kind::Sse,
+        VANISHED,
+        VANISHED_NOTICED_WITHIN,
+    )
+    .await;
 }

@@ -332,6 +332,10 @@ impl ServerBuilder {
             router.clone(),
             shutdown.clone(),
         ));
+        tokio::spawn(crate::http::relay::watch_nodes(
+            Arc::downgrade(&router),
+            shutdown.clone(),
+        ));
         if let Err(e) = backplane.subscribe(&[router.channel()]).await {
             // As with the hub channels: keep trying in the background (relays to this node
             // fail, and clients start over, until it is active).

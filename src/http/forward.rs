@@ -42,6 +42,11 @@
 //!   stream it serves for another node ends its connection (the next request for it gets
 //!   404) and tells the landing node as soon as the backplane takes it (for up to 5 s): 404
 //!   for a poll still waiting, `Close` for a stream.
+//! - *A dead owner*: a request published to a node channel nobody listens on any more
+//!   (Redis's `PUBLISH` reply is 0: the owner's process died, or it is away from Redis) is a
+//!   404 at once, and every second the landing node probes the owners it waits on
+//!   (`relay::watch_nodes`, one `PUBSUB NUMSUB`): a poll or a stream waiting on a gone owner
+//!   fails within about a second.
 //! - *Silence*: a forwarded poll waits at most [`FORWARDED_POLL_WAIT`] (5 s) on the owner
 //!   instead of the hub's long-poll timeout, and a forwarded stream sends an SSE comment
 //!   every [`FORWARD_KEEPALIVE`] (3 s) without events, so the landing node gives a poll or a
@@ -76,7 +81,7 @@ use hyper::body::Frame;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::relay::{self, RelayIn, Router, OPEN_TIMEOUT};
+use super::relay::{self, NodeWatch, RelayIn, Router, OPEN_TIMEOUT};
 use super::{text, Body};
 use crate::app::AppState;
 use crate::backplane::channel::node_channel;
@@ -296,14 +301,30 @@ pub(crate) async fn forward(
     );
     router.forwarded.fetch_add(1, Ordering::Relaxed);
     inc(&METRICS.http_forwarded);
-    if let Err(e) = router.backplane().publish(&exchange.owner, request).await {
-        exchange.ended = true;
-        return unavailable(&format!("Cannot reach the connection's node: {e}"));
+    // A dead owner fails what waits on it at once (`relay::watch_nodes`).
+    let watch = router.watch(&owner);
+    match router
+        .backplane()
+        .publish_reaching(&exchange.owner, request)
+        .await
+    {
+        Err(e) => {
+            exchange.ended = true;
+            return unavailable(&format!("Cannot reach the connection's node: {e}"));
+        }
+        Ok(Some(0)) => {
+            // Nobody listens on the owner's channel: it is gone, and so is the connection
+            // (or it is away from the backplane, and would not have heard the request).
+            exchange.ended = true;
+            return super::transports::not_found();
+        }
+        Ok(_) => {}
     }
     // The owner acknowledges at once; silence means it is gone, and so is the connection.
     let opened = tokio::select! {
         o = tokio::time::timeout(OPEN_TIMEOUT, open_rx) => o,
         _ = outage.cancelled() => return lost(get, "backplane outage while opening"),
+        _ = watch.gone().cancelled() => return lost(get, "the connection's node is gone"),
     };
     if !matches!(opened, Ok(Ok(ref o)) if !o.is_empty()) {
         exchange.ended = true;
@@ -319,6 +340,7 @@ pub(crate) async fn forward(
     let head = tokio::select! {
         h = tokio::time::timeout(head_timeout, inbound.recv()) => h,
         _ = outage.cancelled() => return lost(get, "backplane outage while waiting for the answer"),
+        _ = watch.gone().cancelled() => return lost(get, "the connection's node is gone"),
     };
     let head = match head {
         Ok(Some(RelayIn::Head {
@@ -348,7 +370,7 @@ pub(crate) async fn forward(
         drop(exchange);
         super::full(first)
     } else {
-        streamed(first, inbound, exchange, outage)
+        streamed(first, inbound, exchange, outage, watch)
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;
@@ -366,6 +388,7 @@ fn streamed(
     inbound: mpsc::Receiver<RelayIn>,
     exchange: Exchange,
     outage: CancellationToken,
+    owner: NodeWatch,
 ) -> Body {
     struct St {
         first: Option<Bytes>,
@@ -373,6 +396,7 @@ fn streamed(
         exchange: Exchange,
         next_seq: u64,
         outage: CancellationToken,
+        owner: NodeWatch,
     }
     let st = St {
         first: (!first.is_empty()).then_some(first),
@@ -380,6 +404,7 @@ fn streamed(
         exchange,
         next_seq: 1,
         outage,
+        owner,
     };
     let stream = futures_util::stream::unfold(Some(st), move |st| async move {
         let mut st = st?;
@@ -391,6 +416,11 @@ fn streamed(
             _ = st.outage.cancelled() => {
                 inc(&METRICS.http_forwards_failed);
                 tracing::debug!(relay = st.exchange.relay, "backplane outage; forwarded stream ended");
+                return None;
+            }
+            _ = st.owner.gone().cancelled() => {
+                inc(&METRICS.http_forwards_failed);
+                tracing::debug!(relay = st.exchange.relay, "the owner is gone; forwarded stream ended");
                 return None;
             }
         };
@@ -708,12 +738,17 @@ pub(crate) async fn claim(
             reply_node: router.node_id().to_string(),
         },
     );
-    let answer = match router.backplane().publish(&node_channel(owner), msg).await {
-        Ok(()) => tokio::time::timeout(OPEN_TIMEOUT, inbound.recv())
+    let answer = match router
+        .backplane()
+        .publish_reaching(&node_channel(owner), msg)
+        .await
+    {
+        // Nobody listens on the token's node's channel: it is gone (404 at once).
+        Ok(Some(0)) | Err(_) => None,
+        Ok(_) => tokio::time::timeout(OPEN_TIMEOUT, inbound.recv())
             .await
             .ok()
             .flatten(),
-        Err(_) => None,
     };
     router.relays.remove(&relay);
     match answer {

@@ -98,6 +98,86 @@ pub struct Router {
     /// ([`Router::frames_lost`]): every forwarded exchange in flight holds the token of its
     /// start and fails when it fires.
     outage: std::sync::Mutex<CancellationToken>,
+    /// Nodes this node waits on (owners of forwarded exchanges and relays in flight), probed
+    /// for liveness by [`watch_nodes`]: node id → the token fired when it is gone.
+    watched: DashMap<String, Watched>,
+    next_watch: std::sync::atomic::AtomicU64,
+}
+
+/// One watched node.
+#[derive(Debug)]
+struct Watched {
+    gone: CancellationToken,
+    waiters: usize,
+    /// Tells this entry from a later one of the same node (after it was found gone).
+    generation: u64,
+}
+
+/// How often the nodes this node waits on are probed (one `PUBSUB NUMSUB` for all of them,
+/// only while something is in flight).
+pub const NODE_PROBE: Duration = Duration::from_secs(1);
+
+/// Registers interest in a node's liveness while it lives (see [`Router::watch`]).
+pub(crate) struct NodeWatch {
+    router: Arc<Router>,
+    node: String,
+    generation: u64,
+    gone: CancellationToken,
+}
+
+impl NodeWatch {
+    /// Fires when the node was found gone (nobody subscribed to its node channel).
+    pub(crate) fn gone(&self) -> &CancellationToken {
+        &self.gone
+    }
+}
+
+impl Drop for NodeWatch {
+    fn drop(&mut self) {
+        if let dashmap::Entry::Occupied(mut e) = self.router.watched.entry(self.node.clone()) {
+            if e.get().generation == self.generation {
+                e.get_mut().waiters -= 1;
+                if e.get().waiters == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+}
+
+/// Probes, every [`NODE_PROBE`], the nodes `router` waits on: a node nobody is subscribed
+/// for any more (its process died: Redis dropped its subscriptions with its socket) fails
+/// the exchanges and relays waiting on it at once, instead of after their silence limit.
+/// Ends with `shutdown` or the router. Backplanes that cannot count subscribers (`None`)
+/// are not probed.
+pub async fn watch_nodes(router: std::sync::Weak<Router>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(NODE_PROBE) => {}
+        }
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        let nodes: Vec<String> = router.watched.iter().map(|e| e.key().clone()).collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let channels: Vec<Channel> = nodes.iter().map(|n| node_channel(n)).collect();
+        let counts = match router.backplane.subscribers(&channels).await {
+            Ok(Some(counts)) => counts,
+            // Unknown, or the backplane is away (its own outage fails what may be lost).
+            Ok(None) | Err(_) => continue,
+        };
+        for (node, n) in nodes.iter().zip(counts) {
+            if n == 0 {
+                if let Some((_, w)) = router.watched.remove(node) {
+                    tracing::debug!(node = %node, "node gone (no subscription); failing what waits on it");
+                    w.gone.cancel();
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Router {
@@ -139,7 +219,31 @@ impl Router {
             served: Default::default(),
             in_flight: Default::default(),
             outage: std::sync::Mutex::new(CancellationToken::new()),
+            watched: DashMap::new(),
+            next_watch: Default::default(),
         })
+    }
+
+    /// Watches node `node` (an owner this node is about to wait on) until the returned
+    /// guard drops; its token fires when [`watch_nodes`] finds the node gone.
+    pub(crate) fn watch(self: &Arc<Router>, node: &str) -> NodeWatch {
+        let mut e = self
+            .watched
+            .entry(node.to_string())
+            .or_insert_with(|| Watched {
+                gone: CancellationToken::new(),
+                waiters: 0,
+                generation: self
+                    .next_watch
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            });
+        e.waiters += 1;
+        NodeWatch {
+            router: self.clone(),
+            node: node.to_string(),
+            generation: e.generation,
+            gone: e.gone.clone(),
+        }
     }
 
     /// The token an exchange starting now holds: it fires when relay frames may have been
@@ -332,12 +436,14 @@ impl Router {
                 },
             }),
         });
-        let answer = match self.backplane.publish(&conn_channel, msg).await {
-            Ok(()) => tokio::time::timeout(OPEN_TIMEOUT, open_rx)
+        let answer = match self.backplane.publish_reaching(&conn_channel, msg).await {
+            // Nobody holds the connection's channel: no owner (gone, or the connection
+            // ended); answer at once rather than after the open timeout.
+            Ok(Some(0)) | Err(_) => None,
+            Ok(_) => tokio::time::timeout(OPEN_TIMEOUT, open_rx)
                 .await
                 .ok()
                 .and_then(Result::ok),
-            Err(_) => None,
         };
         self.pending_opens.remove(&relay);
         match answer {
@@ -421,6 +527,10 @@ impl Landing {
     ) {
         let mut to_owner = self.router.sink(self.relay, &self.owner);
         let mut from_owner = self.router.source(self.relay, self.inbound);
+        // A dead owner closes the socket at once: the client resumes again, which then
+        // fails fast (404), and it starts over and recovers, instead of waiting for its
+        // server timeout on a relay nobody feeds.
+        let owner = self.router.watch(&self.owner);
         if let Some(f) = first {
             if to_owner.send(f, TransferFormat::Binary).await.is_err() {
                 return;
@@ -428,6 +538,10 @@ impl Landing {
         }
         loop {
             tokio::select! {
+                _ = owner.gone().cancelled() => {
+                    ws_sink.close(1011, "").await;
+                    break;
+                }
                 m = ws_src.recv() => match m {
                     Some(Ok(bytes)) => {
                         if to_owner.send(bytes, TransferFormat::Binary).await.is_err() {
