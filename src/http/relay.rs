@@ -18,13 +18,21 @@
 //!    the connection is not there.
 //! 3. The landing node answers the upgrade only after a positive answer: no answer within
 //!    [`OPEN_TIMEOUT`] (owner dead, connection gone) or a refusal is a 404, and the client
-//!    starts over (a new negotiate), as it would against ASP.NET.
+//!    starts over (a new negotiate), as it would against ASP.NET. When the backplane says
+//!    the `Open` reached nobody (Redis's `PUBLISH` reply is 0: no owner), the 404 comes at
+//!    once.
 //! 4. Then bytes flow as `Relay(Data { seq, .. })` on the two node channels. Each direction
 //!    is numbered; a gap (a full dispatch queue dropped one) or a full relay queue closes the
 //!    relay, which the stateful session survives (the client resumes again) rather than
 //!    carrying on with a hole. Either side's end sends `Relay(Close)`.
 //!
 //! Bounds: [`RELAY_QUEUE`] frames per relay direction; pending opens are removed on timeout.
+//!
+//! Liveness: while this node waits on other nodes (the owners of its relays and forwarded
+//! exchanges), [`watch_nodes`] asks the backplane every [`NODE_PROBE`] how many subscribers
+//! their node channels have (one `PUBSUB NUMSUB`); a node with none is gone (its process
+//! died and Redis dropped its subscriptions, or it is away from Redis and its answers would
+//! be lost), and whatever waits on it fails at once instead of after its silence limit.
 //!
 //! The [`Router`] also carries the other cross-node exchanges of the HTTP layer, which share
 //! its relay ids, its node channel and its dispatch: forwarded Server-Sent Events and Long
