@@ -21,9 +21,6 @@ fn is_ci() -> bool {
 }
 
 #[test]
-#[ignore = "fails today: Long Polling and SSE clients lose events after a Redis restart or cut \
-            (forwarded polls and streams ride on Redis pub/sub; see README, Chaos soak); run with \
-            `cargo test --release --test soak_smoke -- --ignored`"]
 fn chaos_soak_smoke_loses_nothing_and_keeps_order() {
     let missing: Vec<&str> = [
         (!soak::procs::have("redis-server")).then_some("redis-server"),

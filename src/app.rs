@@ -326,7 +326,16 @@ impl ServerBuilder {
         for rx in receivers {
             tokio::spawn(dispatch_worker(rx, hub_list.clone(), router.clone()));
         }
-        tokio::spawn(resync_worker(resync, hub_list.clone(), shutdown.clone()));
+        tokio::spawn(resync_worker(
+            resync,
+            hub_list.clone(),
+            router.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(crate::http::relay::watch_nodes(
+            Arc::downgrade(&router),
+            shutdown.clone(),
+        ));
         if let Err(e) = backplane.subscribe(&[router.channel()]).await {
             // As with the hub channels: keep trying in the background (relays to this node
             // fail, and clients start over, until it is active).
@@ -465,17 +474,28 @@ async fn dispatch_worker(
 }
 
 /// Lost backplane messages (dropped by a full dispatch queue, or missed during a
-/// reconnect): the hubs repair the affected users' feeds from history.
+/// reconnect): the hubs repair the affected users' feeds from history, and when relay
+/// frames of this node's channel may be among them, the forwarded requests in flight fail
+/// (`Router::frames_lost`; a lost poll answer or stream frame cannot be repaired).
 async fn resync_worker(
     inbox: Inbox,
     hubs: Arc<Vec<Arc<HubLifetime>>>,
+    router: Arc<crate::http::relay::Router>,
     shutdown: CancellationToken,
 ) {
+    let node_channel = router.channel();
     loop {
         let which = tokio::select! {
             _ = shutdown.cancelled() => return,
             w = inbox.next_resync() => w,
         };
+        let relays_hit = match &which {
+            crate::backplane::Resync::All => true,
+            crate::backplane::Resync::Channels(channels) => channels.contains(&node_channel),
+        };
+        if relays_hit {
+            router.frames_lost();
+        }
         for hub in hubs.iter() {
             hub.resync(&which);
         }

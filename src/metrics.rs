@@ -62,6 +62,12 @@ pub struct Metrics {
     /// Server-Sent Events and Long Polling requests forwarded to the node owning their
     /// connection.
     pub http_forwarded: AtomicU64,
+    /// Forwarded requests the landing node failed because the owner's answer may have
+    /// been lost (backplane outage, a gap, silence): 404 for a poll, a stream cut short.
+    pub http_forwards_failed: AtomicU64,
+    /// Connections ended by their owner because a forwarded poll answer or stream frame of
+    /// theirs may have been lost.
+    pub forwarded_connections_ended: AtomicU64,
     /// Feed events appended to a user's history.
     pub history_appends: AtomicU64,
     /// Redelivered feed events found already appended (not appended again).
@@ -134,6 +140,8 @@ pub static METRICS: Metrics = Metrics {
     stateful_resent: AtomicU64::new(0),
     relays_opened: AtomicU64::new(0),
     http_forwarded: AtomicU64::new(0),
+    http_forwards_failed: AtomicU64::new(0),
+    forwarded_connections_ended: AtomicU64::new(0),
     history_appends: AtomicU64::new(0),
     history_duplicates: AtomicU64::new(0),
     feed_duplicates_dropped: AtomicU64::new(0),
@@ -265,6 +273,18 @@ impl Metrics {
             "feedhub_http_forwarded_total",
             "Server-Sent Events and Long Polling requests forwarded to the owning node (no sticky sessions).",
             &self.http_forwarded,
+        );
+        counter(
+            &mut out,
+            "feedhub_http_forwards_failed_total",
+            "Forwarded requests failed on the landing node because the owner's answer may have been lost (backplane outage, gap, silence).",
+            &self.http_forwards_failed,
+        );
+        counter(
+            &mut out,
+            "feedhub_forwarded_connections_ended_total",
+            "Connections their owner ended because a forwarded poll answer or stream frame may have been lost.",
+            &self.forwarded_connections_ended,
         );
         counter(
             &mut out,

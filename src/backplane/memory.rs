@@ -216,6 +216,27 @@ impl Backplane for MemoryBackplane {
         Ok(())
     }
 
+    async fn publish_reaching(
+        &self,
+        channel: &Channel,
+        message: Arc<BackplaneMessage>,
+    ) -> Result<Option<usize>, BackplaneError> {
+        let n = self.bus.subscriber_count(channel);
+        self.publish(channel, message).await.map(|()| Some(n))
+    }
+
+    async fn subscribers(
+        &self,
+        channels: &[Channel],
+    ) -> Result<Option<Vec<usize>>, BackplaneError> {
+        Ok(Some(
+            channels
+                .iter()
+                .map(|c| self.bus.subscriber_count(c))
+                .collect(),
+        ))
+    }
+
     async fn subscribe(&self, channels: &[Channel]) -> Result<(), BackplaneError> {
         let mut subs = self.bus.lock();
         for ch in channels {

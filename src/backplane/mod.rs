@@ -210,6 +210,29 @@ pub trait Backplane: Send + Sync + 'static {
         message: Arc<BackplaneMessage>,
     ) -> Result<(), BackplaneError>;
 
+    /// Publishes like [`Backplane::publish`] and says how many nodes were subscribed to
+    /// `channel` when it went out, when the backplane can tell (Redis: `PUBLISH`'s reply;
+    /// `None`: unknown). `Some(0)` means nobody got it: a node channel's node is gone, or
+    /// away from the backplane.
+    async fn publish_reaching(
+        &self,
+        channel: &Channel,
+        message: Arc<BackplaneMessage>,
+    ) -> Result<Option<usize>, BackplaneError> {
+        self.publish(channel, message).await.map(|()| None)
+    }
+
+    /// How many nodes are subscribed to each of `channels` right now, when the backplane
+    /// can tell (Redis: `PUBSUB NUMSUB`, one round trip; `None`: unknown). Used to notice
+    /// that a node this one waits on is gone.
+    async fn subscribers(
+        &self,
+        channels: &[Channel],
+    ) -> Result<Option<Vec<usize>>, BackplaneError> {
+        let _ = channels;
+        Ok(None)
+    }
+
     /// Subscribes this node to `channels`. Returns once the subscription is active, so
     /// anything published afterwards arrives.
     async fn subscribe(&self, channels: &[Channel]) -> Result<(), BackplaneError>;

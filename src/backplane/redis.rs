@@ -31,7 +31,8 @@
 //! [`super::redis_history`] on the publishing connection: a batch of appends is one
 //! pipeline (one round trip). After a reconnect the inbox is told to resync
 //! ([`Inbox::resync_all`]): whatever was published while this node was not subscribed is
-//! read back from history by the hubs.
+//! read back from history by the hubs, and the forwarded HTTP exchanges in flight fail
+//! (`http::forward`: a lost poll answer or stream frame cannot be read back).
 //!
 //! Channel names are documented in [`super::channel`]; payloads in [`super::envelope`].
 
@@ -343,6 +344,16 @@ impl Backplane for RedisBackplane {
         channel: &Channel,
         message: Arc<BackplaneMessage>,
     ) -> Result<(), BackplaneError> {
+        self.publish_reaching(channel, message).await.map(|_| ())
+    }
+
+    /// `PUBLISH`'s reply counts the subscribed clients of the one Redis this backplane
+    /// talks to (no Redis Cluster, where it would count one shard's only).
+    async fn publish_reaching(
+        &self,
+        channel: &Channel,
+        message: Arc<BackplaneMessage>,
+    ) -> Result<Option<usize>, BackplaneError> {
         let Some(mut conn) = self.shared.publisher().filter(|_| self.is_ready()) else {
             return Err(BackplaneError::Unavailable("Redis not connected".into()));
         };
@@ -358,9 +369,9 @@ impl Backplane for RedisBackplane {
         )
         .await;
         match result {
-            Ok(Ok(_receivers)) => {
+            Ok(Ok(receivers)) => {
                 inc(&METRICS.backplane_published);
-                Ok(())
+                Ok(Some(usize::try_from(receivers).unwrap_or(0)))
             }
             Ok(Err(e)) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
@@ -374,6 +385,39 @@ impl Backplane for RedisBackplane {
                 self.shared.config.op_timeout
             ))),
         }
+    }
+
+    async fn subscribers(
+        &self,
+        channels: &[Channel],
+    ) -> Result<Option<Vec<usize>>, BackplaneError> {
+        if channels.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let mut conn = self.connection()?;
+        let mut cmd = ::redis::cmd("PUBSUB");
+        cmd.arg("NUMSUB");
+        for ch in channels {
+            cmd.arg(ch.as_str());
+        }
+        let reply = tokio::time::timeout(
+            self.shared.config.op_timeout,
+            cmd.query_async::<Vec<(String, i64)>>(&mut conn),
+        )
+        .await
+        .map_err(|_| BackplaneError::Unavailable("Redis PUBSUB NUMSUB timed out".into()))?
+        .map_err(|e| BackplaneError::Unavailable(format!("Redis PUBSUB NUMSUB: {e}")))?;
+        // The reply lists the channels in the order asked.
+        let counts: Vec<usize> = reply
+            .into_iter()
+            .map(|(_, n)| usize::try_from(n).unwrap_or(0))
+            .collect();
+        if counts.len() != channels.len() {
+            return Err(BackplaneError::Unavailable(
+                "Redis PUBSUB NUMSUB: unexpected reply".into(),
+            ));
+        }
+        Ok(Some(counts))
     }
 
     async fn subscribe(&self, channels: &[Channel]) -> Result<(), BackplaneError> {

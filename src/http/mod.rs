@@ -389,10 +389,10 @@ async fn connect(
         } else {
             Bytes::new()
         };
-        return forward::forward(state, &hub, owner, &parts, body).await;
+        return forward::forward(state, owner, &parts, body).await;
     }
     let body = transports::SendBody::Incoming(body);
-    hub_request(state, hub, &parts, identity, &token, &user, body).await
+    hub_request(state, hub, &parts, identity, &token, &user, body, false).await
 }
 
 /// With `--cors-origin` set, a WebSocket upgrade or SSE request from another origin: 403
@@ -477,7 +477,10 @@ fn user_of(identity: &Identity) -> String {
 }
 
 /// Serves a Server-Sent Events, Long Polling, send or delete request of this node's
-/// connection `token` (arrived here, or forwarded by the node it landed on).
+/// connection `token` (arrived here, or `forwarded` by the node it landed on: a forwarded
+/// poll waits at most [`forward::FORWARDED_POLL_WAIT`] and a forwarded stream keeps alive
+/// every [`forward::FORWARD_KEEPALIVE`], so the landing node can tell a silent owner fast).
+#[allow(clippy::too_many_arguments)]
 async fn hub_request(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
@@ -486,6 +489,7 @@ async fn hub_request(
     token: &str,
     user: &str,
     body: transports::SendBody,
+    forwarded: bool,
 ) -> Response<Body> {
     if parts.method == Method::POST {
         let timeout = body_timeout(&parts.extensions);
@@ -498,39 +502,83 @@ async fn hub_request(
         query: parts.uri.query().unwrap_or("").to_string(),
         headers: owned_headers(&parts.headers),
     };
+    let options = &hub.definition().options;
+    let (poll_wait, keep_alive) = if forwarded {
+        (
+            options.long_poll_timeout.min(forward::FORWARDED_POLL_WAIT),
+            options.sse_keep_alive.min(forward::FORWARD_KEEPALIVE),
+        )
+    } else {
+        (options.long_poll_timeout, options.sse_keep_alive)
+    };
     if transports::accepts_event_stream(&parts.headers) {
-        return transports::server_sent_events(state, hub, token, identity, request);
+        return transports::server_sent_events(state, hub, token, identity, request, keep_alive);
     }
-    transports::long_poll(state, hub, token, identity, request).await
+    transports::long_poll(state, hub, token, identity, request, poll_wait).await
 }
 
-/// Owner side of [`forward`]: serves a request another node forwarded, as [`connect`]
-/// would have had it landed here (authenticated again: nodes trust the token, not each
-/// other's word).
-pub(crate) async fn serve_forwarded(
+/// A forwarded request that passed the checks of [`admit_forwarded`].
+pub(crate) struct Admitted {
+    hub: Arc<HubLifetime>,
+    identity: Identity,
+    token: String,
+    user: String,
+}
+
+impl Admitted {
+    /// The connection the request is for (the token's, or a negotiate v0 id).
+    pub(crate) fn connection(&self, state: &AppState) -> Option<crate::ids::ConnectionId> {
+        transports::connection_of(state, &self.token, &self.user)
+    }
+}
+
+/// Owner side of [`forward`]: checks a request another node forwarded as [`connect`] would
+/// have had it landed here (authenticated again: nodes trust the token, not each other's
+/// word). `Err`: the answer.
+pub(crate) async fn admit_forwarded(
     state: &Arc<AppState>,
-    parts: http::request::Parts,
-    body: Bytes,
-) -> Response<Body> {
+    parts: &http::request::Parts,
+) -> Result<Admitted, Response<Body>> {
     let path = parts.uri.path().trim_end_matches('/');
     let Some(hub) = state.hubs.get(path).cloned() else {
-        return text(StatusCode::NOT_FOUND, "Not Found");
+        return Err(text(StatusCode::NOT_FOUND, "Not Found"));
     };
     prepare_auth(state, &parts.uri, &parts.headers).await;
     let (identity, token) = match admit(state, &hub, &parts.method, &parts.uri, &parts.headers) {
         Ok(admitted) => admitted,
-        Err(r) => return *r,
+        Err(r) => return Err(*r),
     };
     let Some(token) = token else {
-        return text(StatusCode::BAD_REQUEST, "Connection ID required");
+        return Err(text(StatusCode::BAD_REQUEST, "Connection ID required"));
     };
     let user = user_of(&identity);
     if state.tokens.remote_owner(&token, &user).is_some() {
         // Not this node's connection: never forward twice.
-        return transports::not_found();
+        return Err(transports::not_found());
     }
+    Ok(Admitted {
+        hub,
+        identity,
+        token,
+        user,
+    })
+}
+
+/// Owner side of [`forward`]: serves an admitted forwarded request (with its whole body).
+pub(crate) async fn serve_forwarded(
+    state: &Arc<AppState>,
+    admitted: Admitted,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Response<Body> {
+    let Admitted {
+        hub,
+        identity,
+        token,
+        user,
+    } = admitted;
     let body = transports::SendBody::Ready(body);
-    hub_request(state, hub, &parts, identity, &token, &user, body).await
+    hub_request(state, hub, parts, identity, &token, &user, body, true).await
 }
 
 /// A copy of `headers` that owns its bytes. hyper's header values are slices of the

@@ -18,7 +18,9 @@
 //!    the connection is not there.
 //! 3. The landing node answers the upgrade only after a positive answer: no answer within
 //!    [`OPEN_TIMEOUT`] (owner dead, connection gone) or a refusal is a 404, and the client
-//!    starts over (a new negotiate), as it would against ASP.NET.
+//!    starts over (a new negotiate), as it would against ASP.NET. When the backplane says
+//!    the `Open` reached nobody (Redis's `PUBLISH` reply is 0: no owner), the 404 comes at
+//!    once.
 //! 4. Then bytes flow as `Relay(Data { seq, .. })` on the two node channels. Each direction
 //!    is numbered; a gap (a full dispatch queue dropped one) or a full relay queue closes the
 //!    relay, which the stateful session survives (the client resumes again) rather than
@@ -26,10 +28,18 @@
 //!
 //! Bounds: [`RELAY_QUEUE`] frames per relay direction; pending opens are removed on timeout.
 //!
+//! Liveness: while this node waits on other nodes (the owners of its relays and forwarded
+//! exchanges), [`watch_nodes`] asks the backplane every [`NODE_PROBE`] how many subscribers
+//! their node channels have (one `PUBSUB NUMSUB`); a node with none is gone (its process
+//! died and Redis dropped its subscriptions, or it is away from Redis and its answers would
+//! be lost), and whatever waits on it fails at once instead of after its silence limit.
+//!
 //! The [`Router`] also carries the other cross-node exchanges of the HTTP layer, which share
 //! its relay ids, its node channel and its dispatch: forwarded Server-Sent Events and Long
 //! Polling requests (`Request` → `Opened`, `Head`, `Data`…, `Close`) and WebSocket claims
-//! (`Claim` → `Head`), both in `http::forward`.
+//! (`Claim` → `Head`), both in `http::forward`, and the signal that fails the forwarded
+//! exchanges in flight when relay frames may have been lost ([`Router::frames_lost`], called
+//! by the node's resync worker after a backplane outage).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +49,7 @@ use dashmap::DashMap;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::backplane::channel::node_channel;
 use crate::backplane::{
@@ -91,6 +102,90 @@ pub struct Router {
     /// Forwarded exchanges in flight on this node (either side), bounded by
     /// `forward::MAX_FORWARDS`.
     pub(crate) in_flight: std::sync::atomic::AtomicUsize,
+    /// Cancelled, and replaced, when relay frames to or from this node may have been lost
+    /// ([`Router::frames_lost`]): every forwarded exchange in flight holds the token of its
+    /// start and fails when it fires.
+    outage: std::sync::Mutex<CancellationToken>,
+    /// Nodes this node waits on (owners of forwarded exchanges and relays in flight), probed
+    /// for liveness by [`watch_nodes`]: node id → the token fired when it is gone.
+    watched: DashMap<String, Watched>,
+    next_watch: std::sync::atomic::AtomicU64,
+}
+
+/// One watched node.
+#[derive(Debug)]
+struct Watched {
+    gone: CancellationToken,
+    waiters: usize,
+    /// Tells this entry from a later one of the same node (after it was found gone).
+    generation: u64,
+}
+
+/// How often the nodes this node waits on are probed (one `PUBSUB NUMSUB` for all of them,
+/// only while something is in flight).
+pub const NODE_PROBE: Duration = Duration::from_secs(1);
+
+/// Registers interest in a node's liveness while it lives (see [`Router::watch`]).
+pub(crate) struct NodeWatch {
+    router: Arc<Router>,
+    node: String,
+    generation: u64,
+    gone: CancellationToken,
+}
+
+impl NodeWatch {
+    /// Fires when the node was found gone (nobody subscribed to its node channel).
+    pub(crate) fn gone(&self) -> &CancellationToken {
+        &self.gone
+    }
+}
+
+impl Drop for NodeWatch {
+    fn drop(&mut self) {
+        if let dashmap::Entry::Occupied(mut e) = self.router.watched.entry(self.node.clone()) {
+            if e.get().generation == self.generation {
+                e.get_mut().waiters -= 1;
+                if e.get().waiters == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+}
+
+/// Probes, every [`NODE_PROBE`], the nodes `router` waits on: a node nobody is subscribed
+/// for any more (its process died: Redis dropped its subscriptions with its socket) fails
+/// the exchanges and relays waiting on it at once, instead of after their silence limit.
+/// Ends with `shutdown` or the router. Backplanes that cannot count subscribers (`None`)
+/// are not probed.
+pub async fn watch_nodes(router: std::sync::Weak<Router>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(NODE_PROBE) => {}
+        }
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        let nodes: Vec<String> = router.watched.iter().map(|e| e.key().clone()).collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let channels: Vec<Channel> = nodes.iter().map(|n| node_channel(n)).collect();
+        let counts = match router.backplane.subscribers(&channels).await {
+            Ok(Some(counts)) => counts,
+            // Unknown, or the backplane is away (its own outage fails what may be lost).
+            Ok(None) | Err(_) => continue,
+        };
+        for (node, n) in nodes.iter().zip(counts) {
+            if n == 0 {
+                if let Some((_, w)) = router.watched.remove(node) {
+                    tracing::debug!(node = %node, "node gone (no subscription); failing what waits on it");
+                    w.gone.cancel();
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Router {
@@ -131,7 +226,56 @@ impl Router {
             forwarded: Default::default(),
             served: Default::default(),
             in_flight: Default::default(),
+            outage: std::sync::Mutex::new(CancellationToken::new()),
+            watched: DashMap::new(),
+            next_watch: Default::default(),
         })
+    }
+
+    /// Watches node `node` (an owner this node is about to wait on) until the returned
+    /// guard drops; its token fires when [`watch_nodes`] finds the node gone.
+    pub(crate) fn watch(self: &Arc<Router>, node: &str) -> NodeWatch {
+        let mut e = self
+            .watched
+            .entry(node.to_string())
+            .or_insert_with(|| Watched {
+                gone: CancellationToken::new(),
+                waiters: 0,
+                generation: self
+                    .next_watch
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            });
+        e.waiters += 1;
+        NodeWatch {
+            router: self.clone(),
+            node: node.to_string(),
+            generation: e.generation,
+            gone: e.gone.clone(),
+        }
+    }
+
+    /// The token an exchange starting now holds: it fires when relay frames may have been
+    /// lost after this point.
+    pub(crate) fn outage_token(&self) -> CancellationToken {
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Relay frames to or from this node may have been lost: the backplane lost and
+    /// regained its subscriptions (Redis pub/sub does not keep what was published
+    /// meanwhile), or the node's dispatch queue dropped messages of its node channel. Every
+    /// forwarded exchange in flight fails at once (`http::forward`): a waiting poll answers
+    /// 404, a stream ends, and a connection whose poll or stream this node serves for
+    /// another node ends, so the client starts over and recovers instead of carrying on
+    /// past a hole. Exchanges that start afterwards are not affected.
+    pub fn frames_lost(&self) {
+        let old = {
+            let mut g = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *g, CancellationToken::new())
+        };
+        old.cancel();
     }
 
     /// Lets the router serve forwarded requests with `state`'s handlers.
@@ -300,12 +444,14 @@ impl Router {
                 },
             }),
         });
-        let answer = match self.backplane.publish(&conn_channel, msg).await {
-            Ok(()) => tokio::time::timeout(OPEN_TIMEOUT, open_rx)
+        let answer = match self.backplane.publish_reaching(&conn_channel, msg).await {
+            // Nobody holds the connection's channel: no owner (gone, or the connection
+            // ended); answer at once rather than after the open timeout.
+            Ok(Some(0)) | Err(_) => None,
+            Ok(_) => tokio::time::timeout(OPEN_TIMEOUT, open_rx)
                 .await
                 .ok()
                 .and_then(Result::ok),
-            Err(_) => None,
         };
         self.pending_opens.remove(&relay);
         match answer {
@@ -389,6 +535,10 @@ impl Landing {
     ) {
         let mut to_owner = self.router.sink(self.relay, &self.owner);
         let mut from_owner = self.router.source(self.relay, self.inbound);
+        // A dead owner closes the socket at once: the client resumes again, which then
+        // fails fast (404), and it starts over and recovers, instead of waiting for its
+        // server timeout on a relay nobody feeds.
+        let owner = self.router.watch(&self.owner);
         if let Some(f) = first {
             if to_owner.send(f, TransferFormat::Binary).await.is_err() {
                 return;
@@ -396,6 +546,10 @@ impl Landing {
         }
         loop {
             tokio::select! {
+                _ = owner.gone().cancelled() => {
+                    ws_sink.close(1011, "").await;
+                    break;
+                }
                 m = ws_src.recv() => match m {
                     Some(Ok(bytes)) => {
                         if to_owner.send(bytes, TransferFormat::Binary).await.is_err() {
@@ -532,5 +686,33 @@ impl FrameSink for RemoteSink {
             let msg = self.message(RelayKind::Close);
             let _ = self.router.backplane.publish(&self.channel, msg).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::memory::{MemoryBackplane, MemoryBus};
+    use crate::backplane::Inbox;
+
+    #[test]
+    fn lost_frames_fail_the_exchanges_started_before_only() {
+        let (inbox, _rx) = Inbox::new(1, 1);
+        let backplane = Arc::new(MemoryBackplane::new(MemoryBus::new(), "n1", inbox));
+        let router = Router::new("n1".into(), backplane);
+        let (a, b) = (router.outage_token(), router.outage_token());
+        assert!(!a.is_cancelled());
+        router.frames_lost();
+        assert!(
+            a.is_cancelled() && b.is_cancelled(),
+            "every exchange in flight"
+        );
+        let later = router.outage_token();
+        assert!(
+            !later.is_cancelled(),
+            "an exchange starting afterwards is not affected"
+        );
+        router.frames_lost();
+        assert!(later.is_cancelled());
     }
 }

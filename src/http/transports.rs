@@ -283,15 +283,39 @@ fn finish(state: &AppState, conn: &Arc<HttpConnection>, reason: Option<String>) 
     state.connections.remove(conn);
 }
 
-/// `GET` with `Accept: text/event-stream`: opens the SSE stream.
+/// The connection `token` names for `user` on this node, if it is genuine: a v1 token's
+/// id, or a negotiate v0 id.
+pub(crate) fn connection_of(state: &AppState, token: &str, user: &str) -> Option<ConnectionId> {
+    state
+        .tokens
+        .id_of(token, user)
+        .or_else(|| ConnectionId::new(token).ok())
+}
+
+/// Ends connection `id` of this node for good, if it is here: its token is refused from now
+/// on (404), its transport ends and its session closes with `reason`. For a connection
+/// whose poll answer or stream frames may have been lost on the way to the client
+/// (`forward`): carrying on would leave the client a silent gap, ending it makes the
+/// client start over and recover.
+pub(crate) fn end_connection(state: &AppState, id: &ConnectionId, reason: &str) {
+    // Refused first: a poll racing with the end gets a 404, not a fresh connection.
+    state.tokens.mark_ended(id);
+    if let Some(conn) = state.connections.get(id) {
+        tracing::debug!(conn_id = %id, reason, "connection ended");
+        finish(state, &conn, Some(reason.to_string()));
+    }
+}
+
+/// `GET` with `Accept: text/event-stream`: opens the SSE stream, with a comment every
+/// `keep_alive` without an event.
 pub(crate) fn server_sent_events(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
     token: &str,
     identity: Identity,
     request: RequestInfo,
+    keep_alive: Duration,
 ) -> Response<Body> {
-    let keep_alive = hub.definition().options.sse_keep_alive;
     let start = Start {
         hub,
         identity,
@@ -374,15 +398,16 @@ pub fn sse_event(payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// `GET` without upgrade or event-stream: a long poll.
+/// `GET` without upgrade or event-stream: a long poll, answered 200 without messages
+/// after `poll_timeout` (the client polls again).
 pub(crate) async fn long_poll(
     state: &Arc<AppState>,
     hub: Arc<HubLifetime>,
     token: &str,
     identity: Identity,
     request: RequestInfo,
+    poll_timeout: Duration,
 ) -> Response<Body> {
-    let poll_timeout = hub.definition().options.long_poll_timeout;
     let start = Start {
         hub,
         identity,
