@@ -321,6 +321,16 @@ async fn start_env(cfg: &Config, run: &str) -> anyhow::Result<Env> {
             ("FEEDHUB_JWT_SECRET".to_string(), jwt_secret(run)),
             ("FEEDHUB_API_KEY".to_string(), format!("soak-key-{run}")),
             ("FEEDHUB_CHANNEL_PREFIX".to_string(), format!("soak-{run}")),
+            // Behind rr_proxy every client comes from the proxy's address: the per-address
+            // limits belong to the proxy (README, Limits and timeouts).
+            (
+                "FEEDHUB_MAX_CONNECTIONS_PER_ADDRESS".to_string(),
+                "0".to_string(),
+            ),
+            (
+                "FEEDHUB_CONNECT_RATE_PER_ADDRESS".to_string(),
+                "0".to_string(),
+            ),
         ];
         let mut inst = Instance::new(
             i,
