@@ -205,12 +205,18 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
 /// payload`) with `cmsgpack.pack`.
 pub fn feed_head(origin: &str, user: &str) -> Vec<u8> {
     let mut head = Vec::with_capacity(16 + origin.len() + user.len());
-    head.extend_from_slice(&MAGIC);
-    mp::write_array_len(&mut head, 7);
-    mp::write_str(&mut head, origin);
-    mp::write_uint(&mut head, KIND_FEED);
-    mp::write_str(&mut head, user);
+    write_feed_head(&mut head, origin, user);
     head
+}
+
+/// [`feed_head`] into `out` (replacing its contents, reusing its buffer).
+pub fn write_feed_head(out: &mut Vec<u8>, origin: &str, user: &str) {
+    out.clear();
+    out.extend_from_slice(&MAGIC);
+    mp::write_array_len(out, 7);
+    mp::write_str(out, origin);
+    mp::write_uint(out, KIND_FEED);
+    mp::write_str(out, user);
 }
 
 fn write_headers(out: &mut Vec<u8>, headers: &[(String, Bytes)]) {

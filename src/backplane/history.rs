@@ -65,18 +65,53 @@ impl HistoryConfig {
 
     /// The Redis key of `user`'s position (a hash: `e` epoch, `s` top offset).
     pub fn meta_key(&self, user: &str) -> String {
-        format!("{}:{{{user}}}:m", self.key_prefix)
+        let mut key = String::new();
+        self.write_key(&mut key, user, UserKey::Meta);
+        key
     }
 
     /// The Redis key of `user`'s events (a stream; entry id `<offset>-0`).
     pub fn stream_key(&self, user: &str) -> String {
-        format!("{}:{{{user}}}:h", self.key_prefix)
+        let mut key = String::new();
+        self.write_key(&mut key, user, UserKey::Stream);
+        key
+    }
+
+    /// Replaces `out` with one of `user`'s keys (`<key_prefix>:{<user>}:m` or `:h`), reusing
+    /// its buffer.
+    pub(crate) fn write_key(&self, out: &mut String, user: &str, which: UserKey) {
+        out.clear();
+        out.push_str(&self.key_prefix);
+        out.push_str(":{");
+        out.push_str(user);
+        out.push_str(match which {
+            UserKey::Meta => "}:m",
+            UserKey::Stream => "}:h",
+        });
     }
 
     /// The channel an append for `user` publishes on.
     pub fn channel(&self, user: &str) -> super::Channel {
-        super::Channel::new(&format!("{}{user}", self.channel_prefix))
+        let mut name = String::new();
+        self.write_channel(&mut name, user);
+        super::Channel::new(&name)
     }
+
+    /// Replaces `out` with the name of [`HistoryConfig::channel`], reusing its buffer.
+    pub(crate) fn write_channel(&self, out: &mut String, user: &str) {
+        out.clear();
+        out.push_str(&self.channel_prefix);
+        out.push_str(user);
+    }
+}
+
+/// Which of a user's two Redis keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UserKey {
+    /// The position (hash).
+    Meta,
+    /// The events (stream).
+    Stream,
 }
 
 /// One event to append to one user's history (and publish on their channel).

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 
-use super::history::{Appended, FeedAppend, HistoryConfig, HistoryPage};
+use super::history::{Appended, FeedAppend, HistoryConfig, HistoryPage, UserKey};
 use super::{envelope, new_epoch, BackplaneError};
 
 /// The script's text.
@@ -289,11 +289,30 @@ impl<'a> Group<'a> {
         epoch: &str,
         step: &Step<'_>,
     ) -> redis::Cmd {
-        let mut c = redis::cmd("EVALSHA");
-        c.arg(sha)
-            .arg(2 * self.users.len() + usize::from(step.fence.is_some()));
+        let (users, events) = (self.users.len(), self.events.len());
+        let per_user = 2 * cfg.key_prefix.len() + cfg.channel_prefix.len() + origin.len() + 24;
+        let data = 256
+            + self
+                .users
+                .iter()
+                .map(|u| 4 * u.len() + per_user)
+                .sum::<usize>()
+            + self
+                .events
+                .iter()
+                .map(|e| e.payload.len() + e.id.len() + 8)
+                .sum::<usize>();
+        let mut c = redis::Cmd::with_capacity(12 + 4 * users + 3 * events, data);
+        c.arg("EVALSHA")
+            .arg(sha)
+            .arg(2 * users + usize::from(step.fence.is_some()));
+        // One scratch buffer for every key, channel and head (Cmd::arg copies).
+        let mut text = String::with_capacity(64);
         for user in &self.users {
-            c.arg(cfg.meta_key(user)).arg(cfg.stream_key(user));
+            cfg.write_key(&mut text, user, UserKey::Meta);
+            c.arg(text.as_str());
+            cfg.write_key(&mut text, user, UserKey::Stream);
+            c.arg(text.as_str());
         }
         if let Some(fence) = step.fence {
             c.arg(fence);
@@ -303,12 +322,14 @@ impl<'a> Group<'a> {
             .arg(cfg.meta_ttl().as_secs().max(1))
             .arg(cfg.size.max(1))
             .arg(cfg.ttl.as_secs().max(1))
-            .arg(self.users.len())
+            .arg(users)
             .arg(step.step)
             .arg(step.steps);
+        let mut head = Vec::with_capacity(64);
         for user in &self.users {
-            c.arg(cfg.channel(user).as_str())
-                .arg(envelope::feed_head(origin, user));
+            cfg.write_channel(&mut text, user);
+            envelope::write_feed_head(&mut head, origin, user);
+            c.arg(text.as_str()).arg(head.as_slice());
         }
         for (e, u) in self.events.iter().zip(&self.user_of) {
             let u = *u as i64;
