@@ -22,8 +22,8 @@
 --   Otherwise: XADD <offset>-0 (MAXLEN exact), then the position (HSET s), then
 --   PUBLISH channel head .. offset .. epoch .. id .. payload (feedhub's kind-5 envelope;
 --   the four fields MessagePack-encoded here), then the next event. The EXPIREs of a user's
---   two keys are set at the user's first stored event in the call (time stands still
---   inside a script, so once is the same as after every event). XADD comes first: if it
+--   two keys are set at the user's first stored event in the call (a call lasts a few
+--   milliseconds, so once is as good as after every event). XADD comes first: if it
 --   fails, the script stops there and every earlier event is complete (stored, position
 --   moved, published), nothing of this one or later ones happened.
 --   Fence: a batch too large for one call is several calls in one pipeline, chained by

@@ -235,7 +235,7 @@ impl HistoryScript {
 }
 
 /// Most events in one `EVALSHA` of the append script. Bounds the time Redis spends in one
-/// script call (every other client waits meanwhile: about 2 ms for 256 events on an idle
+/// script call (every other client waits meanwhile: about 3 ms for 256 events on an idle
 /// machine) and the size of one command; a larger batch (a big recipients list) becomes
 /// several calls in the same pipeline.
 pub const APPEND_GROUP: usize = 256;
