@@ -20,7 +20,13 @@
 //!   every 64 events (unordered across instances; one instance shown).
 //!
 //! The load average is printed before and after each contender (the machine may be
-//! shared). Queues and exchanges are deleted at the end.
+//! shared). For the contenders that use Redis the line also gives the cost per event, from
+//! Redis's `INFO` before and after the drain (Redis-wide: other clients of the same Redis
+//! count too, so use a Redis of your own for exact figures, `--redis-url`): `EVALSHA` calls
+//! and round trips per batch, bytes received and sent by Redis, and Redis CPU (user + sys);
+//! and this process's CPU per event (feedhub's consumer and lapin; RabbitMQ's own CPU is
+//! not included). Each run's feedhub line says how it compares with the bare consumer of
+//! the same run. Queues and exchanges are deleted at the end.
 
 use std::time::{Duration, Instant};
 
@@ -280,6 +286,98 @@ async fn old(
     Ok(())
 }
 
+/// Redis-wide counters (`INFO stats`, `INFO cpu`, `INFO commandstats`) and this process's
+/// CPU time, to cost a drain per event.
+#[derive(Debug, Clone, Copy, Default)]
+struct Costs {
+    /// Bytes Redis received (`total_net_input_bytes`).
+    redis_in: f64,
+    /// Bytes Redis sent (`total_net_output_bytes`).
+    redis_out: f64,
+    /// Redis CPU seconds (`used_cpu_user + used_cpu_sys`).
+    redis_cpu: f64,
+    /// `EVALSHA` calls.
+    evalsha: f64,
+    /// `PUBLISH` calls (from clients, not from scripts).
+    publish: f64,
+    /// This process's CPU seconds (user + sys).
+    own_cpu: f64,
+}
+
+impl Costs {
+    async fn now(redis: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Costs> {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .arg("cpu")
+            .arg("commandstats")
+            .query_async(redis)
+            .await?;
+        let field = |name: &str| -> f64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        let calls = |cmd: &str| -> f64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+                .and_then(|v| v.split(',').next()?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        Ok(Costs {
+            redis_in: field("total_net_input_bytes"),
+            redis_out: field("total_net_output_bytes"),
+            redis_cpu: field("used_cpu_user") + field("used_cpu_sys"),
+            evalsha: calls("evalsha"),
+            publish: calls("publish"),
+            own_cpu: own_cpu_seconds(),
+        })
+    }
+
+    /// "per event" text for the difference `self - before` over `events` in `batches`.
+    fn per_event(&self, before: &Costs, events: usize, batches: Option<u64>) -> String {
+        let n = events.max(1) as f64;
+        let d = |a: f64, b: f64| (a - b).max(0.0);
+        let mut out = String::new();
+        if let Some(b) = batches {
+            let b = b.max(1) as f64;
+            out.push_str(&format!(
+                "{:.1} EVALSHA and 1 round trip per batch of {:.0}; ",
+                d(self.evalsha, before.evalsha) / b,
+                n / b
+            ));
+        } else if d(self.publish, before.publish) > 0.0 {
+            out.push_str(&format!(
+                "{:.2} PUBLISH per event; ",
+                d(self.publish, before.publish) / n
+            ));
+        }
+        out.push_str(&format!(
+            "per event: Redis got {:.0} B, sent {:.0} B, CPU {:.1} us; this process CPU {:.1} us",
+            d(self.redis_in, before.redis_in) / n,
+            d(self.redis_out, before.redis_out) / n,
+            d(self.redis_cpu, before.redis_cpu) * 1e6 / n,
+            d(self.own_cpu, before.own_cpu) * 1e6 / n,
+        ));
+        out
+    }
+}
+
+/// This process's CPU time (user + system) in seconds, from `/proc/self/stat`.
+fn own_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
 /// A feed server on the Redis backplane (no clients: the drain measures RabbitMQ ->
 /// backplane).
 async fn server(redis_url: &str) -> anyhow::Result<feedhub::app::Server> {
@@ -301,7 +399,12 @@ async fn server(redis_url: &str) -> anyhow::Result<feedhub::app::Server> {
     Ok(server)
 }
 
-async fn run_one(args: &Args, which: &str, conn: &Connection) -> anyhow::Result<(f64, String)> {
+async fn run_one(
+    args: &Args,
+    which: &str,
+    conn: &Connection,
+    redis: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<(f64, String)> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let topo = Topo::new(which);
@@ -310,21 +413,31 @@ async fn run_one(args: &Args, which: &str, conn: &Connection) -> anyhow::Result<
     topo.fill(&ch, args.events, args.users).await?;
     let fill = filled.elapsed();
     let before = loadavg();
-    let result: anyhow::Result<Duration> = async {
+    // The drain's duration, and its costs per event where Redis is involved.
+    let result: anyhow::Result<(Duration, Option<String>)> = async {
         match which {
             "bare" => {
+                let costs = Costs::now(redis).await?;
                 let started = Instant::now();
                 bare(conn, &topo.queue, args.prefetch, args.events).await?;
-                Ok(started.elapsed())
+                let took = started.elapsed();
+                let own = (own_cpu_seconds() - costs.own_cpu) * 1e6 / args.events as f64;
+                Ok((
+                    took,
+                    Some(format!("this process CPU {own:.1} us per event")),
+                ))
             }
             "old" => {
                 let server = server(&args.redis_url).await?;
                 let hub = server
                     .hub(feed::FEED_HUB_PATH)
                     .context("feed hub missing")?;
+                let costs = Costs::now(redis).await?;
                 let started = Instant::now();
                 old(conn, &topo.queue, args.prefetch, args.events, &hub).await?;
-                Ok(started.elapsed())
+                let took = started.elapsed();
+                let after = Costs::now(redis).await?;
+                Ok((took, Some(after.per_event(&costs, args.events, None))))
             }
             "feedhub" => {
                 let server = server(&args.redis_url).await?;
@@ -338,6 +451,13 @@ async fn run_one(args: &Args, which: &str, conn: &Connection) -> anyhow::Result<
                     max_batch: args.batch,
                     ..AmqpConfig::new(args.amqp_url.clone())
                 });
+                let batches = || {
+                    feedhub::ingest::amqp::AMQP_METRICS
+                        .batches
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                };
+                let batches_before = batches();
+                let costs = Costs::now(redis).await?;
                 let started = Instant::now();
                 ingest.start(hub);
                 let deadline = Instant::now() + Duration::from_secs(600);
@@ -350,17 +470,12 @@ async fn run_one(args: &Args, which: &str, conn: &Connection) -> anyhow::Result<
                     );
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                let elapsed = started.elapsed();
+                let took = started.elapsed();
+                let after = Costs::now(redis).await?;
                 ingest.stop().await;
-                let batches = feedhub::ingest::amqp::AMQP_METRICS
-                    .batches
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                eprintln!(
-                    "feedhub: {} batches so far in this process (mean {:.0} events per batch)",
-                    batches,
-                    ingest.acked() as f64 / batches.max(1) as f64
-                );
-                Ok(elapsed)
+                let per_event =
+                    after.per_event(&costs, args.events, Some(batches() - batches_before));
+                Ok((took, Some(per_event)))
             }
             other => anyhow::bail!("unknown contender {other:?} (bare, feedhub, old)"),
         }
@@ -369,12 +484,13 @@ async fn run_one(args: &Args, which: &str, conn: &Connection) -> anyhow::Result<
     let after = loadavg();
     topo.delete(&ch).await;
     let _ = ch.close(200, "done").await;
-    let took = result?;
+    let (took, costs) = result?;
     let rate = args.events as f64 / took.as_secs_f64();
+    let costs = costs.map(|c| format!("\n         {c}")).unwrap_or_default();
     Ok((
         rate,
         format!(
-            "{which:<8} {rate:>9.0} events/s  ({} events in {took:.2?}; queue filled in {fill:.1?}; loadavg before {before}, after {after})",
+            "{which:<8} {rate:>9.0} events/s  ({} events in {took:.2?}; queue filled in {fill:.1?}; loadavg before {before}, after {after}){costs}",
             args.events
         ),
     ))
@@ -392,19 +508,47 @@ async fn main() -> anyhow::Result<()> {
         args.batch,
         loadavg()
     );
+    let mut redis = redis::Client::open(args.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+        .context("Redis")?;
     let mut rates: Vec<(String, Vec<f64>)> =
         args.only.iter().map(|w| (w.clone(), vec![])).collect();
     for run in 0..args.runs {
+        let mut bare_rate = None;
         for (which, list) in rates.iter_mut() {
-            let (rate, line) = run_one(&args, which, &conn).await?;
+            let (rate, line) = run_one(&args, which, &conn, &mut redis).await?;
             println!("run {run}: {line}");
+            match (which.as_str(), bare_rate) {
+                ("bare", _) => bare_rate = Some(rate),
+                (_, Some(bare)) => println!(
+                    "run {run}: {which} drained at {:.0}% of the bare consumer's rate in this run",
+                    rate * 100.0 / bare
+                ),
+                _ => {}
+            }
             list.push(rate);
         }
     }
-    println!("summary (median events/s):");
-    for (which, mut list) in rates {
-        list.sort_by(|a, b| a.total_cmp(b));
-        println!("  {which:<8} {:>9.0}", list[list.len() / 2]);
+    println!("summary (median events/s, loadavg {}):", loadavg());
+    let medians: Vec<(String, f64)> = rates
+        .into_iter()
+        .map(|(which, mut list)| {
+            list.sort_by(|a, b| a.total_cmp(b));
+            (which, list.get(list.len() / 2).copied().unwrap_or(0.0))
+        })
+        .collect();
+    let bare = medians.iter().find(|(w, _)| w == "bare").map(|m| m.1);
+    for (which, median) in &medians {
+        match bare {
+            Some(b) if which != "bare" && b > 0.0 => {
+                println!(
+                    "  {which:<8} {median:>9.0}  ({:.0}% of bare)",
+                    median * 100.0 / b
+                )
+            }
+            _ => println!("  {which:<8} {median:>9.0}"),
+        }
     }
     let _ = conn.close(200, "done").await;
     Ok(())

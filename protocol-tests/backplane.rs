@@ -452,6 +452,58 @@ async fn history_lost_gets_a_new_epoch(mut c: Cluster) {
     assert_eq!((next[0].offset, &next[0].epoch), (1, &page.epoch));
 }
 
+/// A batch larger than one Redis script call (several calls chained in one pipeline)
+/// keeps every user's order and contiguous offsets, is published in that order, and finds
+/// a redelivery of an event appended earlier in the same batch.
+async fn history_large_batch_keeps_order(c: Cluster) {
+    let (a, mut rx) =
+        side_backplane(&c, &format!("{}-a", c.prefix), history_config(&c, 1000)).await;
+    let users = [c.user("u"), c.user("v"), c.user("w")];
+    let subscribed: Vec<Channel> = users[..2]
+        .iter()
+        .map(|u| Channel::new(&format!("feed-{u}")))
+        .collect();
+    a.subscribe(&subscribed).await.expect("subscribe");
+    let mut batch: Vec<FeedAppend> = (0..700)
+        .map(|i| {
+            let id = format!("e{i}");
+            append(&users[i % 3], &id, &format!(r#"{{"i":{i}}}"#), false)
+        })
+        .collect();
+    // Event 0 (u's first) again, redelivered, in a later script call of the same batch.
+    batch.insert(650, append(&users[0], "e0", r#"{"i":0}"#, true));
+    let done = a.append(&batch).await.expect("append");
+    assert_eq!(done.len(), batch.len());
+    let mut next = [1u64; 3];
+    for (i, (e, d)) in batch.iter().zip(&done).enumerate() {
+        let k = users.iter().position(|u| *u == e.user).expect("user");
+        if i == 650 {
+            assert_eq!((d.offset, d.duplicate), (1, true), "found, not appended");
+            continue;
+        }
+        assert_eq!((d.offset, d.duplicate), (next[k], false), "event {i}");
+        assert_eq!(d.epoch, done[k].epoch, "one epoch per user");
+        next[k] += 1;
+    }
+    // Published in order, each user's offsets 1, 2, 3, ...
+    let want = batch.len() - 1 - 233; // w is not subscribed; the duplicate is not published
+    let mut seen = [0u64; 2];
+    for _ in 0..want {
+        let d = within("feed message", rx.recv()).await.expect("inbox open");
+        let BackplanePayload::Feed(f) = &d.message.payload else {
+            panic!("not a feed message");
+        };
+        let k = users.iter().position(|u| *u == f.user).expect("user");
+        assert_eq!(f.offset, seen[k] + 1, "{}'s order", f.user);
+        seen[k] = f.offset;
+    }
+    assert_eq!(seen, [234, 233]);
+    assert!(tokio::time::timeout(QUIET, rx.recv()).await.is_err());
+    let page = a.history(&users[2], Some(0), 1000).await.expect("read w");
+    assert!(page.complete);
+    assert_eq!(page.events.len(), 233);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -488,4 +540,139 @@ conformance!(
     history_is_trimmed_to_its_size,
     history_redelivery_is_deduplicated,
     history_lost_gets_a_new_epoch,
+    history_large_batch_keeps_order,
 );
+
+/// Redis: a script call that fails keeps the events before the failure complete and stops
+/// the rest of its batch: the later calls of the same pipeline change nothing (the fence),
+/// so no event overtakes one that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failed_call_is_not_overtaken_by_its_batch() {
+    let Some(mut c) = cluster::redis_cluster(1, "fence").await else {
+        return;
+    };
+    let cfg = history_config(&c, 1000);
+    let (a, mut rx) = side_backplane(&c, &format!("{}-a", c.prefix), cfg.clone()).await;
+    let (bad, v) = (c.user("bad"), c.user("v"));
+    a.subscribe(&[Channel::new(&format!("feed-{v}"))])
+        .await
+        .expect("subscribe");
+    // bad has a position, but its events key is not a stream: its XADD fails (WRONGTYPE).
+    let conn = c.inspect.as_mut().expect("inspection connection");
+    let _: () = within(
+        "HSET",
+        ::redis::cmd("HSET")
+            .arg(cfg.meta_key(&bad))
+            .arg("e")
+            .arg("x")
+            .arg("s")
+            .arg(0)
+            .query_async(&mut *conn),
+    )
+    .await
+    .expect("HSET");
+    let _: () = within(
+        "SET",
+        ::redis::cmd("SET")
+            .arg(cfg.stream_key(&bad))
+            .arg("not a stream")
+            .query_async(&mut *conn),
+    )
+    .await
+    .expect("SET");
+    // v x10, bad, v x290: the first script call fails at bad, the second is fenced.
+    let mut batch: Vec<FeedAppend> = (0..10)
+        .map(|i| append(&v, &format!("v{i}"), &format!(r#"{{"i":{i}}}"#), false))
+        .collect();
+    batch.push(append(&bad, "b", "{}", false));
+    batch
+        .extend((10..300).map(|i| append(&v, &format!("v{i}"), &format!(r#"{{"i":{i}}}"#), false)));
+    let err = a.append(&batch).await.expect_err("bad's append fails");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    for want in 1..=10 {
+        assert_eq!(next_feed(&mut rx).await.0, want, "the events before bad");
+    }
+    assert!(
+        tokio::time::timeout(QUIET, rx.recv()).await.is_err(),
+        "nothing after bad was published"
+    );
+    let page = a.history(&v, Some(0), 1000).await.expect("read v");
+    assert_eq!(
+        (page.offset, page.events.len()),
+        (10, 10),
+        "nothing after bad"
+    );
+    let _: () = within(
+        "DEL",
+        ::redis::cmd("DEL")
+            .arg(cfg.meta_key(&bad))
+            .arg(cfg.stream_key(&bad))
+            .query_async(&mut *conn),
+    )
+    .await
+    .expect("DEL");
+}
+
+/// Redis: an emptied script cache (`SCRIPT FLUSH`: NOSCRIPT replies on the same
+/// connection) and a restarted Redis (a new connection) both load the script again; a
+/// batch of several script calls is appended completely and in order after the flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_script_is_loaded_again() {
+    let Some(mut redis) = cluster::PrivateRedis::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let (inbox, _rxs) = Inbox::new(1, 1024);
+    let mut cfg = RedisConfig::from_url(&url).expect("redis url");
+    cfg.backoff_max = Duration::from_millis(100);
+    cfg.history = HistoryConfig {
+        size: 1000,
+        key_prefix: "reload".to_string(),
+        ..HistoryConfig::default()
+    };
+    let bp = RedisBackplane::new(cfg, "reload-node", inbox);
+    assert!(bp.wait_ready(Duration::from_secs(10)).await, "Redis");
+    let one = |id: &str| append("u", id, "{}", false);
+    assert_eq!(
+        bp.append(&[one("first")]).await.expect("append")[0].offset,
+        1
+    );
+
+    let mut conn = cluster::redis_url_conn(&url).await;
+    let flush = || ::redis::cmd("SCRIPT").arg("FLUSH").to_owned();
+    let _: () = within("SCRIPT FLUSH", flush().query_async(&mut conn))
+        .await
+        .expect("flush");
+    let batch: Vec<FeedAppend> = (0..600).map(|i| one(&format!("e{i}"))).collect();
+    let done = bp.append(&batch).await.expect("append after SCRIPT FLUSH");
+    assert_eq!(
+        done.iter().map(|d| d.offset).collect::<Vec<_>>(),
+        (2..=601).collect::<Vec<_>>()
+    );
+    let _: () = within("SCRIPT FLUSH", flush().query_async(&mut conn))
+        .await
+        .expect("flush");
+    let page = bp
+        .history("u", Some(591), 100)
+        .await
+        .expect("read after flush");
+    assert_eq!(
+        (page.offset, page.events.len(), page.complete),
+        (601, 10, true)
+    );
+
+    // Restarted without persistence: a new connection loads the script; a new epoch.
+    redis.restart().await;
+    let started = std::time::Instant::now();
+    let again = loop {
+        match bp.append(&[one("after restart")]).await {
+            Ok(done) => break done,
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(again[0].offset, 1);
+    assert_ne!(again[0].epoch, done[0].epoch);
+}

@@ -20,9 +20,10 @@
 //! | 5 feed | `user: str`, `offset: uint`, `epoch: str`, `id: str` (empty: none), `payload: str` (JSON text, without the offset) |
 //!
 //! Kind 5 is written by the history script inside Redis (`history.lua`), which knows the
-//! offset and epoch only when it runs: [`feed_parts`] gives the bytes before and after
-//! those two fields, and the script joins `head .. offset .. epoch .. tail` (with
-//! `cmsgpack.pack` for the two), so Rust and Lua produce the same bytes as [`encode`].
+//! offset and epoch only when it runs: [`feed_head`] gives the bytes before those fields
+//! (the same for all of one user's events), and the script joins
+//! `head .. cmsgpack.pack(offset, epoch, id, payload)`, so Rust and Lua produce the same
+//! bytes as [`encode`] (the id and payload travel to Redis once, as script arguments).
 //!
 //! An argument keeps its original encoding: `enc` 0 is followed by a `str` holding JSON
 //! text, `enc` 1 by the MessagePack value itself (inline, sliced out without copying on
@@ -129,11 +130,11 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
             }
         }
         BackplanePayload::Feed(feed) => {
-            let (head, tail) = feed_parts(&msg.origin, &feed.user, &feed.id, &feed.payload)?;
-            out = head;
+            out = feed_head(&msg.origin, &feed.user);
             mp::write_uint(&mut out, feed.offset);
             mp::write_str(&mut out, &feed.epoch);
-            out.extend_from_slice(&tail);
+            mp::write_str(&mut out, &feed.id);
+            write_json_str(&mut out, &feed.payload)?;
         }
         BackplanePayload::Relay(RelayFrame { relay, kind }) => {
             let (sub, n) = match kind {
@@ -199,25 +200,23 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
     Ok(out)
 }
 
-/// The bytes of a kind-5 (feed) envelope before its `offset` and after its `epoch`:
-/// `MAGIC, [origin, 5, user,` and `id, payload]`. The history script in Redis fills in the
-/// two fields it assigns.
-pub fn feed_parts(
-    origin: &str,
-    user: &str,
-    id: &str,
-    payload: &[u8],
-) -> Result<(Vec<u8>, Vec<u8>), EnvelopeError> {
+/// The bytes of a kind-5 (feed) envelope before its `offset`: `MAGIC, [origin, 5, user,`.
+/// The history script in Redis appends the four fields it knows (`offset, epoch, id,
+/// payload`) with `cmsgpack.pack`.
+pub fn feed_head(origin: &str, user: &str) -> Vec<u8> {
     let mut head = Vec::with_capacity(16 + origin.len() + user.len());
-    head.extend_from_slice(&MAGIC);
-    mp::write_array_len(&mut head, 7);
-    mp::write_str(&mut head, origin);
-    mp::write_uint(&mut head, KIND_FEED);
-    mp::write_str(&mut head, user);
-    let mut tail = Vec::with_capacity(8 + id.len() + payload.len());
-    mp::write_str(&mut tail, id);
-    write_json_str(&mut tail, payload)?;
-    Ok((head, tail))
+    write_feed_head(&mut head, origin, user);
+    head
+}
+
+/// [`feed_head`] into `out` (replacing its contents, reusing its buffer).
+pub fn write_feed_head(out: &mut Vec<u8>, origin: &str, user: &str) {
+    out.clear();
+    out.extend_from_slice(&MAGIC);
+    mp::write_array_len(out, 7);
+    mp::write_str(out, origin);
+    mp::write_uint(out, KIND_FEED);
+    mp::write_str(out, user);
 }
 
 fn write_headers(out: &mut Vec<u8>, headers: &[(String, Bytes)]) {
@@ -577,13 +576,14 @@ mod tests {
             payload: BackplanePayload::Feed(feed.clone()),
         };
         let bytes = encode(&msg).unwrap();
-        // What the Lua script builds: head .. cmsgpack.pack(offset) .. cmsgpack.pack(epoch) .. tail.
-        let (head, tail) = feed_parts("node-a", "42", "e-1", &feed.payload).unwrap();
-        let mut joined = head;
+        // What the Lua script builds: head .. cmsgpack.pack(offset, epoch, id, payload).
+        let mut joined = feed_head("node-a", "42");
         joined.extend_from_slice(&[0xce, 0x00, 0x01, 0x11, 0x70]);
         joined.push(0xa0 | 16);
         joined.extend_from_slice(b"00ab12cd34ef5678");
-        joined.extend_from_slice(&tail);
+        joined.extend_from_slice(&[0xa3, b'e', b'-', b'1']);
+        joined.push(0xa0 | 24);
+        joined.extend_from_slice(&feed.payload);
         assert_eq!(bytes, joined);
         let back = decode(Bytes::from(bytes)).unwrap();
         assert_eq!(back.origin, "node-a");

@@ -65,18 +65,53 @@ impl HistoryConfig {
 
     /// The Redis key of `user`'s position (a hash: `e` epoch, `s` top offset).
     pub fn meta_key(&self, user: &str) -> String {
-        format!("{}:{{{user}}}:m", self.key_prefix)
+        let mut key = String::new();
+        self.write_key(&mut key, user, UserKey::Meta);
+        key
     }
 
     /// The Redis key of `user`'s events (a stream; entry id `<offset>-0`).
     pub fn stream_key(&self, user: &str) -> String {
-        format!("{}:{{{user}}}:h", self.key_prefix)
+        let mut key = String::new();
+        self.write_key(&mut key, user, UserKey::Stream);
+        key
+    }
+
+    /// Replaces `out` with one of `user`'s keys (`<key_prefix>:{<user>}:m` or `:h`), reusing
+    /// its buffer.
+    pub(crate) fn write_key(&self, out: &mut String, user: &str, which: UserKey) {
+        out.clear();
+        out.push_str(&self.key_prefix);
+        out.push_str(":{");
+        out.push_str(user);
+        out.push_str(match which {
+            UserKey::Meta => "}:m",
+            UserKey::Stream => "}:h",
+        });
     }
 
     /// The channel an append for `user` publishes on.
     pub fn channel(&self, user: &str) -> super::Channel {
-        super::Channel::new(&format!("{}{user}", self.channel_prefix))
+        let mut name = String::new();
+        self.write_channel(&mut name, user);
+        super::Channel::new(&name)
     }
+
+    /// Replaces `out` with the name of [`HistoryConfig::channel`], reusing its buffer.
+    pub(crate) fn write_channel(&self, out: &mut String, user: &str) {
+        out.clear();
+        out.push_str(&self.channel_prefix);
+        out.push_str(user);
+    }
+}
+
+/// Which of a user's two Redis keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UserKey {
+    /// The position (hash).
+    Meta,
+    /// The events (stream).
+    Stream,
 }
 
 /// One event to append to one user's history (and publish on their channel).
@@ -163,17 +198,91 @@ pub fn splice_offset(payload: &[u8], offset: u64) -> Option<Bytes> {
 /// Whether a JSON object payload has a top-level `offset` member (reserved by feedhub:
 /// such events are refused at ingest). Non-objects and invalid JSON: false.
 pub fn has_reserved_offset(payload: &[u8]) -> bool {
-    let text = match std::str::from_utf8(payload) {
-        Ok(t) => t.trim_start(),
-        Err(_) => return false,
-    };
-    if !text.starts_with('{') {
-        return false;
+    std::str::from_utf8(payload)
+        .ok()
+        .and_then(object_members)
+        .is_some_and(|m| m.offset)
+}
+
+/// What [`object_members`] found at the top level of a JSON object.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Members {
+    /// The object has at least one member.
+    pub any: bool,
+    /// It has an `id` member.
+    pub id: bool,
+    /// It has an `offset` member.
+    pub offset: bool,
+}
+
+/// The top-level members of `text` that feedhub cares about, when `text` is a JSON object
+/// (leading and trailing whitespace allowed); `None` when it is not an object or not valid
+/// JSON. One pass, nothing allocated: keys are compared as they are read (escapes
+/// decoded), values are skipped as raw JSON, without serde_json's recursion limit (the
+/// ingest bounds the depth itself).
+pub fn object_members(text: &str) -> Option<Members> {
+    if !text.trim_start().starts_with('{') {
+        return None;
     }
-    serde_json::from_str::<
-        std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>,
-    >(text)
-    .is_ok_and(|keys| keys.contains_key("offset"))
+    serde_json::from_str::<MembersOf>(text).ok().map(|m| m.0)
+}
+
+struct MembersOf(Members);
+
+/// A top-level key, as far as feedhub cares.
+enum Key {
+    Id,
+    Offset,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<Key, E> {
+                Ok(match k {
+                    "id" => Key::Id,
+                    "offset" => Key::Offset,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MembersOf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MembersOf, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MembersOf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<MembersOf, A::Error> {
+                let mut m = Members::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    m.any = true;
+                    match key {
+                        Key::Id => m.id = true,
+                        Key::Offset => m.offset = true,
+                        Key::Other => {}
+                    }
+                    map.next_value::<&'de serde_json::value::RawValue>()?;
+                }
+                Ok(MembersOf(m))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +325,42 @@ mod tests {
         assert!(!has_reserved_offset(br#"{"a":{"offset":1}}"#));
         assert!(!has_reserved_offset(br#"[{"offset":1}]"#));
         assert!(!has_reserved_offset(b"{oops"));
+        assert!(!has_reserved_offset(br#"{"offset":1} x"#));
+        // Values are skipped without a recursion limit: a deep value does not hide it.
+        let deep = format!(
+            r#"{{"a":{}{},"offset":1}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(has_reserved_offset(deep.as_bytes()));
+    }
+
+    #[test]
+    fn object_members_are_found_in_one_pass() {
+        let m = |t: &str| object_members(t);
+        let members = |any, id, offset| Some(Members { any, id, offset });
+        assert_eq!(m(" {} "), members(false, false, false));
+        assert_eq!(
+            m(r#"{"a":{"id":1},"b":[{"offset":2}]}"#),
+            members(true, false, false)
+        );
+        assert_eq!(
+            m(r#"{"\u0069d":1,"offset":null}"#),
+            members(true, true, true)
+        );
+        assert_eq!(m(r#"{"id":1,"id":2}"#), members(true, true, false));
+        for not in [
+            "[1]",
+            "1",
+            "\"{}\"",
+            "{",
+            "{\"a\"}",
+            "{\"a\":1,}",
+            "{} {}",
+            "",
+        ] {
+            assert_eq!(m(not), None, "{not}");
+        }
     }
 
     #[test]

@@ -245,12 +245,12 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Appends each event to its user's history and publishes it on the user's channel
     /// ([`HistoryConfig::channel`]) as a [`BackplanePayload::Feed`], in slice order,
-    /// atomically per event (Redis: one EVALSHA of a Lua script per event, all pipelined on
-    /// one connection: one round trip per batch). Per-user order is slice order. A
-    /// redelivered event found among the user's newest events is not appended or published
-    /// again (`duplicate`). On error some events of the batch may have been appended: the
-    /// caller retries the whole batch marked redelivered (events with an id are then found
-    /// instead of appended twice).
+    /// atomically per event (Redis: one EVALSHA of a Lua script per up to 256 events, all
+    /// pipelined on one connection: one round trip per batch). Per-user order is slice
+    /// order. A redelivered event found among the user's newest events is not appended or
+    /// published again (`duplicate`). On error a prefix of the batch may have been appended
+    /// (never an event after one that failed): the caller retries the whole batch marked
+    /// redelivered (events with an id are then found instead of appended twice).
     async fn append(&self, batch: &[FeedAppend]) -> Result<Vec<Appended>, BackplaneError>;
 
     /// Events of `user` after offset `since` (oldest first, at most `limit`; `None`: the

@@ -29,7 +29,7 @@
 //!
 //! Feed history ([`Backplane::append`], [`Backplane::history`]) runs the Lua script of
 //! [`super::redis_history`] on the publishing connection: a batch of appends is one
-//! pipeline (one round trip). After a reconnect the inbox is told to resync
+//! script call per up to 256 events, in one pipeline (one round trip). After a reconnect the inbox is told to resync
 //! ([`Inbox::resync_all`]): whatever was published while this node was not subscribed is
 //! read back from history by the hubs, and the forwarded HTTP exchanges in flight fail
 //! (`http::forward`: a lost poll answer or stream frame cannot be read back).

@@ -1,19 +1,34 @@
 //! The Redis side of the feed history: the Lua script `history.lua` (loaded once per
 //! connection with `SCRIPT LOAD`, run with `EVALSHA`; a `NOSCRIPT` reply, after a Redis
-//! restart or `SCRIPT FLUSH`, loads it again and retries the events that failed), and the
-//! decoding of its replies.
+//! restart or `SCRIPT FLUSH`, loads it again and retries the script calls that failed), and
+//! the decoding of its replies.
 //!
-//! Cost per appended event: one `EVALSHA` (seven commands inside: HGET, XADD with exact
-//! MAXLEN, HSET, two EXPIREs, PUBLISH; plus an XREVRANGE of up to 512 entries for a
-//! redelivery); a batch of events is one pipeline, so **one round trip per batch**. Bytes
-//! sent per event: the payload twice (stored, and inside the published envelope) plus the
-//! keys, channel and about 60 bytes of arguments.
+//! Cost: a batch of appends is one `EVALSHA` per group of up to [`APPEND_GROUP`] events
+//! (the ingest's batches, 256 by default, are one call), all groups pipelined: **one round
+//! trip per batch**. Inside, per distinct user of the call: one HMGET of the position and
+//! two EXPIREs; per event: XADD with exact MAXLEN, HSET of the top offset, PUBLISH (plus
+//! an XREVRANGE of up to 512 entries for a redelivery). Bytes sent per event: the payload
+//! once, the event id, and about 20 bytes of framing and user index; per distinct user of
+//! the call: its two keys, channel and envelope head (about 110 bytes with the default
+//! prefixes). Reply: per event one integer (`:<offset>`), per user its epoch. Measured
+//! (README, "Cost per event (Redis)"): Redis spends most of an event's time in the six
+//! commands and the exact trim, not in the per-call overhead batching removed.
 //!
-//! A known limit: if the script cache is emptied in the middle of a pipeline *and* another
-//! node loads the script again before the pipeline ends, events after the gap may be
-//! appended before the failed ones are retried (their offsets still follow the order in
-//! which they were stored and published).
+//! **Order across the calls of one batch.** Calls after the first are chained by a fence
+//! key (see `history.lua`): a call runs only if the one before it ran to its end, else it
+//! answers `FENCED` and changes nothing. So when a call fails (a Redis error, or `NOSCRIPT`
+//! because the script cache was emptied, even if another node loads the script again before
+//! the rest of the pipeline runs), nothing after it is stored or published; after a
+//! `NOSCRIPT` the calls from the first one that did not run are sent again, in order.
+//!
+//! **Redis Cluster.** One call touches the keys of many users, which standalone Redis (what
+//! the backplane connects to) allows. A cluster refuses keys of several hash slots in one
+//! script (`CROSSSLOT`): a cluster deployment would need the groups built per hash slot
+//! (the `{<user>}` hash tag keeps each user's two keys in one slot, so a user's events stay
+//! in one group sequence and keep their order), with a fence per slot, at the price of
+//! more, smaller calls.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +37,7 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 
-use super::history::{Appended, FeedAppend, HistoryConfig, HistoryPage};
+use super::history::{Appended, FeedAppend, HistoryConfig, HistoryPage, UserKey};
 use super::{envelope, new_epoch, BackplaneError};
 
 /// The script's text.
@@ -42,6 +57,11 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BackplaneError {
 
 fn is_noscript(v: &Value) -> bool {
     matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
+/// The script's answer when an earlier call of the same batch did not run to its end.
+fn is_fenced(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if e.code() == "FENCED")
 }
 
 impl HistoryScript {
@@ -98,12 +118,12 @@ impl HistoryScript {
     /// connection failure (the multiplexed connection drops the late replies).
     async fn run(
         conn: &mut MultiplexedConnection,
-        cmds: &[redis::Cmd],
+        cmds: Vec<redis::Cmd>,
         timeout: Duration,
     ) -> Result<Vec<Value>, Failure> {
         let mut pipe = redis::pipe();
         for c in cmds {
-            pipe.add_command(c.clone());
+            pipe.add_command(c);
         }
         pipe.ignore_errors();
         match tokio::time::timeout(timeout, pipe.query_async::<Vec<Value>>(conn)).await {
@@ -115,7 +135,8 @@ impl HistoryScript {
         }
     }
 
-    /// Appends (and publishes) `batch` in order: one pipeline of EVALSHAs.
+    /// Appends (and publishes) `batch` in order: one EVALSHA per group of up to
+    /// [`APPEND_GROUP`] events, all groups in one pipeline.
     pub(super) async fn append(
         &self,
         conn: &mut MultiplexedConnection,
@@ -127,62 +148,55 @@ impl HistoryScript {
         self.ensure_loaded(conn, timeout).await?;
         let sha = self.sha();
         let epoch = new_epoch();
-        let meta_ttl = cfg.meta_ttl().as_secs().max(1);
-        let ttl = cfg.ttl.as_secs().max(1);
-        let mut cmds = Vec::with_capacity(batch.len());
-        for e in batch {
-            let (head, tail) = envelope::feed_parts(origin, &e.user, &e.id, &e.payload)
-                .map_err(|err| Failure::Refused(BackplaneError::Encode(err.to_string())))?;
-            let mut c = redis::cmd("EVALSHA");
-            c.arg(&sha)
-                .arg(2)
-                .arg(cfg.meta_key(&e.user))
-                .arg(cfg.stream_key(&e.user))
-                .arg("a")
-                .arg(&*epoch)
-                .arg(meta_ttl)
-                .arg(cfg.size.max(1))
-                .arg(ttl)
-                .arg(&e.id)
-                .arg(if e.redelivered { "1" } else { "0" })
-                .arg(&e.payload[..])
-                .arg(cfg.channel(&e.user).as_str())
-                .arg(head)
-                .arg(tail);
-            cmds.push(c);
-        }
-        let mut replies = Self::run(conn, &cmds, timeout).await?;
-        let mut out: Vec<Option<Appended>> = vec![None; batch.len()];
-        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        let groups: Vec<Group<'_>> = batch
+            .chunks(APPEND_GROUP)
+            .map(Group::new)
+            .collect::<Result<_, _>>()
+            .map_err(Failure::Refused)?;
+        let mut done = Vec::with_capacity(batch.len());
+        // Groups before `next` are appended. A retry starts at the first group that did
+        // not run (NOSCRIPT, or FENCED behind one that did not run), in a new chain.
+        let mut next = 0;
         for attempt in 0..2 {
-            let mut noscript = Vec::new();
-            for (i, reply) in pending.iter().zip(&replies) {
-                if is_noscript(reply) {
-                    noscript.push(*i);
-                } else if let Some(slot) = out.get_mut(*i) {
-                    *slot = Some(parse_appended(reply)?);
-                }
+            let rest = groups.get(next..).unwrap_or_default();
+            let fence = (rest.len() > 1)
+                .then(|| format!("{}:append:{:016x}", cfg.key_prefix, rand::random::<u64>()));
+            let cmds = rest.iter().enumerate().map(|(k, g)| {
+                let step = Step {
+                    fence: fence.as_deref(),
+                    step: k + 1,
+                    steps: rest.len(),
+                };
+                g.command(&sha, cfg, origin, &epoch, &step)
+            });
+            let replies = Self::run(conn, cmds.collect(), timeout).await?;
+            if replies.len() != rest.len() {
+                return Err(Failure::Refused(bad("pipeline reply length")));
             }
-            if noscript.is_empty() {
-                break;
+            let mut rerun = false;
+            for (g, reply) in rest.iter().zip(&replies) {
+                if is_noscript(reply) || is_fenced(reply) {
+                    rerun = true;
+                    break;
+                }
+                done.extend(g.parse(reply)?);
+                next += 1;
+            }
+            if !rerun {
+                return Ok(done);
             }
             if attempt == 1 {
                 return Err(Failure::Refused(unavailable(
                     "EVALSHA",
-                    "NOSCRIPT right after SCRIPT LOAD",
+                    "NOSCRIPT (or FENCED) right after SCRIPT LOAD",
                 )));
             }
             // The script cache was emptied (Redis restarted, SCRIPT FLUSH): load it and
-            // retry the events that failed, in order.
+            // retry the groups that did not run, in order.
             self.reset();
             self.load(conn, timeout).await?;
-            let retry: Vec<redis::Cmd> = noscript.iter().map(|i| cmds[*i].clone()).collect();
-            replies = Self::run(conn, &retry, timeout).await?;
-            pending = noscript;
         }
-        out.into_iter()
-            .map(|a| a.ok_or_else(|| Failure::Refused(bad("missing append reply"))))
-            .collect()
+        Err(Failure::Refused(bad("append retries exhausted")))
     }
 
     /// Reads `user`'s events after `since` (`None`: the newest), at most `limit`.
@@ -206,17 +220,162 @@ impl HistoryScript {
             .arg(cfg.meta_ttl().as_secs().max(1))
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
             .arg(limit);
-        let mut reply = Self::run(conn, std::slice::from_ref(&c), timeout).await?;
+        let mut reply = Self::run(conn, vec![c.clone()], timeout).await?;
         if reply.first().is_some_and(is_noscript) {
             self.reset();
             self.load(conn, timeout).await?;
-            reply = Self::run(conn, std::slice::from_ref(&c), timeout).await?;
+            reply = Self::run(conn, vec![c], timeout).await?;
         }
         let reply = reply
             .into_iter()
             .next()
             .ok_or_else(|| Failure::Refused(unavailable("EVALSHA", "no reply")))?;
         parse_page(reply, since).map_err(Failure::Refused)
+    }
+}
+
+/// Most events in one `EVALSHA` of the append script. Bounds the time Redis spends in one
+/// script call (every other client waits meanwhile: about 3 ms for 256 events on an idle
+/// machine) and the size of one command; a larger batch (a big recipients list) becomes
+/// several calls in the same pipeline.
+pub const APPEND_GROUP: usize = 256;
+
+/// Where a script call stands in its batch's chain (see the fence in `history.lua`).
+struct Step<'a> {
+    /// The chain's key; `None` for a batch of one call.
+    fence: Option<&'a str>,
+    /// 1-based.
+    step: usize,
+    steps: usize,
+}
+
+/// The events of one script call, with the distinct users they go to (the call's keys).
+struct Group<'a> {
+    events: &'a [FeedAppend],
+    /// Distinct users, in order of first appearance (user `u` is `users[u - 1]`).
+    users: Vec<&'a str>,
+    /// For each event, the 1-based index of its user in `users`.
+    user_of: Vec<usize>,
+}
+
+impl<'a> Group<'a> {
+    fn new(events: &'a [FeedAppend]) -> Result<Group<'a>, BackplaneError> {
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(events.len());
+        let mut users = Vec::new();
+        let mut user_of = Vec::with_capacity(events.len());
+        for e in events {
+            // The envelope carries the payload as a MessagePack str: it must be UTF-8.
+            if std::str::from_utf8(&e.payload).is_err() {
+                return Err(BackplaneError::Encode(
+                    "JSON argument is not UTF-8".to_string(),
+                ));
+            }
+            let u = *index.entry(e.user.as_str()).or_insert_with(|| {
+                users.push(e.user.as_str());
+                users.len()
+            });
+            user_of.push(u);
+        }
+        Ok(Group {
+            events,
+            users,
+            user_of,
+        })
+    }
+
+    /// `EVALSHA sha 2U(+1) <meta, stream per user> (fence) a epoch meta_ttl size ttl U step
+    /// steps <channel, head per user> <±u, id, payload per event>` (see `history.lua`).
+    fn command(
+        &self,
+        sha: &str,
+        cfg: &HistoryConfig,
+        origin: &str,
+        epoch: &str,
+        step: &Step<'_>,
+    ) -> redis::Cmd {
+        let (users, events) = (self.users.len(), self.events.len());
+        let per_user = 2 * cfg.key_prefix.len() + cfg.channel_prefix.len() + origin.len() + 24;
+        let data = 256
+            + self
+                .users
+                .iter()
+                .map(|u| 4 * u.len() + per_user)
+                .sum::<usize>()
+            + self
+                .events
+                .iter()
+                .map(|e| e.payload.len() + e.id.len() + 8)
+                .sum::<usize>();
+        let mut c = redis::Cmd::with_capacity(12 + 4 * users + 3 * events, data);
+        c.arg("EVALSHA")
+            .arg(sha)
+            .arg(2 * users + usize::from(step.fence.is_some()));
+        // One scratch buffer for every key, channel and head (Cmd::arg copies).
+        let mut text = String::with_capacity(64);
+        for user in &self.users {
+            cfg.write_key(&mut text, user, UserKey::Meta);
+            c.arg(text.as_str());
+            cfg.write_key(&mut text, user, UserKey::Stream);
+            c.arg(text.as_str());
+        }
+        if let Some(fence) = step.fence {
+            c.arg(fence);
+        }
+        c.arg("a")
+            .arg(epoch)
+            .arg(cfg.meta_ttl().as_secs().max(1))
+            .arg(cfg.size.max(1))
+            .arg(cfg.ttl.as_secs().max(1))
+            .arg(users)
+            .arg(step.step)
+            .arg(step.steps);
+        let mut head = Vec::with_capacity(64);
+        for user in &self.users {
+            cfg.write_channel(&mut text, user);
+            envelope::write_feed_head(&mut head, origin, user);
+            c.arg(text.as_str()).arg(head.as_slice());
+        }
+        for (e, u) in self.events.iter().zip(&self.user_of) {
+            let u = *u as i64;
+            c.arg(if e.redelivered { -u } else { u })
+                .arg(&e.id)
+                .arg(&e.payload[..]);
+        }
+        c
+    }
+
+    /// The script's reply: the users' epochs, then per event its offset (negative: a
+    /// duplicate).
+    fn parse(&self, v: &Value) -> Result<Vec<Appended>, BackplaneError> {
+        if let Some(e) = server_error(v) {
+            return Err(e);
+        }
+        let Value::Array(items) = v else {
+            return Err(bad("append reply is not an array"));
+        };
+        if items.len() != self.users.len() + self.events.len() {
+            return Err(bad("append reply length"));
+        }
+        let (epochs, offsets) = items.split_at(self.users.len());
+        let epochs = epochs
+            .iter()
+            .map(|e| text(e).ok_or_else(|| bad("epoch")))
+            .collect::<Result<Vec<_>, _>>()?;
+        offsets
+            .iter()
+            .zip(&self.user_of)
+            .map(|(o, u)| {
+                let Value::Int(o) = o else {
+                    return Err(bad("offset"));
+                };
+                let epoch = epochs.get(u - 1).ok_or_else(|| bad("user index"))?;
+                Ok(Appended {
+                    offset: o.unsigned_abs(),
+                    epoch: epoch.clone(),
+                    duplicate: *o < 0,
+                })
+            })
+            .collect()
     }
 }
 
@@ -266,23 +425,6 @@ fn server_error(v: &Value) -> Option<BackplaneError> {
     match v {
         Value::ServerError(e) => Some(unavailable("history script", e)),
         _ => None,
-    }
-}
-
-fn parse_appended(v: &Value) -> Result<Appended, BackplaneError> {
-    if let Some(e) = server_error(v) {
-        return Err(e);
-    }
-    let Value::Array(items) = v else {
-        return Err(bad("append reply is not an array"));
-    };
-    match items.as_slice() {
-        [offset, epoch, dup] => Ok(Appended {
-            offset: int(offset).ok_or_else(|| bad("offset"))?,
-            epoch: text(epoch).ok_or_else(|| bad("epoch"))?,
-            duplicate: int(dup).ok_or_else(|| bad("duplicate"))? == 1,
-        }),
-        _ => Err(bad("append reply length")),
     }
 }
 
@@ -344,13 +486,74 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let a = parse_appended(&Value::Array(vec![
-            Value::Int(7),
-            Value::BulkString(b"ep".to_vec()),
-            Value::Int(0),
-        ]))
-        .unwrap();
-        assert_eq!((a.offset, &*a.epoch, a.duplicate), (7, "ep", false));
+        let ev = |user: &str, redelivered: bool| FeedAppend {
+            user: user.into(),
+            id: "e".into(),
+            payload: Bytes::from_static(b"{}"),
+            redelivered,
+        };
+        let events = [ev("a", false), ev("b", true), ev("a", false)];
+        let g = Group::new(&events).unwrap();
+        assert_eq!(
+            (g.users.as_slice(), g.user_of.as_slice()),
+            (&["a", "b"][..], &[1, 2, 1][..])
+        );
+        let ep = |e: &str| Value::BulkString(e.as_bytes().to_vec());
+        let done = g
+            .parse(&Value::Array(vec![
+                ep("ea"),
+                ep("eb"),
+                Value::Int(7),
+                Value::Int(-3),
+                Value::Int(8),
+            ]))
+            .unwrap();
+        let got: Vec<_> = done
+            .iter()
+            .map(|a| (a.offset, &*a.epoch, a.duplicate))
+            .collect();
+        assert_eq!(got, [(7, "ea", false), (3, "eb", true), (8, "ea", false)]);
+        assert!(g.parse(&Value::Nil).is_err());
+        assert!(g
+            .parse(&Value::Array(vec![ep("ea"), ep("eb"), Value::Int(7)]))
+            .is_err());
+        // The command: keys per user, then the fixed arguments, per user, per event.
+        let cfg = HistoryConfig::default();
+        let step = Step {
+            fence: None,
+            step: 1,
+            steps: 1,
+        };
+        let args: Vec<Vec<u8>> = g
+            .command("sha", &cfg, "n1", "ep", &step)
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
+        assert_eq!(args.len(), 1 + 2 + 4 + 8 + 4 + 9);
+        assert_eq!(
+            (text(1), text(2), text(3)),
+            ("sha".into(), "4".into(), "feedhub:{a}:m".into())
+        );
+        assert_eq!(text(6), "feedhub:{b}:h");
+        assert_eq!(
+            (text(7), text(8), text(12), text(13), text(14)),
+            ("a".into(), "ep".into(), "2".into(), "1".into(), "1".into())
+        );
+        assert_eq!(text(15), "feed-a");
+        assert_eq!(args[16], envelope::feed_head("n1", "a"));
+        assert_eq!(
+            (text(19), text(22), text(25)),
+            ("1".into(), "-2".into(), "1".into())
+        );
+        let bad_utf8 = [FeedAppend {
+            payload: Bytes::from_static(b"\xff"),
+            ..ev("a", false)
+        }];
+        assert!(Group::new(&bad_utf8).is_err());
         let entry = |o: u64, d: &str| {
             Value::Array(vec![
                 Value::BulkString(format!("{o}-0").into_bytes()),
@@ -379,6 +582,5 @@ mod tests {
         );
         assert!(page.complete);
         assert!(parse_page(Value::Array(vec![Value::Int(1)]), None).is_err());
-        assert!(parse_appended(&Value::Nil).is_err());
     }
 }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::backplane::history::has_reserved_offset;
+use crate::backplane::history::{has_reserved_offset, object_members};
 use crate::ids::UserId;
 
 /// Most recipients one event may name.
@@ -63,21 +63,20 @@ impl FeedEvent {
         let Some(rest) = text.strip_prefix('{') else {
             return self.payload.clone();
         };
-        // Values as RawValue: skipped without serde_json's recursion limit (127), so a
-        // payload at the depth limit still gets its id.
-        let keys: std::collections::HashMap<std::borrow::Cow<'_, str>, &RawValue> =
-            match serde_json::from_str(text) {
-                Ok(k) => k,
-                Err(_) => return self.payload.clone(),
-            };
-        if keys.contains_key("id") {
+        // One pass over the top-level keys (values skipped as raw JSON, without
+        // serde_json's recursion limit, so a payload at the depth limit still gets its id).
+        let members = match object_members(text) {
+            Some(m) => m,
+            None => return self.payload.clone(),
+        };
+        if members.id {
             return self.payload.clone();
         }
         let id_json = match serde_json::to_string(id) {
             Ok(j) => j,
             Err(_) => return self.payload.clone(),
         };
-        let sep = if keys.is_empty() { "" } else { "," };
+        let sep = if members.any { "," } else { "" };
         let mut out = String::with_capacity(text.len() + id_json.len() + 8);
         out.push_str("{\"id\":");
         out.push_str(&id_json);
@@ -223,13 +222,27 @@ pub fn decode_message(
     if let Some(user) = routing_key.strip_prefix("feed.") {
         if !user.is_empty() {
             let user = UserId::new(user).map_err(|_| EventError::BadUserId(user.to_string()))?;
-            // RawValue: validated without serde_json's recursion limit (127 levels), so the
-            // depth bound is ours, the same for both forms.
-            serde_json::from_slice::<&RawValue>(body)
-                .map_err(|e| EventError::NotJson(e.to_string()))?;
-            check_depth(body)?;
             let text = std::str::from_utf8(body).map_err(|e| EventError::NotJson(e.to_string()))?;
-            if has_reserved_offset(text.as_bytes()) {
+            // Validated without serde_json's recursion limit (127 levels), so the depth bound
+            // is ours, the same for both forms. An object is validated by the same pass that
+            // looks for a top-level `offset`.
+            let reserved = if text.trim_start().starts_with('{') {
+                match object_members(text) {
+                    Some(m) => m.offset,
+                    None => {
+                        let e = serde_json::from_str::<&RawValue>(text).err();
+                        return Err(EventError::NotJson(
+                            e.map(|e| e.to_string()).unwrap_or_default(),
+                        ));
+                    }
+                }
+            } else {
+                serde_json::from_str::<&RawValue>(text)
+                    .map_err(|e| EventError::NotJson(e.to_string()))?;
+                false
+            };
+            check_depth(body)?;
+            if reserved {
                 return Err(EventError::ReservedOffset);
             }
             return Ok(FeedEvent {
