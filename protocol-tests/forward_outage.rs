@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use feedhub::backplane::redis::RedisConfig;
 use feedhub::protocol::{handshake, CompletionResult, HubMessage, ProtocolKind};
-use feedhub::{feed, Server, ServerBuilder, ServerConfig};
+use feedhub::{feed, Server, ServerBuilder};
 use serde_json::{json, Value as J};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -75,15 +75,7 @@ struct Pair {
 }
 
 async fn node(prefix: &str, name: &str, redis_url: &str) -> Server {
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        jwt_secret: Some(TEST_SECRET.to_string()),
-        api_key: Some(TEST_API_KEY.to_string()),
-        feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
-        node_id: format!("{prefix}-{name}"),
-        channel_prefix: Some(prefix.to_string()),
-        ..ServerConfig::default()
-    };
+    let config = support::feed_node_config(prefix, name);
     let server = ServerBuilder::new(config)
         .hub(support::cluster::test_feed_hub())
         .redis(RedisConfig::from_url(redis_url).expect("redis url"))

@@ -423,15 +423,7 @@ async fn node_on(
     name: &str,
     backoff: Duration,
 ) -> (support::TestServer, Arc<RedisBackplane>) {
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        jwt_secret: Some(TEST_SECRET.to_string()),
-        api_key: Some(TEST_API_KEY.to_string()),
-        feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
-        node_id: format!("{prefix}-{name}"),
-        channel_prefix: Some(prefix.to_string()),
-        ..ServerConfig::default()
-    };
+    let config = support::feed_node_config(prefix, name);
     let mut cfg = RedisConfig::from_url(url).expect("redis url");
     cfg.backoff_min = backoff;
     cfg.backoff_max = backoff;

@@ -219,6 +219,20 @@ impl RawClient {
     }
 }
 
+/// The configuration of feed-hub node `name` in a test cluster on channel prefix `prefix`
+/// (port 0, the test secret and API key; the caller adds the backplane).
+pub fn feed_node_config(prefix: &str, name: &str) -> ServerConfig {
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        jwt_secret: Some(TEST_SECRET.to_string()),
+        api_key: Some(TEST_API_KEY.to_string()),
+        feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
+        node_id: format!("{prefix}-{name}"),
+        channel_prefix: Some(prefix.to_string()),
+        ..ServerConfig::default()
+    }
+}
+
 /// A unique prefix for channels and queues of one test.
 pub fn unique_prefix(name: &str) -> String {
     format!(
