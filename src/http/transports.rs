@@ -713,7 +713,7 @@ pub(crate) async fn websocket(
     };
     let request = RequestInfo {
         query: req.uri().query().unwrap_or("").to_string(),
-        headers: req.headers().clone(),
+        headers: super::owned_headers(req.headers()),
     };
     let max = hub.definition().options.max_message_size;
     let on_upgrade = hyper::upgrade::on(&mut req);
