@@ -25,9 +25,11 @@ use crate::backplane::memory::{MemoryBackplane, MemoryBus};
 use crate::backplane::redis::{RedisBackplane, RedisConfig};
 use crate::backplane::{Backplane, Delivery, HistoryConfig, Inbox};
 use crate::demo::store::{MemoryStore, PostStore};
-use crate::demo::{DemoService, Directory, FeedPublisher, HubPublisher};
+use crate::demo::{DemoRoutes, DemoService, Directory, FeedPublisher, HubPublisher};
 use crate::http::limits::{Admission, Slot};
+use crate::http::mount::{Mount, Mounts, Route};
 use crate::http::negotiate::Tokens;
+use crate::http::state::{HttpConfig, HttpState};
 use crate::hub::{Clients, Groups, HubDefinition, HubLifetime};
 use crate::tls::{Tls, TlsConfig};
 
@@ -128,28 +130,6 @@ impl Default for ServerConfig {
 /// Makes the backplane for a node, given the inbox it must deliver to.
 pub type BackplaneFactory = Box<dyn FnOnce(&ServerConfig, Inbox) -> Arc<dyn Backplane> + Send>;
 
-/// Shared state of the HTTP layer.
-pub struct AppState {
-    pub(crate) hubs: HashMap<String, Arc<HubLifetime>>,
-    pub(crate) auth: Authenticator,
-    pub(crate) tokens: Tokens,
-    pub(crate) connections: crate::http::connections::Connections,
-    pub(crate) config: ServerConfig,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tracker: TaskTracker,
-    pub(crate) ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
-    pub(crate) feed_hub: Option<Arc<HubLifetime>>,
-    pub(crate) demo_page: String,
-    /// Resume slots of this node's stateful connections and relayed transports
-    /// (no sticky sessions, see `http::relay`).
-    pub(crate) router: Arc<crate::http::relay::Router>,
-    pub(crate) demo: Option<Arc<DemoService>>,
-    /// Connection counters and per-address rates (`http::limits`).
-    pub(crate) admission: Arc<Admission>,
-    /// TLS on the listener (`--tls-cert`/`--tls-key`); `None` serves plain HTTP.
-    pub(crate) tls: Option<Arc<Tls>>,
-}
-
 /// Builds a [`Server`].
 pub struct ServerBuilder {
     config: ServerConfig,
@@ -161,6 +141,7 @@ pub struct ServerBuilder {
     demo_users: Directory,
     extra_ready: Vec<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
     tls: Option<TlsConfig>,
+    mounts: Vec<(Route, Arc<dyn Mount>)>,
 }
 
 impl ServerBuilder {
@@ -176,6 +157,7 @@ impl ServerBuilder {
             demo_users: Directory::standard(),
             extra_ready: Vec::new(),
             tls: None,
+            mounts: Vec::new(),
         }
     }
 
@@ -241,6 +223,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Mounts `service` on the router at `route` (see `http::mount`): it gets the requests
+    /// whose path matches and that no built-in route (`/healthz`, `/readyz`, `/metrics`,
+    /// `/api/feed`, `/dev/token`) or earlier mount (the demo's `GET /`, `GET /app.js`,
+    /// `GET /app.css`, `/demo/`, then the services mounted before) takes; the hubs come
+    /// after. E.g. a REST API at `Route::prefix("/api/hubs/")`.
+    pub fn mount(mut self, route: Route, service: Arc<dyn Mount>) -> Self {
+        self.mounts.push((route, service));
+        self
+    }
+
     /// Serves HTTPS and WSS with this certificate and key instead of plain HTTP. The files
     /// are read by [`ServerBuilder::start`] (unusable files are a startup error) and again
     /// by [`Tls::reload`] (SIGHUP in the binary).
@@ -264,7 +256,10 @@ impl ServerBuilder {
             );
         }
         // A short secret, an unreadable key file or a bad key set URL stops the start.
-        let auth = Authenticator::new(config.jwt_secret.as_deref(), &config.jwt)?;
+        let auth = Arc::new(Authenticator::new(
+            config.jwt_secret.as_deref(),
+            &config.jwt,
+        )?);
         let token_key = match (&config.connection_key, &config.jwt_secret) {
             (Some(k), _) if k.len() < crate::auth::MIN_SECRET_BYTES => {
                 anyhow::bail!(
@@ -323,9 +318,6 @@ impl ServerBuilder {
         }
         let hub_list: Arc<Vec<Arc<HubLifetime>>> = Arc::new(hubs.values().cloned().collect());
         let router = crate::http::relay::Router::new(config.node_id.clone(), backplane.clone());
-        for rx in receivers {
-            tokio::spawn(dispatch_worker(rx, hub_list.clone(), router.clone()));
-        }
         tokio::spawn(resync_worker(
             resync,
             hub_list.clone(),
@@ -373,6 +365,24 @@ impl ServerBuilder {
             }
             _ => None,
         };
+        // The services mounted beside the hubs (see `http::mount`): the demo page and its
+        // post service.
+        let demo: Arc<dyn Mount> = Arc::new(DemoRoutes::new(demo, auth.clone(), self.demo_page));
+        let mut mounts = Mounts::new();
+        mounts
+            .mount(Route::exact("/").method(http::Method::GET), demo.clone())
+            .mount(
+                Route::exact("/app.js").method(http::Method::GET),
+                demo.clone(),
+            )
+            .mount(
+                Route::exact("/app.css").method(http::Method::GET),
+                demo.clone(),
+            )
+            .mount(Route::prefix("/demo/"), demo);
+        for (route, service) in self.mounts {
+            mounts.mount(route, service);
+        }
         let draining = Arc::new(AtomicBool::new(false));
         let ready = {
             let backplane = backplane.clone();
@@ -401,22 +411,31 @@ impl ServerBuilder {
             connect_rate_per_address = config.limits.connect_rate_per_address,
             "connection limits"
         );
-        let state = Arc::new(AppState {
+        let state = Arc::new(HttpState {
             hubs,
             auth,
             tokens: Tokens::for_node(&token_key, &config.node_id),
             connections: crate::http::connections::Connections::new(),
-            config,
+            config: HttpConfig {
+                api_key: config.api_key.clone(),
+                cors_origins: config.cors_origins.clone(),
+                max_publish_body: config.max_publish_body,
+                dev_identities: config.dev_identities,
+            },
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
             ready,
             feed_hub,
-            demo_page: self.demo_page,
             router: router.clone(),
-            demo,
+            mounts,
             admission,
             tls,
         });
+        // Relay messages of this node's channel are served with the HTTP state
+        // (`http::on_relay_frame`); until the workers start, deliveries wait in their queues.
+        for rx in receivers {
+            tokio::spawn(dispatch_worker(rx, hub_list.clone(), state.clone()));
+        }
         if state.auth.is_development() {
             tracing::warn!(
                 "DEVELOPMENT MODE: no --jwt-secret, --jwt-public-key or --jwt-jwks-url given; tokens are signed with a public development secret. Do not expose this server."
@@ -427,13 +446,13 @@ impl ServerBuilder {
             // first fetch ends waits for it (`Authenticator::prepare`).
             tokio::spawn(jwks.clone().refresh_loop(shutdown.clone()));
         }
-        router.attach(&state);
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tokio::spawn(prune_rates(state.admission.clone(), shutdown.clone()));
-        tracing::info!(addr = %local_addr, node = %state.config.node_id, "listening");
+        tracing::info!(addr = %local_addr, node = %config.node_id, "listening");
         Ok(Server {
             local_addr,
             state,
+            shutdown_timeout: config.shutdown_timeout,
             accept,
             draining,
             backplane,
@@ -457,11 +476,11 @@ async fn retry_hub_start(hub: Arc<HubLifetime>, shutdown: CancellationToken) {
 async fn dispatch_worker(
     mut rx: mpsc::Receiver<Delivery>,
     hubs: Arc<Vec<Arc<HubLifetime>>>,
-    router: Arc<crate::http::relay::Router>,
+    state: Arc<HttpState>,
 ) {
     while let Some(d) = rx.recv().await {
         if let crate::backplane::BackplanePayload::Relay(frame) = &d.message.payload {
-            router.on_frame(frame);
+            crate::http::on_relay_frame(&state, frame);
             continue;
         }
         for hub in hubs.iter() {
@@ -502,7 +521,7 @@ async fn resync_worker(
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
+async fn accept_loop(listener: TcpListener, state: Arc<HttpState>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, peer) = tokio::select! {
@@ -535,7 +554,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
 /// One admitted socket, in its own task: the TLS handshake when TLS is on (bounded by its
 /// deadline, and by shutdown), then HTTP with the time limits of `http::conn`. The admission
 /// slot is held throughout.
-async fn serve_stream(stream: TcpStream, peer: IpAddr, slot: Slot, state: Arc<AppState>) {
+async fn serve_stream(stream: TcpStream, peer: IpAddr, slot: Slot, state: Arc<HttpState>) {
     let Some(tls) = state.tls.clone() else {
         return crate::http::conn::serve_connection(stream, peer, Some(slot), state).await;
     };
@@ -562,7 +581,8 @@ async fn prune_rates(admission: Arc<Admission>, shutdown: CancellationToken) {
 /// A running server.
 pub struct Server {
     local_addr: SocketAddr,
-    state: Arc<AppState>,
+    state: Arc<HttpState>,
+    shutdown_timeout: Duration,
     accept: JoinHandle<()>,
     draining: Arc<AtomicBool>,
     backplane: Arc<dyn Backplane>,
@@ -641,7 +661,7 @@ impl Server {
         self.state.shutdown.cancel();
         self.accept.abort();
         self.state.tracker.close();
-        let deadline = self.state.config.shutdown_timeout;
+        let deadline = self.shutdown_timeout;
         if tokio::time::timeout(deadline, self.state.tracker.wait())
             .await
             .is_err()

@@ -19,7 +19,9 @@
 //!   Events, Long Polling), health, metrics, CORS; no sticky sessions: SSE and Long Polling
 //!   requests that land on another instance are forwarded to the connection's instance over
 //!   the backplane ([`http::forward`]), stateful WebSocket resumes relayed ([`http::relay`]);
-//!   admission and time limits ([`http::limits`], [`http::conn`], [`http::origin`]).
+//!   admission and time limits ([`http::limits`], [`http::conn`], [`http::origin`]); its
+//!   state ([`http::state`]), built by [`app`]; services [`app`] mounts beside the hubs
+//!   ([`http::mount`]: the demo, a REST API) and the helpers they share ([`http::respond`]).
 //! - [`tls`]: TLS termination (rustls, PEM files reloaded on SIGHUP), per connection.
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
 //! - [`fuzzing`]: one entry point per parser of network or peer bytes, with its

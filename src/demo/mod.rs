@@ -21,6 +21,11 @@
 //!
 //! The page itself (`js-client-demo/`: `index.html`, `style.css` and the esbuild bundle
 //! `dist/app.js`) is compiled into the binary and served at `/`, `/app.css`, `/app.js`.
+//!
+//! [`DemoRoutes`] is the page and the post service as one service the composition root
+//! mounts on the router (`http::mount`): `GET /`, `GET /app.js`, `GET /app.css` exactly and
+//! the prefix `/demo/`. It uses only the router's leaf modules (`http::mount`,
+//! `http::respond`), never the router itself.
 
 pub mod amqp_publisher;
 pub mod redis_store;
@@ -36,7 +41,8 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{token_from_request, Authenticator};
-use crate::http::{json_response, text_response, Body};
+use crate::http::mount::Mount;
+use crate::http::respond::{json as json_response, read_body, text as text_response, Body};
 use crate::hub::HubLifetime;
 use crate::ids::UserId;
 use crate::ingest::event::FeedEvent;
@@ -391,6 +397,50 @@ fn caller<'a>(
     })
 }
 
+/// The demo's routes as one mounted service: the page's assets ([`asset`]) and `/demo/*`
+/// ([`handle`]). Mount it at `GET /`, `GET /app.js`, `GET /app.css` and the prefix
+/// `/demo/` (see `app`).
+pub struct DemoRoutes {
+    service: Option<Arc<DemoService>>,
+    auth: Arc<Authenticator>,
+    index_html: String,
+}
+
+impl std::fmt::Debug for DemoRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemoRoutes")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DemoRoutes {
+    /// The page `index_html` and the post service `service` (`None`: `/demo/*` answers 404),
+    /// which authenticates callers with `auth`.
+    pub fn new(
+        service: Option<Arc<DemoService>>,
+        auth: Arc<Authenticator>,
+        index_html: String,
+    ) -> DemoRoutes {
+        DemoRoutes {
+            service,
+            auth,
+            index_html,
+        }
+    }
+}
+
+#[async_trait]
+impl Mount for DemoRoutes {
+    async fn handle(&self, req: Request<Incoming>, path: &str) -> hyper::Response<Body> {
+        if path.starts_with("/demo/") {
+            return handle(self.service.as_deref(), &self.auth, path, req).await;
+        }
+        asset(path, &self.index_html)
+            .unwrap_or_else(|| text_response(StatusCode::NOT_FOUND, "Not Found"))
+    }
+}
+
 #[derive(Deserialize)]
 struct NewPost {
     text: String,
@@ -450,7 +500,7 @@ pub async fn handle(
                 Ok(u) => u,
                 Err(r) => return *r,
             };
-            let body = match crate::http::read_body(req, MAX_POST_BODY).await {
+            let body = match read_body(req, MAX_POST_BODY).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };

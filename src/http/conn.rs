@@ -11,7 +11,7 @@
 //!   `idle_timeout` is closed;
 //! - while a request is in progress (its response not fully written: a long poll, a
 //!   Server-Sent Events stream) neither applies; its body has `body_read_timeout`
-//!   ([`super::read_incoming`], 408).
+//!   ([`super::respond::read_incoming`], 408).
 //!
 //! At the total connection cap, the oldest connection still without a complete request is
 //! evicted to make room for a new one (see `limits::Admission::admit`).
@@ -39,18 +39,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::limits::{Fresh, Slot};
+use super::state::HttpState;
 use super::Body;
-use crate::app::AppState;
 use crate::metrics::{inc, METRICS};
 
-/// Who sent a request, and its connection's limits: in every request's extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    /// The client's address.
-    pub peer: IpAddr,
-    /// How long the request's body may take to arrive.
-    pub body_read_timeout: Duration,
-}
+pub use super::respond::ConnInfo;
 
 /// Milliseconds since the first call (never 0: 0 means "not yet").
 fn now_ms() -> u64 {
@@ -241,7 +234,7 @@ impl HttpBody for Tracked {
 /// Serves one accepted connection over `io` (plain TCP, or TLS wrapped by the caller) until
 /// it closes, upgrades, breaks a time limit, or the server shuts down. `slot` is its place
 /// in the admission counters, freed when the socket closes.
-pub async fn serve_connection<IO>(io: IO, peer: IpAddr, slot: Option<Slot>, state: Arc<AppState>)
+pub async fn serve_connection<IO>(io: IO, peer: IpAddr, slot: Option<Slot>, state: Arc<HttpState>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

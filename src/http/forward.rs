@@ -82,8 +82,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::relay::{self, NodeWatch, RelayIn, Router, OPEN_TIMEOUT};
+use super::state::HttpState;
 use super::{text, Body};
-use crate::app::AppState;
 use crate::backplane::channel::node_channel;
 use crate::backplane::{BackplaneMessage, BackplanePayload, Channel, RelayFrame, RelayKind};
 use crate::connection::TransportKind;
@@ -252,7 +252,7 @@ fn lost(get: bool, why: &str) -> Response<Body> {
 /// Forwards a Server-Sent Events or Long Polling request (`parts`, with its whole `body`)
 /// to `owner`, the node that negotiated its connection, and returns the owner's response.
 pub(crate) async fn forward(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     owner: String,
     parts: &http::request::Parts,
     body: Bytes,
@@ -368,7 +368,7 @@ pub(crate) async fn forward(
     let body = if end {
         exchange.ended = true;
         drop(exchange);
-        super::full(first)
+        super::respond::full(first)
     } else {
         streamed(first, inbound, exchange, outage, watch)
     };
@@ -452,7 +452,7 @@ fn streamed(
 
 /// Owner side: a forwarded request arrived on this node's channel. Never waits (called by
 /// the backplane dispatch workers): the exchange runs in its own task.
-pub(crate) fn accept(router: &Arc<Router>, state: Arc<AppState>, relay: u64, kind: RelayKind) {
+pub(crate) fn accept(router: &Arc<Router>, state: Arc<HttpState>, relay: u64, kind: RelayKind) {
     let RelayKind::Request {
         reply_node,
         method,
@@ -523,7 +523,7 @@ pub(crate) fn build_parts(
 /// Owner side of one exchange.
 struct Owner {
     router: Arc<Router>,
-    state: Arc<AppState>,
+    state: Arc<HttpState>,
     relay: u64,
     reply: Channel,
     /// `Close` from the landing node (its client went away).
@@ -722,7 +722,7 @@ fn ready_bytes(body: &mut Body) -> (Bytes, bool) {
 /// an ended connection) or did not answer within [`OPEN_TIMEOUT`] (404: the connection's
 /// node is gone; the client negotiates again).
 pub(crate) async fn claim(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     owner: &str,
     connection: ConnectionId,
 ) -> Result<(), Response<Body>> {
@@ -765,7 +765,7 @@ pub(crate) async fn claim(
 /// here for a stateful resume, ended, or was claimed already. Never waits.
 pub(crate) fn answer_claim(
     router: &Arc<Router>,
-    state: &AppState,
+    state: &HttpState,
     relay: u64,
     connection: &ConnectionId,
     reply_node: &str,
@@ -825,7 +825,7 @@ mod tests {
 
     #[test]
     fn ready_bytes_takes_a_whole_body_and_stops_at_a_pending_stream() {
-        let mut whole = super::super::full(Bytes::from_static(b"abc"));
+        let mut whole = super::super::respond::full(Bytes::from_static(b"abc"));
         assert_eq!(ready_bytes(&mut whole), (Bytes::from_static(b"abc"), true));
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         tx.try_send(Ok(Frame::data(Bytes::from_static(b":\r\n"))))

@@ -12,16 +12,21 @@
 //! | `POST /api/feed` | publish a feed event (`Authorization: Bearer <api key>`) |
 //! | `POST /dev/token?user=ID` | development mode only: a token for a demo user |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness (backplane and ingest connected), Prometheus text |
-//! | `GET /`, `/app.js`, `/app.css` | the demo page ([`crate::demo`]) |
-//! | `/demo/users`, `/demo/feed`, `/demo/posts` | the demo's post service, with development identities only ([`crate::demo`]) |
+//! | mounted paths | services the composition root mounts ([`mount`]): the demo page and its post service (`/`, `/app.js`, `/app.css`, `/demo/*`), a REST API |
+//!
+//! The state every handler gets is [`state::HttpState`]; the shared response and body
+//! helpers are in [`respond`], a leaf the mounted services use too.
 
 pub mod conn;
 pub mod connections;
 pub mod forward;
 pub mod limits;
+pub mod mount;
 pub mod negotiate;
 pub mod origin;
 pub mod relay;
+pub mod respond;
+pub mod state;
 pub mod transports;
 
 use std::convert::Infallible;
@@ -29,128 +34,20 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::app::AppState;
+pub use respond::Body;
+use respond::{body_timeout, json, read_body, read_incoming, text};
+pub use state::HttpState;
+
 use crate::auth::{token_from_request, AuthError, Identity};
 use crate::connection::RequestInfo;
 use crate::hub::HubLifetime;
 use crate::metrics::{inc, METRICS};
 
-/// Response body type: whole bodies, or a stream (Server-Sent Events).
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed_unsync()
-}
-
-fn empty() -> Body {
-    full(Bytes::new())
-}
-
-/// Reads a request body of at most `limit` bytes: 413 above it, 400 when it cannot be read,
-/// 408 when it does not arrive within the connection's body read timeout.
-pub(crate) async fn read_body(
-    req: Request<Incoming>,
-    limit: usize,
-) -> Result<Bytes, Response<Body>> {
-    let timeout = body_timeout(req.extensions());
-    read_incoming(req.into_body(), limit, timeout).await
-}
-
-/// The body read timeout of a request (from its connection, see [`conn::ConnInfo`]).
-pub(crate) fn body_timeout(extensions: &http::Extensions) -> std::time::Duration {
-    extensions
-        .get::<conn::ConnInfo>()
-        .map_or(limits::DEFAULT_BODY_READ_TIMEOUT, |i| i.body_read_timeout)
-}
-
-/// [`read_body`] for a body already split from its request.
-pub(crate) async fn read_incoming(
-    body: Incoming,
-    limit: usize,
-    timeout: std::time::Duration,
-) -> Result<Bytes, Response<Body>> {
-    let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
-    let Ok(read) = read else {
-        // A body that never arrives (a chunked POST left open) must not hold the
-        // connection, or a per-connection send lock, forever.
-        inc(&METRICS.body_read_timeouts);
-        let mut r = text(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "The request body did not arrive within {} s.",
-                timeout.as_secs_f64()
-            ),
-        );
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Err(r);
-    };
-    match read {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(body_too_large(limit))
-        }
-        Err(e) => Err(text(
-            StatusCode::BAD_REQUEST,
-            format!("Could not read the request body: {e}"),
-        )),
-    }
-}
-
-/// 413 for a body over `limit` bytes.
-pub(crate) fn body_too_large(limit: usize) -> Response<Body> {
-    text(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("The request body exceeds the limit of {limit} bytes."),
-    )
-}
-
-fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    let mut r = Response::new(full(msg.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-/// A `text/plain` response (also used by [`crate::demo`]).
-pub(crate) fn text_response(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    text(status, msg)
-}
-
-/// A non-cacheable `application/json` response (also used by [`crate::demo`]).
-pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    json(status, body)
-}
-
-fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, no-store"),
-    );
-    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    r
-}
-
 /// Entry point for every request.
 pub async fn handle(
-    state: Arc<AppState>,
+    state: Arc<HttpState>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let origin = req.headers().get(header::ORIGIN).cloned();
@@ -161,10 +58,33 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// Entry point for every relay message of this node's backplane channel (the composition
+/// root's dispatch workers call it; never waits): forwarded requests and WebSocket claims
+/// are served with `state` ([`forward`]), the rest is the relay router's
+/// ([`relay::Router::on_frame`]).
+pub fn on_relay_frame(state: &Arc<HttpState>, frame: &crate::backplane::RelayFrame) {
+    use crate::backplane::RelayKind;
+    match &frame.kind {
+        RelayKind::Request { .. } => {
+            forward::accept(
+                &state.router,
+                state.clone(),
+                frame.relay,
+                frame.kind.clone(),
+            );
+        }
+        RelayKind::Claim {
+            connection,
+            reply_node,
+        } => forward::answer_claim(&state.router, state, frame.relay, connection, reply_node),
+        _ => state.router.on_frame(frame),
+    }
+}
+
 /// Adds CORS headers for a listed origin: the origin echoed (never `*`, because the
 /// SignalR client sends credentials; `*` and `null` are refused at start, see [`origin`]),
 /// credentials allowed.
-fn apply_cors(state: &AppState, origin: &HeaderValue, resp: &mut Response<Body>) {
+fn apply_cors(state: &HttpState, origin: &HeaderValue, resp: &mut Response<Body>) {
     let Ok(o) = origin.to_str() else { return };
     if !origin::listed(o, &state.config.cors_origins) {
         return;
@@ -202,7 +122,7 @@ fn preflight(req: &Request<Incoming>) -> Response<Body> {
     r
 }
 
-async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+async fn route(state: &Arc<HttpState>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let path = if path.is_empty() {
         "/".to_string()
@@ -230,15 +150,10 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         }
         "/api/feed" => return publish(state, req).await,
         "/dev/token" => return dev_token(state, &req),
-        "/" | "/app.js" | "/app.css" if req.method() == Method::GET => {
-            if let Some(r) = crate::demo::asset(&path, &state.demo_page) {
-                return r;
-            }
-        }
-        p if p.starts_with("/demo/") => {
-            return crate::demo::handle(state.demo.as_deref(), &state.auth, p, req).await;
-        }
         _ => {}
+    }
+    if let Some(service) = state.mounts.find(req.method(), &path) {
+        return service.handle(req, &path).await;
     }
     // A token signed with a key the cached key set lacks refetches it here, where waiting
     // is fine; `authenticate` itself stays synchronous.
@@ -258,7 +173,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
 }
 
 /// Lets the authenticator fetch what the request's token needs (`auth::Authenticator::prepare`).
-async fn prepare_auth(state: &AppState, uri: &http::Uri, headers: &http::HeaderMap) {
+async fn prepare_auth(state: &HttpState, uri: &http::Uri, headers: &http::HeaderMap) {
     if state.auth.jwks().is_none() {
         return;
     }
@@ -272,7 +187,7 @@ async fn prepare_auth(state: &AppState, uri: &http::Uri, headers: &http::HeaderM
 /// Authenticates a request for `hub`: 401 where a token is required and missing, and
 /// wherever a token is present but invalid.
 fn authenticate(
-    state: &AppState,
+    state: &HttpState,
     hub: &HubLifetime,
     uri: &http::Uri,
     headers: &http::HeaderMap,
@@ -295,7 +210,7 @@ fn authenticate(
     })
 }
 
-fn negotiate(state: &AppState, hub: &HubLifetime, req: &Request<Incoming>) -> Response<Body> {
+fn negotiate(state: &HttpState, hub: &HubLifetime, req: &Request<Incoming>) -> Response<Body> {
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
@@ -350,7 +265,7 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
 /// user it was issued to. A Server-Sent Events or Long Polling request whose token names
 /// another node (the one that negotiated it) is forwarded there ([`forward`]).
 async fn connect(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     hub: Arc<HubLifetime>,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -397,7 +312,7 @@ async fn connect(
 
 /// With `--cors-origin` set, a WebSocket upgrade or SSE request from another origin: 403
 /// (see [`origin`]).
-fn check_origin(state: &AppState, req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
+fn check_origin(state: &HttpState, req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
     let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str());
     let origin = match origin {
         None => None,
@@ -419,7 +334,7 @@ fn check_origin(state: &AppState, req: &Request<Incoming>) -> Result<(), Box<Res
 }
 
 /// The per-address negotiate/connect rate (see [`limits`]): 429 with `Retry-After` over it.
-fn connect_rate(state: &AppState, req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
+fn connect_rate(state: &HttpState, req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
     let Some(info) = req.extensions().get::<conn::ConnInfo>() else {
         return Ok(());
     };
@@ -440,7 +355,7 @@ fn connect_rate(state: &AppState, req: &Request<Incoming>) -> Result<(), Box<Res
 /// The checks every hub-path request passes, landed here or forwarded: the method (GET,
 /// POST or DELETE), then authentication. The identity and the `id=` token, if any.
 fn admit(
-    state: &AppState,
+    state: &HttpState,
     hub: &HubLifetime,
     method: &Method,
     uri: &http::Uri,
@@ -482,7 +397,7 @@ fn user_of(identity: &Identity) -> String {
 /// every [`forward::FORWARD_KEEPALIVE`], so the landing node can tell a silent owner fast).
 #[allow(clippy::too_many_arguments)]
 async fn hub_request(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     hub: Arc<HubLifetime>,
     parts: &http::request::Parts,
     identity: Identity,
@@ -527,7 +442,7 @@ pub(crate) struct Admitted {
 
 impl Admitted {
     /// The connection the request is for (the token's, or a negotiate v0 id).
-    pub(crate) fn connection(&self, state: &AppState) -> Option<crate::ids::ConnectionId> {
+    pub(crate) fn connection(&self, state: &HttpState) -> Option<crate::ids::ConnectionId> {
         transports::connection_of(state, &self.token, &self.user)
     }
 }
@@ -536,7 +451,7 @@ impl Admitted {
 /// have had it landed here (authenticated again: nodes trust the token, not each other's
 /// word). `Err`: the answer.
 pub(crate) async fn admit_forwarded(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     parts: &http::request::Parts,
 ) -> Result<Admitted, Response<Body>> {
     let path = parts.uri.path().trim_end_matches('/');
@@ -566,7 +481,7 @@ pub(crate) async fn admit_forwarded(
 
 /// Owner side of [`forward`]: serves an admitted forwarded request (with its whole body).
 pub(crate) async fn serve_forwarded(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     admitted: Admitted,
     parts: &http::request::Parts,
     body: Bytes,
@@ -599,7 +514,7 @@ fn owned_headers(headers: &http::HeaderMap) -> http::HeaderMap {
 }
 
 /// `POST /api/feed`: the HTTP publish API. Same path as RabbitMQ events.
-async fn publish(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+async fn publish(state: &Arc<HttpState>, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
@@ -663,7 +578,7 @@ async fn publish(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body
 }
 
 /// `POST /dev/token?user=ID`: development identities (off unless enabled).
-fn dev_token(state: &AppState, req: &Request<Incoming>) -> Response<Body> {
+fn dev_token(state: &HttpState, req: &Request<Incoming>) -> Response<Body> {
     if !state.config.dev_identities {
         return text(
             StatusCode::NOT_FOUND,

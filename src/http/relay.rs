@@ -94,8 +94,6 @@ pub struct Router {
     pub(crate) resumable: Arc<DashMap<ConnectionId, ResumeSender>>,
     pub(crate) relays: DashMap<u64, mpsc::Sender<RelayIn>>,
     pub(crate) pending_opens: DashMap<u64, oneshot::Sender<String>>,
-    /// The server, for serving forwarded requests (set once it is built).
-    app: std::sync::OnceLock<std::sync::Weak<crate::app::AppState>>,
     /// Requests this node forwarded to their owner, and forwarded requests it served.
     pub(crate) forwarded: std::sync::atomic::AtomicU64,
     pub(crate) served: std::sync::atomic::AtomicU64,
@@ -222,7 +220,6 @@ impl Router {
             resumable: Arc::new(DashMap::new()),
             relays: DashMap::new(),
             pending_opens: DashMap::new(),
-            app: std::sync::OnceLock::new(),
             forwarded: Default::default(),
             served: Default::default(),
             in_flight: Default::default(),
@@ -278,11 +275,6 @@ impl Router {
         old.cancel();
     }
 
-    /// Lets the router serve forwarded requests with `state`'s handlers.
-    pub(crate) fn attach(&self, state: &Arc<crate::app::AppState>) {
-        let _ = self.app.set(Arc::downgrade(state));
-    }
-
     /// This node's id.
     pub(crate) fn node_id(&self) -> &str {
         &self.node_id
@@ -327,7 +319,9 @@ impl Router {
         }
     }
 
-    /// Handles a relay message from the backplane. Never waits.
+    /// Handles a relay message from the backplane. Never waits. Forwarded requests and
+    /// WebSocket claims (`Request`, `Claim`) are not the router's: `http::on_relay_frame`
+    /// serves them with the HTTP state, and hands everything else here.
     pub fn on_frame(self: &Arc<Router>, frame: &RelayFrame) {
         let relay = frame.relay;
         match &frame.kind {
@@ -388,18 +382,11 @@ impl Router {
                     let _ = tx.try_send(RelayIn::Close);
                 }
             }
-            RelayKind::Request { .. } => {
-                if let Some(state) = self.app.get().and_then(std::sync::Weak::upgrade) {
-                    super::forward::accept(self, state, relay, frame.kind.clone());
-                }
-            }
-            RelayKind::Claim {
-                connection,
-                reply_node,
-            } => {
-                if let Some(state) = self.app.get().and_then(std::sync::Weak::upgrade) {
-                    super::forward::answer_claim(self, &state, relay, connection, reply_node);
-                }
+            RelayKind::Request { .. } | RelayKind::Claim { .. } => {
+                tracing::debug!(
+                    relay,
+                    "forwarded request or claim given to the router; ignored"
+                );
             }
             RelayKind::Head {
                 status,

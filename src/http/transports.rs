@@ -30,8 +30,8 @@ use hyper_util::rt::TokioIo;
 use super::connections::HttpConnection;
 use super::negotiate::TokenError;
 use super::relay::{self, ResumeSender};
+use super::state::HttpState;
 use super::{text, Body};
-use crate::app::AppState;
 use crate::auth::Identity;
 use crate::connection::{RequestInfo, TransportKind};
 use crate::hub::HubLifetime;
@@ -56,7 +56,7 @@ pub(crate) enum Lookup {
 }
 
 /// Resolves `token` for a request of `user`.
-pub(crate) fn lookup(state: &AppState, token: &str, user: &str) -> Lookup {
+pub(crate) fn lookup(state: &HttpState, token: &str, user: &str) -> Lookup {
     match find(state, token, user) {
         Lookup::Live(c) if c.transport().is_none() => Lookup::Pending(c),
         Lookup::New(id, _) if state.tokens.is_claimed(&id) => Lookup::Elsewhere,
@@ -64,7 +64,7 @@ pub(crate) fn lookup(state: &AppState, token: &str, user: &str) -> Lookup {
     }
 }
 
-fn find(state: &AppState, token: &str, user: &str) -> Lookup {
+fn find(state: &HttpState, token: &str, user: &str) -> Lookup {
     if let Some(id) = state.tokens.id_of(token, user) {
         if let Some(c) = state.connections.get(&id) {
             if !c.v0 {
@@ -155,7 +155,7 @@ pub(crate) struct Start {
 /// Registers a connection that has no transport yet (its link is ready, its session not
 /// started). `Err` if the id is already registered (a concurrent start with the same token).
 pub(crate) fn register(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     id: ConnectionId,
     v0: bool,
     user: &str,
@@ -172,7 +172,7 @@ pub(crate) fn register(
 /// Binds `conn` to a transport and starts its session task. `Err(response)` if it already
 /// has one.
 pub(crate) fn bind(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     conn: &Arc<HttpConnection>,
     start: Start,
 ) -> Result<(), Box<Response<Body>>> {
@@ -226,7 +226,7 @@ pub(crate) fn bind(
 /// Resolves the connection a transport request (GET) starts or continues: `Ok((conn,
 /// started))` where `started` says the session was started by this request.
 fn open(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     token: Option<&str>,
     start: Start,
 ) -> Result<(Arc<HttpConnection>, bool), Box<Response<Body>>> {
@@ -277,7 +277,7 @@ fn open(
 }
 
 /// Ends a connection's transport for good and forgets it.
-fn finish(state: &AppState, conn: &Arc<HttpConnection>, reason: Option<String>) {
+fn finish(state: &HttpState, conn: &Arc<HttpConnection>, reason: Option<String>) {
     conn.link.transport_gone(reason);
     conn.link.wire.end(1000, "");
     state.connections.remove(conn);
@@ -285,7 +285,7 @@ fn finish(state: &AppState, conn: &Arc<HttpConnection>, reason: Option<String>) 
 
 /// The connection `token` names for `user` on this node, if it is genuine: a v1 token's
 /// id, or a negotiate v0 id.
-pub(crate) fn connection_of(state: &AppState, token: &str, user: &str) -> Option<ConnectionId> {
+pub(crate) fn connection_of(state: &HttpState, token: &str, user: &str) -> Option<ConnectionId> {
     state
         .tokens
         .id_of(token, user)
@@ -297,7 +297,7 @@ pub(crate) fn connection_of(state: &AppState, token: &str, user: &str) -> Option
 /// whose poll answer or stream frames may have been lost on the way to the client
 /// (`forward`): carrying on would leave the client a silent gap, ending it makes the
 /// client start over and recover.
-pub(crate) fn end_connection(state: &AppState, id: &ConnectionId, reason: &str) {
+pub(crate) fn end_connection(state: &HttpState, id: &ConnectionId, reason: &str) {
     // Refused first: a poll racing with the end gets a 404, not a fresh connection.
     state.tokens.mark_ended(id);
     if let Some(conn) = state.connections.get(id) {
@@ -309,7 +309,7 @@ pub(crate) fn end_connection(state: &AppState, id: &ConnectionId, reason: &str) 
 /// `GET` with `Accept: text/event-stream`: opens the SSE stream, with a comment every
 /// `keep_alive` without an event.
 pub(crate) fn server_sent_events(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     hub: Arc<HubLifetime>,
     token: &str,
     identity: Identity,
@@ -374,7 +374,7 @@ pub(crate) fn server_sent_events(
 /// Ends the SSE connection when its response stream is dropped (the client went away) or
 /// finished (the session ended).
 struct SseGuard {
-    state: Arc<AppState>,
+    state: Arc<HttpState>,
     conn: Arc<HttpConnection>,
 }
 
@@ -401,7 +401,7 @@ pub fn sse_event(payload: &[u8]) -> Bytes {
 /// `GET` without upgrade or event-stream: a long poll, answered 200 without messages
 /// after `poll_timeout` (the client polls again).
 pub(crate) async fn long_poll(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     hub: Arc<HubLifetime>,
     token: &str,
     identity: Identity,
@@ -473,7 +473,7 @@ impl Drop for PollEnd {
 
 /// Ends a connection no transport has bound to within `timeout` (an unused negotiation that
 /// only POSTed), or a Long Polling connection that has gone `timeout` without a poll.
-fn spawn_watchdog(state: Arc<AppState>, conn: Arc<HttpConnection>, timeout: Duration) {
+fn spawn_watchdog(state: Arc<HttpState>, conn: Arc<HttpConnection>, timeout: Duration) {
     let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let gone = conn.link.gone_token();
     tokio::spawn(async move {
@@ -513,7 +513,7 @@ pub(crate) enum SendBody {
 
 /// `POST {hub}?id=T`: client → server bytes for SSE and Long Polling.
 pub(crate) async fn send(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     hub: &HubLifetime,
     token: &str,
     user: &str,
@@ -541,11 +541,13 @@ pub(crate) async fn send(
     // Sends of one connection are applied in arrival order, one at a time.
     let _lock = conn.send_lock.lock().await;
     let body = match body {
-        SendBody::Incoming(b) => match super::read_incoming(b, limit, body_timeout).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        },
-        SendBody::Ready(b) if b.len() > limit => return super::body_too_large(limit),
+        SendBody::Incoming(b) => {
+            match super::respond::read_incoming(b, limit, body_timeout).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            }
+        }
+        SendBody::Ready(b) if b.len() > limit => return super::respond::body_too_large(limit),
         SendBody::Ready(b) => b,
     };
     if body.is_empty() {
@@ -558,7 +560,7 @@ pub(crate) async fn send(
 }
 
 /// `DELETE {hub}?id=T`: ends a Long Polling connection (202; a waiting poll answers 204).
-pub(crate) fn delete(state: &AppState, token: &str, user: &str) -> Response<Body> {
+pub(crate) fn delete(state: &HttpState, token: &str, user: &str) -> Response<Body> {
     let conn = match lookup(state, token, user) {
         Lookup::Live(c) | Lookup::Pending(c) => c,
         Lookup::Unknown | Lookup::New(..) => return not_found(),
@@ -581,7 +583,7 @@ fn delete_refused() -> Response<Body> {
 /// A WebSocket is about to start the connection of `token` here: when the token names
 /// another node, claim the connection from it first (`forward::claim`).
 async fn claim_if_remote(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     token: &str,
     user: &str,
 ) -> Result<(), Response<Body>> {
@@ -633,7 +635,7 @@ fn upgrade_key(req: &Request<Incoming>) -> Result<HeaderValue, Box<Response<Body
 }
 
 fn switching_protocols(key: &HeaderValue) -> Response<Body> {
-    let mut r = Response::new(super::empty());
+    let mut r = Response::new(super::respond::empty());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -649,7 +651,7 @@ fn switching_protocols(key: &HeaderValue) -> Response<Body> {
 /// Stateful reconnect on WebSockets (see `session::replay` and [`relay`]): `None` when the
 /// token is not a stateful one (the plain WebSocket path applies).
 async fn stateful_plan(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     hub: &HubLifetime,
     token: &str,
     user: &str,
@@ -686,7 +688,7 @@ async fn stateful_plan(
 /// upgraded socket in a task. Stateful-reconnect tokens may instead resume a connection of
 /// this node, or be relayed to the node that owns it.
 pub(crate) async fn websocket(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     hub: Arc<HubLifetime>,
     token: Option<&str>,
     identity: Identity,
