@@ -1,16 +1,20 @@
 //! The demo's post service over HTTP (no browser): `/demo/users`, `/demo/feed`,
 //! `/demo/posts`, the page's assets, and the feed events a post publishes, checked with raw
-//! SignalR clients as Alice (1001), Bob (1002) and Carol (1003).
+//! SignalR clients as Alice (1001), Bob (1002) and Carol (1003); and services mounted on the
+//! router beside the demo (`http::mount`).
 //!
 //! Run just these: `cargo test --release --test demo_api`.
 
 #[path = "support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use feedhub::http::mount::{Mount, Route};
+use feedhub::http::respond::{text, Body};
 use feedhub::protocol::{HubMessage, ProtocolKind};
-use support::{start_feed_server_with, within, RawClient, TestServer};
+use support::{start_feed_server_built, start_feed_server_with, within, RawClient, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -317,4 +321,126 @@ async fn demo_is_off_without_dev_identities() {
     // The page itself is still served (it explains that the demo is off).
     let (status, _, _) = http(&server, "GET", "/", None, b"").await;
     assert_eq!(status, 200);
+}
+
+/// A mounted service that answers with its name, the method and the path it was handed.
+struct Echo(&'static str);
+
+#[async_trait::async_trait]
+impl Mount for Echo {
+    async fn handle(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+        path: &str,
+    ) -> http::Response<Body> {
+        text(
+            http::StatusCode::OK,
+            format!("{} {} {path}", self.0, req.method()),
+        )
+    }
+}
+
+/// A raw exchange with an `Origin` header: status, lower-cased head, body.
+async fn http_from_origin(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    origin: &str,
+) -> (u16, String, String) {
+    let addr = server.server().local_addr();
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    within("write", stream.write_all(head.as_bytes()))
+        .await
+        .expect("write");
+    let mut response = Vec::new();
+    let _ = within("read", stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_services_get_their_prefixes_after_the_builtin_routes() {
+    let server = start_feed_server_built(
+        |c| feedhub::ServerConfig {
+            dev_identities: true,
+            cors_origins: vec!["https://app.example".to_string()],
+            ..c
+        },
+        |b| {
+            b.mount(Route::prefix("/api/hubs/"), Arc::new(Echo("rest")))
+                .mount(Route::prefix("/api/health"), Arc::new(Echo("health")))
+                // Behind the demo's own `GET /`: never reached with GET.
+                .mount(Route::exact("/"), Arc::new(Echo("root")))
+        },
+    )
+    .await;
+    let cases = [
+        (
+            "GET",
+            "/api/hubs/feed/users/1001",
+            200,
+            "rest GET /api/hubs/feed/users/1001",
+        ),
+        (
+            "POST",
+            "/api/hubs/feed/:send/",
+            200,
+            "rest POST /api/hubs/feed/:send",
+        ),
+        ("HEAD", "/api/health", 200, ""),
+        ("GET", "/api/health/x", 200, "health GET /api/health/x"),
+        // A prefix ending in `/` needs more; one without it stops at a segment boundary.
+        ("GET", "/api/hubs", 404, "Not Found"),
+        ("GET", "/api/healthz", 404, "Not Found"),
+        // Built-in routes come first.
+        ("GET", "/healthz", 200, "ok"),
+        ("GET", "/api/feed", 405, "Method Not Allowed"),
+        // The demo's mounts come before later ones; its GET-only routes let other methods on.
+        ("GET", "/demo/users", 200, "Alice"),
+        ("GET", "/demo", 404, "Not Found"),
+        ("DELETE", "/demo/users", 405, "Method Not Allowed"),
+        ("POST", "/", 200, "root POST /"),
+        ("POST", "/app.js", 404, "Not Found"),
+        ("GET", "/app.js/", 200, "FeedUpdated"),
+    ];
+    for (method, path, status, body) in cases {
+        let (got, _, resp) = http(&server, method, path, None, b"").await;
+        assert_eq!(got, status, "{method} {path}: {resp}");
+        assert!(resp.contains(body), "{method} {path}: {resp}");
+    }
+    let (_, _, page) = http(&server, "GET", "/", None, b"").await;
+    assert!(
+        page.contains("<html"),
+        "the demo's page, not the later mount"
+    );
+    // CORS and the preflight apply to mounted services too.
+    let (got, head, resp) =
+        http_from_origin(&server, "GET", "/api/hubs/feed", "https://app.example").await;
+    assert_eq!(got, 200, "{resp}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-credentials: true"),
+        "{head}"
+    );
+    let (got, head, _) =
+        http_from_origin(&server, "OPTIONS", "/api/hubs/feed", "https://app.example").await;
+    assert_eq!(got, 204);
+    assert!(head.contains("access-control-allow-methods"), "{head}");
+    let (_, head, _) =
+        http_from_origin(&server, "GET", "/api/hubs/feed", "https://other.example").await;
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
 }

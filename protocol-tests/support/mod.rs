@@ -115,6 +115,25 @@ pub async fn start_feed_server_with(f: impl FnOnce(ServerConfig) -> ServerConfig
     wrap(server)
 }
 
+/// The feed server with an adjusted config and builder (e.g. mounted services).
+pub async fn start_feed_server_built(
+    f: impl FnOnce(ServerConfig) -> ServerConfig,
+    b: impl FnOnce(ServerBuilder) -> ServerBuilder,
+) -> TestServer {
+    let config = f(ServerConfig {
+        listen: local(),
+        jwt_secret: Some(TEST_SECRET.to_string()),
+        api_key: Some(TEST_API_KEY.to_string()),
+        feed_hub: Some(feed::FEED_HUB_PATH.to_string()),
+        ..ServerConfig::default()
+    });
+    let server = b(ServerBuilder::new(config).hub(feed::feed_hub()))
+        .start()
+        .await
+        .expect("feed server");
+    wrap(server)
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
