@@ -82,6 +82,9 @@ pub struct ServerConfig {
     pub max_connections_per_user: Option<usize>,
     /// Development mode (no JWT secret) may listen on a non-loopback address.
     pub dev_mode_public: bool,
+    /// Access key of the Azure SignalR data-plane REST API and client redirect
+    /// (`--azure-access-key`, see `azure`); `None`: not served.
+    pub azure_access_key: Option<String>,
 }
 
 impl ServerConfig {
@@ -123,6 +126,7 @@ impl Default for ServerConfig {
             limits: crate::http::limits::LimitsConfig::default(),
             max_connections_per_user: None,
             dev_mode_public: false,
+            azure_access_key: None,
         }
     }
 }
@@ -347,6 +351,12 @@ impl ServerBuilder {
             });
         }
 
+        // The Azure SignalR data-plane REST API and client redirect (`--azure-access-key`).
+        let azure = match config.azure_access_key.as_deref() {
+            Some("") => anyhow::bail!("--azure-access-key is empty"),
+            Some(key) => Some(Arc::new(crate::azure::RestApi::new(key, hubs.values()))),
+            None => None,
+        };
         let feed_hub = config.feed_hub.as_ref().and_then(|p| hubs.get(p).cloned());
         // The demo post service runs only where demo identities do.
         let demo = match (&feed_hub, config.dev_identities) {
@@ -380,6 +390,12 @@ impl ServerBuilder {
                 demo.clone(),
             )
             .mount(Route::prefix("/demo/"), demo);
+        if let Some(api) = &azure {
+            let api: Arc<dyn Mount> = api.clone();
+            for prefix in crate::azure::ROUTE_PREFIXES {
+                mounts.mount(Route::prefix(prefix), api.clone());
+            }
+        }
         for (route, service) in self.mounts {
             mounts.mount(route, service);
         }
@@ -430,6 +446,7 @@ impl ServerBuilder {
             mounts,
             admission,
             tls,
+            gateway: azure.map(|api| api as Arc<dyn crate::http::mount::HubGateway>),
         });
         // Relay messages of this node's channel are served with the HTTP state
         // (`http::on_relay_frame`); until the workers start, deliveries wait in their queues.

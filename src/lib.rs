@@ -23,6 +23,8 @@
 //!   state ([`http::state`]), built by [`app`]; services [`app`] mounts beside the hubs
 //!   ([`http::mount`]: the demo, a REST API) and the helpers they share ([`http::respond`]).
 //! - [`tls`]: TLS termination (rustls, PEM files reloaded on SIGHUP), per connection.
+//! - [`azure`]: the Azure SignalR Service data-plane REST API and serverless client
+//!   redirect (`--azure-access-key`).
 //! - [`app`]: the composition root; [`auth`], [`ids`], [`metrics`], [`feed`].
 //! - [`fuzzing`]: one entry point per parser of network or peer bytes, with its
 //!   invariants (the cargo-fuzz targets in `fuzz/` and the corpus replay test call them).
@@ -44,6 +46,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod azure;
 pub mod backplane;
 pub mod connection;
 pub mod demo;

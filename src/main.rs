@@ -98,6 +98,11 @@ struct Args {
     /// API key for POST /api/feed.
     #[arg(long, env = "FEEDHUB_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Access key of the Azure SignalR Service data-plane REST API (`/api/hubs/…`) and
+    /// serverless client redirect (`/client/…`): a backend using the connection string
+    /// `Endpoint=http://<this server>;AccessKey=<key>;Version=1.0;` works unchanged.
+    #[arg(long, env = "FEEDHUB_AZURE_ACCESS_KEY", hide_env_values = true)]
+    azure_access_key: Option<String>,
     /// Origins allowed for CORS (repeat, or comma-separate; `*` for any).
     #[arg(long, env = "FEEDHUB_CORS_ORIGINS", value_delimiter = ',')]
     cors_origin: Vec<String>,
@@ -198,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
         jwt,
         connection_key: args.connection_key,
         api_key: args.api_key,
+        azure_access_key: args.azure_access_key,
         cors_origins: args.cors_origin,
         dev_identities: development || args.dev_identities,
         feed_hub: Some(feed::FEED_HUB_PATH.to_string()),

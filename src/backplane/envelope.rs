@@ -18,6 +18,8 @@
 //! | 3 close | `connection: str`, `error: str or nil` |
 //! | 4 relay | `relay: uint`, `sub: uint`, then by `sub`: 0 open `connection: str, reply_node: str`; 1 opened `owner: str`; 2 data `seq: uint, data: bin, binary: bool`; 3 close (nothing); 4 request `reply_node: str, method: str, uri: str, headers: array of (str, bin) pairs, body: bin`; 5 head `status: uint, headers, body: bin, end: bool` |
 //! | 5 feed | `user: str`, `offset: uint`, `epoch: str`, `id: str` (empty: none), `payload: str` (JSON text, without the offset) |
+//! | 6 membership | `group: str or nil`, `add: bool`, `expires_ms: uint or nil` |
+//! | 7 close targets | `exclude: array of str`, `error: str or nil` |
 //!
 //! Kind 5 is written by the history script inside Redis (`history.lua`), which knows the
 //! offset and epoch only when it runs: [`feed_head`] gives the bytes before those fields
@@ -47,6 +49,8 @@ const KIND_GROUP: u64 = 2;
 const KIND_CLOSE: u64 = 3;
 const KIND_RELAY: u64 = 4;
 const KIND_FEED: u64 = 5;
+const KIND_MEMBERSHIP: u64 = 6;
+const KIND_CLOSE_TARGETS: u64 = 7;
 const ENC_JSON: u64 = 0;
 const ENC_MSGPACK: u64 = 1;
 
@@ -124,6 +128,37 @@ pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
             mp::write_str(&mut out, &msg.origin);
             mp::write_uint(&mut out, KIND_CLOSE);
             mp::write_str(&mut out, connection.as_str());
+            match error {
+                Some(e) => mp::write_str(&mut out, e),
+                None => mp::write_nil(&mut out),
+            }
+        }
+        BackplanePayload::Membership {
+            group,
+            add,
+            expires_ms,
+        } => {
+            mp::write_array_len(&mut out, 5);
+            mp::write_str(&mut out, &msg.origin);
+            mp::write_uint(&mut out, KIND_MEMBERSHIP);
+            match group {
+                Some(g) => mp::write_str(&mut out, g.as_str()),
+                None => mp::write_nil(&mut out),
+            }
+            mp::write_bool(&mut out, *add);
+            match expires_ms {
+                Some(ms) => mp::write_uint(&mut out, *ms),
+                None => mp::write_nil(&mut out),
+            }
+        }
+        BackplanePayload::CloseTargets { exclude, error } => {
+            mp::write_array_len(&mut out, 4);
+            mp::write_str(&mut out, &msg.origin);
+            mp::write_uint(&mut out, KIND_CLOSE_TARGETS);
+            mp::write_array_len(&mut out, exclude.len());
+            for c in exclude {
+                mp::write_str(&mut out, c.as_str());
+            }
             match error {
                 Some(e) => mp::write_str(&mut out, e),
                 None => mp::write_nil(&mut out),
@@ -352,6 +387,39 @@ pub fn decode(payload: Bytes) -> Result<BackplaneMessage, EnvelopeError> {
             let error = r.str_or_nil("error")?.map(str::to_string);
             BackplanePayload::CloseConnection { connection, error }
         }
+        KIND_MEMBERSHIP => {
+            expect(5)?;
+            let group = match r.str_or_nil("group")? {
+                Some(g) => {
+                    Some(GroupName::new(g).map_err(|e| EnvelopeError(format!("group: {e}")))?)
+                }
+                None => None,
+            };
+            let add = r.bool("add")?;
+            let expires_ms = match r.item()? {
+                mp::Item::Nil => None,
+                mp::Item::Uint(n) => Some(n),
+                _ => return Err(EnvelopeError("expires_ms is not uint or nil".to_string())),
+            };
+            BackplanePayload::Membership {
+                group,
+                add,
+                expires_ms,
+            }
+        }
+        KIND_CLOSE_TARGETS => {
+            expect(4)?;
+            let n = r.array_len("exclude")?;
+            if n as usize > r.remaining() {
+                return Err(EnvelopeError("bad exclude list".to_string()));
+            }
+            let mut exclude = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                exclude.push(connection_id(r.str("exclude")?)?);
+            }
+            let error = r.str_or_nil("error")?.map(str::to_string);
+            BackplanePayload::CloseTargets { exclude, error }
+        }
         KIND_FEED => {
             expect(7)?;
             let user = r.str("user")?.to_string();
@@ -487,6 +555,50 @@ mod tests {
             let back = round_trip(msg.clone());
             assert_eq!(format!("{back:?}"), format!("{msg:?}"));
         }
+    }
+
+    #[test]
+    fn membership_and_close_targets_round_trip() {
+        let payloads = vec![
+            BackplanePayload::Membership {
+                group: Some(GroupName::new("g 1").unwrap()),
+                add: true,
+                expires_ms: Some(1_765_000_000_000),
+            },
+            BackplanePayload::Membership {
+                group: None,
+                add: false,
+                expires_ms: None,
+            },
+            BackplanePayload::CloseTargets {
+                exclude: vec![
+                    ConnectionId::new("a").unwrap(),
+                    ConnectionId::new("b").unwrap(),
+                ],
+                error: Some("bye".into()),
+            },
+            BackplanePayload::CloseTargets {
+                exclude: vec![],
+                error: None,
+            },
+        ];
+        for payload in payloads {
+            let msg = BackplaneMessage {
+                origin: "node-a".into(),
+                payload,
+            };
+            let back = round_trip(msg.clone());
+            assert_eq!(format!("{back:?}"), format!("{msg:?}"));
+        }
+        // A membership with a non-integer end is refused, not misread.
+        let mut bad = MAGIC.to_vec();
+        mp::write_array_len(&mut bad, 5);
+        mp::write_str(&mut bad, "n");
+        mp::write_uint(&mut bad, KIND_MEMBERSHIP);
+        mp::write_nil(&mut bad);
+        mp::write_bool(&mut bad, true);
+        mp::write_str(&mut bad, "soon");
+        assert!(decode(Bytes::from(bad)).is_err());
     }
 
     fn round_trip(msg: BackplaneMessage) -> BackplaneMessage {

@@ -5,6 +5,9 @@
 //! Messages are passed as `Arc`s, never encoded: the bus is a map from channel to the
 //! inboxes of the nodes subscribed to it.
 //!
+//! The Azure REST API's user groups live on the bus too (per hub scope and user, a map of
+//! group → end, ended ones dropped on touch and in a sweep every few thousand adds).
+//!
 //! Feed history lives on the bus too (so every "node" of a test cluster reads the same
 //! one): per user a `VecDeque` of at most `size` events, none older than `ttl`, and a
 //! position (a random epoch made when the user's history is created, and the top offset).
@@ -35,6 +38,25 @@ use super::{
 pub struct MemoryBus {
     subscribers: Arc<Mutex<Subscribers>>,
     histories: Arc<Mutex<Histories>>,
+    user_groups: Arc<Mutex<UserGroups>>,
+}
+
+/// (hub scope, user) → group → end (Unix ms): the Azure REST API's user groups.
+#[derive(Debug, Default)]
+struct UserGroups {
+    users: HashMap<(String, String), HashMap<String, u64>>,
+    since_sweep: u64,
+}
+
+impl UserGroups {
+    /// Drops ended memberships of every user (bounded memory: users never looked at again).
+    fn sweep(&mut self, now_ms: u64) {
+        self.users.retain(|_, groups| {
+            groups.retain(|_, end| *end > now_ms);
+            !groups.is_empty()
+        });
+        self.since_sweep = 0;
+    }
 }
 
 /// Appends between two sweeps of idle users.
@@ -127,6 +149,10 @@ impl MemoryBus {
 
     fn lock_histories(&self) -> std::sync::MutexGuard<'_, Histories> {
         self.histories.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_user_groups(&self) -> std::sync::MutexGuard<'_, UserGroups> {
+        self.user_groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Forgets every history (as a Redis restart without persistence would): the next
@@ -333,6 +359,86 @@ impl Backplane for MemoryBackplane {
             all.sweep(cfg, now);
         }
         Ok(out)
+    }
+
+    async fn user_group_add(
+        &self,
+        scope: &str,
+        user: &str,
+        group: &str,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), BackplaneError> {
+        let mut all = self.bus.lock_user_groups();
+        let groups = all
+            .users
+            .entry((scope.to_string(), user.to_string()))
+            .or_default();
+        groups.retain(|_, end| *end > now_ms);
+        groups.insert(group.to_string(), expires_ms);
+        while groups.len() > super::MAX_USER_GROUPS {
+            // The membership ending soonest goes first.
+            let Some(soonest) = groups
+                .iter()
+                .min_by_key(|(_, end)| **end)
+                .map(|(g, _)| g.clone())
+            else {
+                break;
+            };
+            groups.remove(&soonest);
+        }
+        all.since_sweep += 1;
+        if all.since_sweep >= SWEEP_EVERY {
+            all.sweep(now_ms);
+        }
+        Ok(())
+    }
+
+    async fn user_group_remove(
+        &self,
+        scope: &str,
+        user: &str,
+        group: Option<&str>,
+    ) -> Result<(), BackplaneError> {
+        let mut all = self.bus.lock_user_groups();
+        let key = (scope.to_string(), user.to_string());
+        match group {
+            None => {
+                all.users.remove(&key);
+            }
+            Some(g) => {
+                if let Some(groups) = all.users.get_mut(&key) {
+                    groups.remove(g);
+                    if groups.is_empty() {
+                        all.users.remove(&key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn user_groups(
+        &self,
+        scope: &str,
+        user: &str,
+        now_ms: u64,
+    ) -> Result<Vec<super::UserGroup>, BackplaneError> {
+        let all = self.bus.lock_user_groups();
+        Ok(all
+            .users
+            .get(&(scope.to_string(), user.to_string()))
+            .map(|groups| {
+                groups
+                    .iter()
+                    .filter(|(_, end)| **end > now_ms)
+                    .map(|(g, end)| super::UserGroup {
+                        group: g.clone(),
+                        expires_ms: *end,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     async fn history(

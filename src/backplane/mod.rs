@@ -85,6 +85,26 @@ pub enum BackplanePayload {
     /// A transport relayed between the node a client's request landed on and the node that
     /// owns the connection (no sticky sessions; see `http::relay`).
     Relay(RelayFrame),
+    /// Group membership of the channel's local connections (published on a user's channel:
+    /// every connection of the user; on a connection's channel: that connection), for the
+    /// Azure REST API's user groups (`hub::admin`).
+    Membership {
+        /// The group; `None` with `add == false`: every group.
+        group: Option<GroupName>,
+        /// true: add; false: remove.
+        add: bool,
+        /// When an added user membership ends (Unix milliseconds); `None`: it is not
+        /// tracked (the connections stay until they leave or are removed).
+        expires_ms: Option<u64>,
+    },
+    /// Close the channel's local connections (a user's, a group's, or every one), except
+    /// `exclude`, with Close error `error`.
+    CloseTargets {
+        /// Connections left open.
+        exclude: Vec<ConnectionId>,
+        /// Close error text.
+        error: Option<String>,
+    },
     /// A feed event appended to its user's history ([`Backplane::append`]): delivered as the
     /// hub's feed invocation with `"offset"` spliced into object payloads.
     Feed(FeedMessage),
@@ -181,6 +201,19 @@ pub enum RelayKind {
     },
 }
 
+/// One group membership of a user ([`Backplane::user_groups`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserGroup {
+    /// The group.
+    pub group: String,
+    /// When the membership ends (Unix milliseconds).
+    pub expires_ms: u64,
+}
+
+/// Most group memberships kept per user ([`Backplane::user_group_add`]); beyond it the ones
+/// ending soonest are dropped.
+pub const MAX_USER_GROUPS: usize = 1000;
+
 /// Backplane failures.
 #[derive(Debug, thiserror::Error)]
 pub enum BackplaneError {
@@ -263,6 +296,53 @@ pub trait Backplane: Send + Sync + 'static {
         since: Option<u64>,
         limit: usize,
     ) -> Result<HistoryPage, BackplaneError>;
+
+    /// Records, for every node, that `user` of hub `scope` is in `group` until `expires_ms`
+    /// (Unix milliseconds; a later call for the same group replaces the end). Memberships
+    /// that ended by `now_ms` are dropped; at most [`MAX_USER_GROUPS`] are kept per user
+    /// (the ones ending soonest go first). The Azure REST API's user groups: they also
+    /// apply to connections the user opens later (Redis: one sorted set per user, scored by
+    /// the end, expiring with its last member).
+    async fn user_group_add(
+        &self,
+        scope: &str,
+        user: &str,
+        group: &str,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), BackplaneError> {
+        let _ = (scope, user, group, expires_ms, now_ms);
+        Err(BackplaneError::Unavailable(format!(
+            "the {} backplane keeps no user groups",
+            self.name()
+        )))
+    }
+
+    /// Removes `user` of hub `scope` from `group` (`None`: from every group).
+    async fn user_group_remove(
+        &self,
+        scope: &str,
+        user: &str,
+        group: Option<&str>,
+    ) -> Result<(), BackplaneError> {
+        let _ = (scope, user, group);
+        Err(BackplaneError::Unavailable(format!(
+            "the {} backplane keeps no user groups",
+            self.name()
+        )))
+    }
+
+    /// The groups `user` of hub `scope` is in at `now_ms` (memberships ending later), in no
+    /// particular order.
+    async fn user_groups(
+        &self,
+        scope: &str,
+        user: &str,
+        now_ms: u64,
+    ) -> Result<Vec<UserGroup>, BackplaneError> {
+        let _ = (scope, user, now_ms);
+        Ok(Vec::new())
+    }
 }
 
 /// A fresh random epoch (16 hex digits).

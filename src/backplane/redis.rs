@@ -34,6 +34,10 @@
 //! read back from history by the hubs, and the forwarded HTTP exchanges in flight fail
 //! (`http::forward`: a lost poll answer or stream frame cannot be read back).
 //!
+//! The Azure REST API's user groups ([`Backplane::user_group_add`]) are one sorted set per
+//! hub and user, `<scope>:ugroups:<user>`, scored by each membership's end (Unix ms) and
+//! expiring with the last one (a Lua script adds, trims and sets the expiry atomically).
+//!
 //! Channel names are documented in [`super::channel`]; payloads in [`super::envelope`].
 
 use std::collections::HashSet;
@@ -505,6 +509,119 @@ impl Backplane for RedisBackplane {
             .read(&mut conn, &cfg.history, user, since, limit, cfg.op_timeout)
             .await;
         self.settle(result)
+    }
+
+    async fn user_group_add(
+        &self,
+        scope: &str,
+        user: &str,
+        group: &str,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), BackplaneError> {
+        let mut conn = self.connection()?;
+        // EVAL (not EVALSHA): a rare call, and a short script.
+        let cmd = ::redis::cmd("EVAL")
+            .arg(USER_GROUP_ADD)
+            .arg(1)
+            .arg(user_groups_key(scope, user))
+            .arg(now_ms)
+            .arg(expires_ms)
+            .arg(group)
+            .arg(super::MAX_USER_GROUPS)
+            .to_owned();
+        self.timed("user group add", cmd.query_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
+    async fn user_group_remove(
+        &self,
+        scope: &str,
+        user: &str,
+        group: Option<&str>,
+    ) -> Result<(), BackplaneError> {
+        let mut conn = self.connection()?;
+        let key = user_groups_key(scope, user);
+        let cmd = match group {
+            Some(g) => ::redis::cmd("ZREM").arg(&key).arg(g).to_owned(),
+            None => ::redis::cmd("DEL").arg(&key).to_owned(),
+        };
+        self.timed("user group remove", cmd.query_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
+    async fn user_groups(
+        &self,
+        scope: &str,
+        user: &str,
+        now_ms: u64,
+    ) -> Result<Vec<super::UserGroup>, BackplaneError> {
+        let mut conn = self.connection()?;
+        let cmd = ::redis::cmd("ZRANGEBYSCORE")
+            .arg(user_groups_key(scope, user))
+            .arg(format!("({now_ms}"))
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .to_owned();
+        let flat: Vec<String> = self
+            .timed("user groups", cmd.query_async(&mut conn))
+            .await?;
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| match pair {
+                [group, score] => Some(super::UserGroup {
+                    group: group.clone(),
+                    expires_ms: score.parse::<f64>().ok()? as u64,
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+// ---- user groups (the Azure REST API's) ----
+
+/// Adds one membership to a user's sorted set (scored by its end), drops ended ones and
+/// those over the cap (soonest end first), and lets the key expire with its last member.
+/// KEYS[1]: the set; ARGV: now (ms), end (ms), group, cap.
+const USER_GROUP_ADD: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2])))
+return 1
+";
+
+/// The sorted set of a user's groups in hub `scope`.
+fn user_groups_key(scope: &str, user: &str) -> String {
+    format!("{scope}:ugroups:{user}")
+}
+
+impl RedisBackplane {
+    /// Runs one command on the publishing connection within the operation timeout; a broken
+    /// connection is reconnected.
+    async fn timed<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, ::redis::RedisError>>,
+    ) -> Result<T, BackplaneError> {
+        match tokio::time::timeout(self.shared.config.op_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.shared.current_session().cancel();
+                }
+                Err(BackplaneError::Unavailable(format!("Redis {what}: {e}")))
+            }
+            Err(_) => Err(BackplaneError::Unavailable(format!(
+                "Redis {what} timed out after {:?}",
+                self.shared.config.op_timeout
+            ))),
+        }
     }
 }
 

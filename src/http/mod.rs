@@ -123,6 +123,12 @@ fn preflight(req: &Request<Incoming>) -> Response<Body> {
 }
 
 async fn route(state: &Arc<HttpState>, req: Request<Incoming>) -> Response<Body> {
+    // Another way into the hubs (the Azure SignalR client redirect's `/client/…`): its
+    // paths mapped onto the hubs' own (`mount::HubGateway`).
+    let req = match &state.gateway {
+        Some(gateway) => gateway.rewrite(req),
+        None => req,
+    };
     let path = req.uri().path().trim_end_matches('/').to_string();
     let path = if path.is_empty() {
         "/".to_string()
@@ -196,7 +202,14 @@ fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let result = match token_from_request(uri.query(), auth_header) {
-        Some(t) => state.auth.verify(&t),
+        // A gateway's token (the Azure client redirect) where the hub's own check fails.
+        Some(t) => state.auth.verify(&t).or_else(|e| {
+            state
+                .gateway
+                .as_ref()
+                .and_then(|g| g.identity(hub, &t, headers))
+                .ok_or(e)
+        }),
         None if hub.definition().options.require_auth => Err(AuthError::Missing),
         None => Ok(Identity::anonymous()),
     };

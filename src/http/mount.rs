@@ -37,16 +37,34 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use http::{Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response};
 use hyper::body::Incoming;
 
 use super::respond::Body;
+use crate::auth::Identity;
+use crate::hub::HubLifetime;
 
 /// A service the router dispatches requests to (see the module doc).
 #[async_trait]
 pub trait Mount: Send + Sync {
     /// Answers `req`; `path` is its path with trailing slashes removed (`/` when empty).
     async fn handle(&self, req: Request<Incoming>, path: &str) -> Response<Body>;
+}
+
+/// Another way into the hubs, set by the composition root (the Azure SignalR serverless
+/// client redirect, `crate::azure`): before routing, the router lets it map its own paths
+/// onto a hub's negotiate and connect paths ([`HubGateway::rewrite`]); and where a hub's
+/// authenticator refuses a request's token, the gateway may vouch for it
+/// ([`HubGateway::identity`]). Everything else (transports, limits, forwarding) is the
+/// hub's own.
+pub trait HubGateway: Send + Sync {
+    /// `req` with its URI rewritten to a hub's path when it is on one of the gateway's
+    /// paths; unchanged otherwise.
+    fn rewrite(&self, req: Request<Incoming>) -> Request<Incoming>;
+
+    /// The identity `token` proves for `hub` (request headers `headers`), if the gateway
+    /// issued it; `None` otherwise.
+    fn identity(&self, hub: &HubLifetime, token: &str, headers: &HeaderMap) -> Option<Identity>;
 }
 
 /// Which requests a mounted service gets.

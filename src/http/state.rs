@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use super::connections::Connections;
 use super::limits::Admission;
-use super::mount::Mounts;
+use super::mount::{HubGateway, Mounts};
 use super::negotiate::Tokens;
 use super::relay::Router;
 use crate::auth::Authenticator;
@@ -54,4 +54,7 @@ pub struct HttpState {
     pub(crate) admission: Arc<Admission>,
     /// TLS on the listener (`--tls-cert`/`--tls-key`); `None` serves plain HTTP.
     pub(crate) tls: Option<Arc<Tls>>,
+    /// Another way into the hubs (the Azure SignalR client redirect; see
+    /// `http::mount::HubGateway`).
+    pub(crate) gateway: Option<Arc<dyn HubGateway>>,
 }

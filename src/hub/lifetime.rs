@@ -70,7 +70,7 @@ pub fn user_cap_message(max: usize) -> String {
 pub struct HubLifetime {
     pub(super) def: HubDefinition,
     pub(super) registry: Registry,
-    subs: Arc<Subscriptions>,
+    pub(super) subs: Arc<Subscriptions>,
     pub(super) backplane: Arc<dyn Backplane>,
     pub(super) scheme: ChannelScheme,
     /// This runtime itself, for the tasks it spawns (gap repairs).
@@ -78,6 +78,8 @@ pub struct HubLifetime {
     /// Per user with local connections: the last delivered feed position.
     pub(super) cursors: DashMap<UserId, CursorCell>,
     pub(super) history_stats: HistoryStats,
+    /// Memberships of local users in groups kept by the backplane (`admin`).
+    pub(super) user_groups: super::admin::UserGroups,
 }
 
 impl std::fmt::Debug for HubLifetime {
@@ -106,6 +108,7 @@ impl HubLifetime {
             me: me.clone(),
             cursors: DashMap::new(),
             history_stats: HistoryStats::default(),
+            user_groups: super::admin::UserGroups::default(),
         })
     }
 
@@ -180,6 +183,8 @@ impl HubLifetime {
                 self.init_cursor(user);
             }
         }
+        // The user's groups kept by the backplane (only where they are enabled).
+        self.apply_user_groups(conn).await;
         METRICS
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -200,6 +205,7 @@ impl HubLifetime {
         if let Some(user) = conn.user_id() {
             if last_for_user {
                 self.drop_cursor(user);
+                self.forget_user_groups(user);
             }
             self.subs.release(self.scheme.user(user), false);
         }
@@ -343,7 +349,7 @@ impl HubLifetime {
         }
     }
 
-    async fn add_local_to_group(
+    pub(super) async fn add_local_to_group(
         &self,
         conn: &ConnectionHandle,
         group: &GroupName,
@@ -368,7 +374,7 @@ impl HubLifetime {
         Ok(())
     }
 
-    fn remove_local_from_group(&self, conn: &ConnectionHandle, group: &GroupName) {
+    pub(super) fn remove_local_from_group(&self, conn: &ConnectionHandle, group: &GroupName) {
         if self.registry.remove_from_group(group, &conn.id).is_some() {
             conn.groups
                 .lock()
@@ -511,6 +517,14 @@ impl HubLifetime {
                 if let Some(conn) = self.registry.get(connection) {
                     conn.close(error.clone(), false);
                 }
+            }
+            BackplanePayload::Membership {
+                group,
+                add,
+                expires_ms,
+            } => self.on_membership(target, group.as_ref(), *add, *expires_ms),
+            BackplanePayload::CloseTargets { exclude, error } => {
+                self.close_local(target, exclude, error);
             }
             // Handled by the node's relay router before hubs see deliveries.
             BackplanePayload::Relay(_) => {}

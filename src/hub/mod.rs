@@ -11,9 +11,12 @@
 //! - [`lifetime`]: the per-hub runtime: registry, subscriptions, local-first fan-out, and
 //!   inbound backplane deliveries.
 //! - [`registry`] / [`subscriptions`]: who is connected; which channels this node listens to.
+//! - [`admin`]: what a management API asks across nodes: existence checks, user groups
+//!   kept by the backplane, closing by user, group or all.
 //! - [`history`]: feed appends, offset-checked delivery and gap repair ([`cursor`]: the
 //!   pure per-user cursor).
 
+pub mod admin;
 pub mod builder;
 pub mod clients;
 pub mod context;

@@ -142,6 +142,12 @@ impl Subscriptions {
         }
     }
 
+    /// Whether this node is subscribed to `channel` (members or not: an unsubscribe may be
+    /// waiting for its debounce).
+    pub fn is_subscribed(&self, channel: &Channel) -> bool {
+        self.with_state(|st| st.get(channel).is_some_and(|e| e.subscribed))
+    }
+
     /// Local member count of `channel`.
     pub fn count(&self, channel: &Channel) -> usize {
         self.with_state(|st| st.get(channel).map_or(0, |e| e.count))
