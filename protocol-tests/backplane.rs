@@ -16,6 +16,10 @@
 //! appended or published again; a lost history (memory: forgotten; Redis: the meta key
 //! deleted) gets a new epoch and starts at offset 1 again.
 //!
+//! The user-group cases drive [`Backplane::user_group_add`], [`Backplane::user_group_remove`]
+//! and [`Backplane::user_groups`] (the Azure REST API's user groups) from two nodes: shared,
+//! ending at their end, per hub scope, removable, capped per user.
+//!
 //! Run: `cargo test --release --test backplane`. Without Redis the Redis cases print
 //! `SKIPPED`, except under `CI=true`, where they fail.
 
@@ -504,6 +508,134 @@ async fn history_large_batch_keeps_order(c: Cluster) {
     assert_eq!(page.events.len(), 233);
 }
 
+// ---- user groups (the Azure REST API's) ----
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+async fn group_names(bp: &Arc<dyn Backplane>, scope: &str, user: &str, now: u64) -> Vec<String> {
+    let mut names: Vec<String> = bp
+        .user_groups(scope, user, now)
+        .await
+        .expect("user groups")
+        .into_iter()
+        .map(|g| g.group)
+        .collect();
+    names.sort();
+    names
+}
+
+/// A user's group memberships are shared by every node, end at their end (a later add
+/// replaces it), are kept per hub scope, can be removed one by one or all at once, and are
+/// capped per user (the ones ending soonest go); on Redis the key expires with its last
+/// membership.
+async fn user_groups_are_shared_and_end(mut c: Cluster) {
+    let (a, _ra) = side_backplane(&c, &format!("{}-ug-a", c.prefix), history_config(&c, 10)).await;
+    let (b, _rb) = side_backplane(&c, &format!("{}-ug-b", c.prefix), history_config(&c, 10)).await;
+    let scope = format!("{}:/hubs/feed", c.prefix);
+    let user = c.user("ug");
+    let now = unix_ms();
+    a.user_group_add(&scope, &user, "g1", now + 60_000, now)
+        .await
+        .expect("add");
+    a.user_group_add(&scope, &user, "g2", now + 1_000, now)
+        .await
+        .expect("add");
+    b.user_group_add(&scope, &user, "g 3", now + 120_000, now)
+        .await
+        .expect("add");
+    assert_eq!(
+        group_names(&b, &scope, &user, now).await,
+        ["g 3", "g1", "g2"]
+    );
+    assert_eq!(
+        group_names(&a, &scope, &user, now + 1_000).await,
+        ["g 3", "g1"],
+        "g2 ended"
+    );
+    let ends: Vec<u64> = b
+        .user_groups(&scope, &user, now)
+        .await
+        .expect("user groups")
+        .into_iter()
+        .filter(|g| g.group == "g1")
+        .map(|g| g.expires_ms)
+        .collect();
+    assert_eq!(ends, [now + 60_000]);
+    b.user_group_add(&scope, &user, "g1", now + 500, now)
+        .await
+        .expect("re-add");
+    assert_eq!(
+        group_names(&a, &scope, &user, now + 600).await,
+        ["g 3"],
+        "the later add's end wins"
+    );
+    assert!(group_names(&a, "another-scope", &user, now)
+        .await
+        .is_empty());
+    a.user_group_remove(&scope, &user, Some("g 3"))
+        .await
+        .expect("remove");
+    assert!(group_names(&b, &scope, &user, now + 600).await.is_empty());
+    b.user_group_remove(&scope, &user, None)
+        .await
+        .expect("remove all");
+    assert!(group_names(&a, &scope, &user, now).await.is_empty());
+    // The cap: the memberships ending soonest are dropped.
+    let capped = c.user("capped");
+    let max = feedhub::backplane::MAX_USER_GROUPS;
+    for i in 0..max + 3 {
+        a.user_group_add(
+            &scope,
+            &capped,
+            &format!("c{i}"),
+            now + 60_000 + i as u64,
+            now,
+        )
+        .await
+        .expect("add");
+    }
+    let kept = b
+        .user_groups(&scope, &capped, now)
+        .await
+        .expect("user groups");
+    assert_eq!(kept.len(), max);
+    assert!(
+        kept.iter().all(|g| g.expires_ms >= now + 60_003),
+        "soonest dropped"
+    );
+    a.user_group_remove(&scope, &capped, None)
+        .await
+        .expect("remove all");
+    // Redis: the key goes away with its last membership.
+    if let Some(conn) = c.inspect.as_mut() {
+        let short = c.prefix.clone() + "-short";
+        let t = unix_ms();
+        a.user_group_add(&scope, &short, "g", t + 300, t)
+            .await
+            .expect("add");
+        let key = format!("{scope}:ugroups:{short}");
+        let exists = |conn: &mut ::redis::aio::MultiplexedConnection| {
+            let key = key.clone();
+            let mut conn = conn.clone();
+            async move {
+                ::redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .expect("EXISTS")
+            }
+        };
+        assert_eq!(exists(conn).await, 1);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(exists(conn).await, 0, "expired with its last membership");
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -541,6 +673,7 @@ conformance!(
     history_redelivery_is_deduplicated,
     history_lost_gets_a_new_epoch,
     history_large_batch_keeps_order,
+    user_groups_are_shared_and_end,
 );
 
 /// Redis: a script call that fails keeps the events before the failure complete and stops

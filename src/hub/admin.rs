@@ -479,7 +479,6 @@ impl HubLifetime {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::backplane::memory::{MemoryBackplane, MemoryBus};
     use crate::backplane::{Backplane, Inbox};
 
@@ -508,7 +507,7 @@ mod tests {
         let got = bp.user_groups("s", "u", 2_000).await.unwrap();
         assert_eq!(got.len(), 1, "a ended at 2000");
         bp.user_group_remove("s", "u", Some("b")).await.unwrap();
-        assert!(bp.user_groups("s", "u", 0).await.unwrap().is_empty());
+        assert!(bp.user_groups("s", "u", 2_000).await.unwrap().is_empty());
         for i in 0..(crate::backplane::MAX_USER_GROUPS + 5) {
             bp.user_group_add("s", "v", &format!("g{i}"), 10_000 + i as u64, 0)
                 .await
