@@ -570,7 +570,7 @@ async fn user_groups_are_shared_and_end(mut c: Cluster) {
         .await
         .expect("re-add");
     assert_eq!(
-        group_names(&a, &scope, &user, now + 600).await,
+        group_names(&a, &scope, &user, now + 1_000).await,
         ["g 3"],
         "the later add's end wins"
     );
@@ -580,7 +580,7 @@ async fn user_groups_are_shared_and_end(mut c: Cluster) {
     a.user_group_remove(&scope, &user, Some("g 3"))
         .await
         .expect("remove");
-    assert!(group_names(&b, &scope, &user, now + 600).await.is_empty());
+    assert!(group_names(&b, &scope, &user, now + 1_000).await.is_empty());
     b.user_group_remove(&scope, &user, None)
         .await
         .expect("remove all");
