@@ -1081,7 +1081,7 @@ async fn start_app(feedhub_url: String, user: String) -> (String, tokio::task::J
                 let head = String::from_utf8_lossy(&buf[..got]).to_string();
                 let url = format!("{feedhub_url}/client/?hub=feed");
                 // The aud without the port, as the SDK writes it.
-                let aud = format!("http://127.0.0.1/client/?hub=feed");
+                let aud = "http://127.0.0.1/client/?hub=feed";
                 let t = now();
                 let token = sign(
                     KEY,
