@@ -139,11 +139,6 @@ impl RestApi {
         }
     }
 
-    /// Whether `path` is the REST API's (`/api/hubs/…`, `/api/v1/hubs/…`, `/api/health`).
-    pub fn is_rest_path(path: &str) -> bool {
-        routes::is_rest_path(path)
-    }
-
     /// Serves one REST request.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
