@@ -80,6 +80,14 @@ pub struct ServerConfig {
     pub max_connections_per_user: Option<usize>,
     /// Development mode (no JWT secret) may listen on a non-loopback address.
     pub dev_mode_public: bool,
+    /// ASP.NET Redis backplane interop (`--aspnet-hub <route>=<hub type>`): (hub route, CLR
+    /// hub type full name) pairs; each route must be a mounted hub.
+    pub aspnet_hubs: Vec<(String, String)>,
+    /// StackExchange.Redis channel prefix of the ASP.NET servers (`--aspnet-channel-prefix`,
+    /// default empty).
+    pub aspnet_channel_prefix: String,
+    /// How long an ASP.NET group command waits for its ack (ASP.NET: 30 s).
+    pub aspnet_ack_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -121,6 +129,9 @@ impl Default for ServerConfig {
             limits: crate::http::limits::LimitsConfig::default(),
             max_connections_per_user: None,
             dev_mode_public: false,
+            aspnet_hubs: Vec::new(),
+            aspnet_channel_prefix: String::new(),
+            aspnet_ack_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -303,8 +314,22 @@ impl ServerBuilder {
             ),
         };
         let shutdown = CancellationToken::new();
+        if let Some((route, _)) = config
+            .aspnet_hubs
+            .iter()
+            .find(|(route, _)| !self.hubs.iter().any(|h| &h.path == route))
+        {
+            anyhow::bail!("--aspnet-hub: no hub is mounted at {route}");
+        }
         let mut hubs = HashMap::new();
         for mut def in self.hubs {
+            if let Some((_, hub_type)) = config.aspnet_hubs.iter().find(|(r, _)| *r == def.path) {
+                def.options.aspnet = Some(crate::hub::AspNetOptions {
+                    hub_type: hub_type.clone(),
+                    channel_prefix: config.aspnet_channel_prefix.clone(),
+                    ack_timeout: config.aspnet_ack_timeout,
+                });
+            }
             if let Some(prefix) = &config.channel_prefix {
                 def.options.channel_prefix = prefix.clone();
             }

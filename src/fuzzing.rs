@@ -538,7 +538,9 @@ pub fn envelope(data: &[u8]) {
         assert!(data.starts_with(&envelope::MAGIC), "foreign text refused");
         return;
     };
-    if !data.starts_with(&envelope::MAGIC) {
+    if envelope::is_aspnet(data) {
+        assert!(matches!(&msg.payload, BackplanePayload::AspNet(b) if b[..] == *data));
+    } else if !data.starts_with(&envelope::MAGIC) {
         assert!(matches!(&msg.payload, BackplanePayload::RawJson(b) if b[..] == *data));
     }
     if let BackplanePayload::RawJson(b) = &msg.payload {

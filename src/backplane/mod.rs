@@ -18,6 +18,7 @@
 //! backplane lost and regained its subscriptions, it tells the node ([`Inbox::next_resync`])
 //! so the node can fill the gap from history.
 
+pub mod aspnet;
 pub mod channel;
 pub mod envelope;
 pub mod history;
@@ -88,6 +89,9 @@ pub enum BackplanePayload {
     /// A feed event appended to its user's history ([`Backplane::append`]): delivered as the
     /// hub's feed invocation with `"offset"` spliced into object payloads.
     Feed(FeedMessage),
+    /// A payload in ASP.NET Core SignalR's Redis backplane format ([`aspnet`]), undecoded:
+    /// its meaning depends on the channel, so the hub decodes it. Published as is.
+    AspNet(Bytes),
 }
 
 /// A feed event as published by [`Backplane::append`].

@@ -11,9 +11,11 @@
 //! - [`lifetime`]: the per-hub runtime: registry, subscriptions, local-first fan-out, and
 //!   inbound backplane deliveries.
 //! - [`registry`] / [`subscriptions`]: who is connected; which channels this node listens to.
+//! - [`aspnet`]: sharing the Redis backplane with ASP.NET Core SignalR servers.
 //! - [`history`]: feed appends, offset-checked delivery and gap repair ([`cursor`]: the
 //!   pure per-user cursor).
 
+pub mod aspnet;
 pub mod builder;
 pub mod clients;
 pub mod context;
@@ -26,7 +28,7 @@ pub mod subscriptions;
 
 use std::fmt;
 
-pub use builder::{HubBuilder, HubDefinition, HubOptions, Transports};
+pub use builder::{AspNetOptions, HubBuilder, HubDefinition, HubOptions, Transports};
 pub use clients::{ClientProxy, Clients, Groups, SingleClientProxy};
 pub use context::HubContext;
 pub use history::{HistoryCounts, HistoryStats};
