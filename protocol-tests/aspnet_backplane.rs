@@ -613,6 +613,18 @@ async fn harness_sends_reach_feedhub_clients_as_is() {
     f.publish(&f.ch("group:friends"), &c2()).await;
     assert_eq!(next_msg(&mut j).await.0, "FeedUpdated");
     assert!(f.metric(0, line).await > before);
+    // A json entry without its 0x1E: not pushed to the JSON client (it would break its
+    // parser), counted; the MessagePack entry still reaches the MessagePack client.
+    let line = "feedhub_backplane_malformed_total{kind=\"aspnet_user\"} ";
+    let before = f.metric(0, line).await;
+    let mut bad = aspnet::decode_invocation(&Bytes::from(c2())).unwrap();
+    let json = bad.serializations[0].1.clone();
+    bad.serializations[0].1 = json.slice(..json.len() - 1);
+    f.publish(&f.ch("user:1002"), &aspnet::encode_invocation(&bad))
+        .await;
+    assert_eq!(next_msg(&mut m).await.0, "FeedUpdated");
+    j.expect_nothing(QUIET).await;
+    assert!(f.metric(0, line).await > before);
     f.publish(&f.ch("user:1002"), &c2()).await;
     for c in [&mut j, &mut m] {
         assert_eq!(next_msg(c).await.0, "FeedUpdated", "still delivering");

@@ -30,7 +30,7 @@
 //! skipped; nothing here blocks a dispatch worker (anything that awaits is spawned).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,7 +66,19 @@ pub(super) struct AspNetLink {
     next_id: AtomicI64,
     acks: Mutex<HashMap<i64, oneshot::Sender<()>>>,
     results: Mutex<HashMap<String, oneshot::Sender<CompletionResult>>>,
+    /// Client result calls from other servers forwarded to local clients and not answered
+    /// yet (each holds a pending result on its connection and a waiting task).
+    forwarded: Arc<AtomicUsize>,
     malformed_logged: AtomicU64,
+}
+
+/// Releases one forwarded client result call's slot.
+struct ForwardSlot(Arc<AtomicUsize>);
+
+impl Drop for ForwardSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl AspNetLink {
@@ -78,6 +90,7 @@ impl AspNetLink {
             next_id: AtomicI64::new(1),
             acks: Mutex::new(HashMap::new()),
             results: Mutex::new(HashMap::new()),
+            forwarded: Arc::new(AtomicUsize::new(0)),
             malformed_logged: AtomicU64::new(0),
         }
     }
@@ -429,7 +442,7 @@ impl HubLifetime {
         &self,
         link: &AspNetLink,
         target: &AspNetTarget,
-        inv: AspNetInvocation,
+        mut inv: AspNetInvocation,
     ) {
         match &inv.origin {
             // Feed copies: feedhub nodes have the event from the feed channel, with history.
@@ -437,6 +450,16 @@ impl HubLifetime {
             // This node's own send: delivered locally when it was sent.
             Some(Origin::Send(node)) if node == self.backplane.node_id() => return,
             _ => {}
+        }
+        // Frames go to sockets as they are: one whose framing is broken would desynchronise
+        // the client's parser (its SignalR client then closes), so such entries are dropped
+        // and counted (ASP.NET forwards them).
+        let before = inv.serializations.len();
+        inv.serializations.retain(|(name, frame)| {
+            ProtocolKind::from_name(name).is_none_or(|k| well_framed(k, frame))
+        });
+        if inv.serializations.len() != before {
+            self.aspnet_malformed(target, "an entry's frame is not framed for its protocol");
         }
         let push = |c: &ConnectionHandle| {
             if inv.excluded.iter().any(|e| e == c.id.as_str()) {
@@ -482,6 +505,12 @@ impl HubLifetime {
             inc(&METRICS.aspnet_missing_protocol);
             return;
         };
+        if link.forwarded.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
+            link.forwarded.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(conn_id = %conn.id, "too many client result calls pending; call dropped");
+            return;
+        }
+        let slot = ForwardSlot(link.forwarded.clone());
         let rx = conn.register_result_as(call.to_string());
         if conn.send_bytes(frame.clone()).is_err() {
             conn.forget_result(call);
@@ -494,6 +523,7 @@ impl HubLifetime {
         let call = call.to_string();
         let timeout = self.def.options.client_result_timeout;
         tokio::spawn(async move {
+            let _slot = slot;
             let result = match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(Ok(v))) => CompletionResult::Value(v),
                 Ok(Ok(Err(e))) => CompletionResult::Error(e),
@@ -565,6 +595,20 @@ fn metrics_kind(t: &AspNetTarget) -> &'static str {
         .unwrap_or("aspnet")
 }
 
+/// Whether `frame` is exactly one framed message of `protocol`: JSON text ending in its
+/// only 0x1E (valid JSON never holds a raw 0x1E), or a VarInt length matching the rest.
+fn well_framed(protocol: ProtocolKind, frame: &[u8]) -> bool {
+    match protocol {
+        ProtocolKind::Json => {
+            frame.last() == Some(&0x1e) && frame.iter().filter(|&&b| b == 0x1e).count() == 1
+        }
+        ProtocolKind::MessagePack => matches!(
+            crate::protocol::framing::read_varint(frame),
+            Ok(Some((len, prefix))) if prefix.checked_add(len) == Some(frame.len())
+        ),
+    }
+}
+
 /// A return channel message: the completion inside, parsed with the protocol it names.
 fn decode_return(bytes: &Bytes) -> Result<Completion, String> {
     let c = aspnet::decode_completion(bytes).map_err(|e| e.to_string())?;
@@ -576,5 +620,22 @@ fn decode_return(bytes: &Bytes) -> Result<Completion, String> {
         Ok(Some(_)) => Err("not a completion".into()),
         Ok(None) => Err("truncated completion".into()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_checks() {
+        assert!(well_framed(ProtocolKind::Json, b"{}\x1e"));
+        assert!(!well_framed(ProtocolKind::Json, b"{}"));
+        assert!(!well_framed(ProtocolKind::Json, b"{}\x1e{}\x1e"));
+        assert!(!well_framed(ProtocolKind::Json, b""));
+        assert!(well_framed(ProtocolKind::MessagePack, &[0x02, 0x91, 0x06]));
+        assert!(!well_framed(ProtocolKind::MessagePack, &[0x03, 0x91, 0x06]));
+        assert!(!well_framed(ProtocolKind::MessagePack, &[0x80]));
+        assert!(!well_framed(ProtocolKind::MessagePack, &[]));
     }
 }
