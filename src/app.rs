@@ -321,6 +321,11 @@ impl ServerBuilder {
         {
             anyhow::bail!("--aspnet-hub: no hub is mounted at {route}");
         }
+        for (i, (route, _)) in config.aspnet_hubs.iter().enumerate() {
+            if config.aspnet_hubs[..i].iter().any(|(r, _)| r == route) {
+                anyhow::bail!("--aspnet-hub: {route} is given twice");
+            }
+        }
         let mut hubs = HashMap::new();
         for mut def in self.hubs {
             if let Some((_, hub_type)) = config.aspnet_hubs.iter().find(|(r, _)| *r == def.path) {
@@ -338,6 +343,14 @@ impl ServerBuilder {
                 def.options.max_connections_per_user = max;
             }
             let lifetime = HubLifetime::new(def, backplane.clone());
+            if let (Some(server), Some(o)) = (
+                lifetime.aspnet_server_name(),
+                &lifetime.definition().options.aspnet,
+            ) {
+                tracing::info!(hub = %lifetime.definition().path, hub_type = %o.hub_type,
+                    channel_prefix = %o.channel_prefix, server = %server,
+                    "ASP.NET Redis backplane interop on");
+            }
             if let Err(e) = lifetime.start().await {
                 // The backplane is down: serve anyway (not ready) and keep trying.
                 tracing::warn!(hub = %lifetime.definition().path, error = %e,
