@@ -462,8 +462,20 @@ async fn harness_sends_reach_feedhub_clients_as_is() {
     let mut m = f.connect(0, "1002", ProtocolKind::MessagePack).await;
     f.wait_subscribed(&f.ch("user:1002"), 1).await;
 
-    // C.2 on the user channel: both clients, each in its protocol.
+    // C.2 on the user channel: each client gets its protocol's bin as is, byte for byte
+    // (one WebSocket frame each: text for JSON, binary for MessagePack).
     assert_eq!(f.publish(&f.ch("user:1002"), &c2()).await, 1);
+    let c2_inv = aspnet::decode_invocation(&Bytes::from(c2())).unwrap();
+    for c in [&mut j, &mut m] {
+        let name = c.raw.protocol.name();
+        let frame = within("a frame", c.raw.recv_raw()).await.expect("open");
+        assert_eq!(
+            &frame[..],
+            &c2_inv.serialization(name).unwrap()[..],
+            "{name}"
+        );
+    }
+    f.publish(&f.ch("user:1002"), &c2()).await;
     for c in [&mut j, &mut m] {
         assert_eq!(
             next_msg(c).await,
