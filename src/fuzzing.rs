@@ -798,33 +798,6 @@ fn parse_json<T: serde::de::DeserializeOwned>(json: &[u8]) -> serde_json::Result
     Ok(value)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fields_split_at_nul() {
-        let a: &[u8] = b"a";
-        let b: &[u8] = b"b";
-        let rest: &[u8] = b"c\0d";
-        assert_eq!(fields(b"a\0b\0c\0d", 3), [Some(a), Some(b), Some(rest)]);
-        let body: &[u8] = b"body";
-        assert_eq!(fields(b"body", 3), [Some(body), None, None]);
-        let empty: &[u8] = b"";
-        assert_eq!(fields(b"", 2), [Some(empty), None]);
-    }
-
-    #[test]
-    fn targets_accept_empty_and_trivial_input() {
-        for (name, target) in TARGETS {
-            for input in [&b""[..], b"\0", b"\x1e", b"\xff\xff\xff\xff\xff"] {
-                let r = std::panic::catch_unwind(|| target(input));
-                assert!(r.is_ok(), "target {name} on {input:?}");
-            }
-        }
-    }
-}
-
 // ---- ASP.NET backplane payloads ----
 
 /// A payload on an ASP.NET backplane channel (`backplane::aspnet`), read as each of the four
@@ -860,5 +833,32 @@ pub fn aspnet(data: &[u8]) {
             a::decode_completion(&Bytes::from(enc)).expect("re-decode"),
             c
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_split_at_nul() {
+        let a: &[u8] = b"a";
+        let b: &[u8] = b"b";
+        let rest: &[u8] = b"c\0d";
+        assert_eq!(fields(b"a\0b\0c\0d", 3), [Some(a), Some(b), Some(rest)]);
+        let body: &[u8] = b"body";
+        assert_eq!(fields(b"body", 3), [Some(body), None, None]);
+        let empty: &[u8] = b"";
+        assert_eq!(fields(b"", 2), [Some(empty), None]);
+    }
+
+    #[test]
+    fn targets_accept_empty_and_trivial_input() {
+        for (name, target) in TARGETS {
+            for input in [&b""[..], b"\0", b"\x1e", b"\xff\xff\xff\xff\xff"] {
+                let r = std::panic::catch_unwind(|| target(input));
+                assert!(r.is_ok(), "target {name} on {input:?}");
+            }
+        }
     }
 }
