@@ -1,6 +1,8 @@
 //! Cross-node delivery: one [`Backplane`] trait, several implementations ([`memory`] for one
 //! process, [`redis`] for scale-out, with its wire format in [`envelope`] and [`resp`]), and the [`Inbox`] through which a backplane hands inbound messages to
-//! the node without ever waiting.
+//! the node without ever waiting. [`aspnet`] is ASP.NET Core SignalR's Redis backplane
+//! format, for hubs that share Redis with ASP.NET servers (its payloads travel as
+//! [`BackplanePayload::AspNet`]; `hub::aspnet` gives them meaning).
 //!
 //! Local fan-out is *not* here: `hub/` delivers to local connections itself and uses the
 //! backplane only to reach other nodes (Centrifuge's Node/Broker split, not ASP.NET's
