@@ -71,7 +71,7 @@ pub fn user_cap_message(max: usize) -> String {
 pub struct HubLifetime {
     pub(super) def: HubDefinition,
     pub(super) registry: Registry,
-    pub(super) subs: Arc<Subscriptions>,
+    subs: Arc<Subscriptions>,
     pub(super) backplane: Arc<dyn Backplane>,
     pub(super) scheme: ChannelScheme,
     /// This runtime itself, for the tasks it spawns (gap repairs).
@@ -121,8 +121,9 @@ impl HubLifetime {
         })
     }
 
-    /// Subscribes the hub-wide channel. Call once before serving; on failure nothing is
-    /// held, so it can be called again.
+    /// Subscribes the hub-wide channel (and, with ASP.NET interop, ASP.NET's `all`,
+    /// `internal:groups` and this node's `ack` and `return` channels). Call once before
+    /// serving; on failure nothing is held, so it can be called again.
     pub async fn start(&self) -> Result<(), BackplaneError> {
         let mut channels = vec![self.scheme.all()];
         if let Some(link) = &self.aspnet {
