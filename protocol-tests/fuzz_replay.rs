@@ -329,5 +329,60 @@ fn seeds() -> Vec<(&'static str, Inputs)> {
             ]),
         ),
         ("relay", bytes(&relay_seeds)),
+        ("aspnet", bytes(&aspnet_seeds())),
+    ]
+}
+
+/// ASP.NET backplane payloads: the vectors of docs/aspnet-interop.md Part C and feedhub's
+/// tagged form.
+fn aspnet_seeds() -> Vec<Vec<u8>> {
+    use feedhub::backplane::aspnet as a;
+    let mut json = br#"{"type":1,"target":"FeedUpdated","arguments":[{"text":"hi"}]}"#.to_vec();
+    json.push(0x1e);
+    let mp = vec![
+        0x1b, 0x96, 0x01, 0x80, 0xc0, 0xab, b'F', b'e', b'e', b'd', b'U', b'p', b'd', b'a', b't',
+        b'e', b'd', 0x91, 0x81, 0xa4, b't', b'e', b'x', b't', 0xa2, b'h', b'i', 0x90,
+    ];
+    let inv = |excluded: Vec<String>, id: Option<String>, ret: Option<String>, origin| {
+        a::encode_invocation(&a::AspNetInvocation {
+            excluded,
+            serializations: vec![
+                ("json".into(), Bytes::from(json.clone())),
+                ("messagepack".into(), Bytes::from(mp.clone())),
+            ],
+            invocation_id: id,
+            return_channel: ret,
+            origin,
+        })
+    };
+    vec![
+        inv(vec![], None, None, None),
+        inv(
+            vec!["conn-1".into()],
+            None,
+            None,
+            Some(a::Origin::Send("node-1".into())),
+        ),
+        inv(vec![], None, None, Some(a::Origin::Feed("node-1".into()))),
+        inv(
+            vec![],
+            Some("A".repeat(22)),
+            Some(
+                "MyApp.Hubs.FeedHub:internal:return:web01_0123456789abcdef0123456789abcdef".into(),
+            ),
+            None,
+        ),
+        a::encode_group_command(&a::GroupCommand {
+            id: 7,
+            server: "web01_0123456789abcdef0123456789abcdef".into(),
+            action: a::ACTION_ADD,
+            group: "friends".into(),
+            connection: "conn-1".into(),
+        }),
+        a::encode_ack(70000),
+        a::encode_completion(
+            "json",
+            b"{\"type\":3,\"invocationId\":\"x\",\"result\":\"ok\"}\x1e",
+        ),
     ]
 }

@@ -85,6 +85,14 @@ pub struct ServerConfig {
     /// Access key of the Azure SignalR data-plane REST API and client redirect
     /// (`--azure-access-key`, see `azure`); `None`: not served.
     pub azure_access_key: Option<String>,
+    /// ASP.NET Redis backplane interop (`--aspnet-hub <route>=<hub type>`): (hub route, CLR
+    /// hub type full name) pairs; each route must be a mounted hub.
+    pub aspnet_hubs: Vec<(String, String)>,
+    /// StackExchange.Redis channel prefix of the ASP.NET servers (`--aspnet-channel-prefix`,
+    /// default empty).
+    pub aspnet_channel_prefix: String,
+    /// How long an ASP.NET group command waits for its ack (ASP.NET: 30 s).
+    pub aspnet_ack_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -127,6 +135,9 @@ impl Default for ServerConfig {
             max_connections_per_user: None,
             dev_mode_public: false,
             azure_access_key: None,
+            aspnet_hubs: Vec::new(),
+            aspnet_channel_prefix: String::new(),
+            aspnet_ack_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -302,8 +313,27 @@ impl ServerBuilder {
             ),
         };
         let shutdown = CancellationToken::new();
+        if let Some((route, _)) = config
+            .aspnet_hubs
+            .iter()
+            .find(|(route, _)| !self.hubs.iter().any(|h| &h.path == route))
+        {
+            anyhow::bail!("--aspnet-hub: no hub is mounted at {route}");
+        }
+        for (i, (route, _)) in config.aspnet_hubs.iter().enumerate() {
+            if config.aspnet_hubs[..i].iter().any(|(r, _)| r == route) {
+                anyhow::bail!("--aspnet-hub: {route} is given twice");
+            }
+        }
         let mut hubs = HashMap::new();
         for mut def in self.hubs {
+            if let Some((_, hub_type)) = config.aspnet_hubs.iter().find(|(r, _)| *r == def.path) {
+                def.options.aspnet = Some(crate::hub::AspNetOptions {
+                    hub_type: hub_type.clone(),
+                    channel_prefix: config.aspnet_channel_prefix.clone(),
+                    ack_timeout: config.aspnet_ack_timeout,
+                });
+            }
             if let Some(prefix) = &config.channel_prefix {
                 def.options.channel_prefix = prefix.clone();
             }
@@ -312,6 +342,14 @@ impl ServerBuilder {
                 def.options.max_connections_per_user = max;
             }
             let lifetime = HubLifetime::new(def, backplane.clone());
+            if let (Some(server), Some(o)) = (
+                lifetime.aspnet_server_name(),
+                &lifetime.definition().options.aspnet,
+            ) {
+                tracing::info!(hub = %lifetime.definition().path, hub_type = %o.hub_type,
+                    channel_prefix = %o.channel_prefix, server = %server,
+                    "ASP.NET Redis backplane interop on");
+            }
             if let Err(e) = lifetime.start().await {
                 // The backplane is down: serve anyway (not ready) and keep trying.
                 tracing::warn!(hub = %lifetime.definition().path, error = %e,

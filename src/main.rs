@@ -152,12 +152,37 @@ struct Args {
     /// Connections one user may hold per hub on this instance (0: no cap).
     #[arg(long, env = "FEEDHUB_MAX_CONNECTIONS_PER_USER", default_value_t = feedhub::hub::builder::DEFAULT_MAX_CONNECTIONS_PER_USER)]
     max_connections_per_user: usize,
+    /// Share the Redis backplane with ASP.NET Core SignalR servers for a hub:
+    /// `<route>=<hub type full name>`, e.g. `/hubs/feed=MyApp.Hubs.FeedHub`. Repeat the flag,
+    /// or separate with commas (FEEDHUB_ASPNET_HUB). Needs --redis-url.
+    #[arg(long = "aspnet-hub", env = "FEEDHUB_ASPNET_HUB", value_delimiter = ',',
+          value_parser = parse_aspnet_hub)]
+    aspnet_hub: Vec<(String, String)>,
+    /// The ASP.NET servers' StackExchange.Redis `ChannelPrefix` (prepended to their channel
+    /// names with no separator; default empty).
+    #[arg(long, env = "FEEDHUB_ASPNET_CHANNEL_PREFIX", default_value = "")]
+    aspnet_channel_prefix: String,
     /// PEM certificate chain (leaf first): serve HTTPS/WSS instead of HTTP; SIGHUP reloads it.
     #[arg(long, env = "FEEDHUB_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
     #[arg(long, env = "FEEDHUB_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+/// `<route>=<hub type>` of --aspnet-hub.
+fn parse_aspnet_hub(s: &str) -> Result<(String, String), String> {
+    let (route, hub) = s.split_once('=').ok_or_else(|| {
+        format!("expected <route>=<hub type>, e.g. /hubs/feed=MyApp.Hubs.FeedHub; got '{s}'")
+    })?;
+    let (route, hub) = (route.trim(), hub.trim());
+    if !route.starts_with('/') {
+        return Err(format!("the route '{route}' must start with '/'"));
+    }
+    if hub.is_empty() || hub.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("'{hub}' is not a hub type name"));
+    }
+    Ok((route.to_string(), hub.to_string()))
 }
 
 #[tokio::main]
@@ -168,6 +193,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if !args.aspnet_hub.is_empty() && args.redis_url.is_none() {
+        anyhow::bail!("--aspnet-hub needs --redis-url: ASP.NET servers are reached through Redis");
+    }
     // The usual soft limit of 1,024 descriptors would cap the server at a few hundred
     // clients; the total connection cap is then kept below whatever limit is in force.
     if let Some(fds) = limits::raise_fd_limit() {
@@ -222,6 +250,8 @@ async fn main() -> anyhow::Result<()> {
         },
         max_connections_per_user: Some(args.max_connections_per_user),
         dev_mode_public: args.dev_mode_public,
+        aspnet_hubs: args.aspnet_hub,
+        aspnet_channel_prefix: args.aspnet_channel_prefix,
         ..ServerConfig::default()
     };
     let dev_identities = config.dev_identities;

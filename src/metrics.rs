@@ -47,8 +47,16 @@ pub struct Metrics {
     pub backplane_resubscribed: AtomicU64,
     /// Duration of the last resubscribe, in milliseconds.
     pub backplane_resubscribe_ms: AtomicU64,
-    /// Backplane messages dropped as malformed or oversized.
+    /// Backplane messages dropped as malformed or oversized (feedhub envelopes).
     pub backplane_malformed: AtomicU64,
+    /// ASP.NET backplane messages dropped as malformed, by channel kind
+    /// ([`ASPNET_KINDS`] order).
+    pub aspnet_malformed: [AtomicU64; 7],
+    /// ASP.NET invocations not delivered to a connection because they had no serialization
+    /// for its protocol.
+    pub aspnet_missing_protocol: AtomicU64,
+    /// ASP.NET group commands sent whose ack did not come in time.
+    pub aspnet_ack_timeouts: AtomicU64,
     /// Feed events accepted (HTTP API or RabbitMQ).
     pub feed_events: AtomicU64,
     /// Feed events rejected as malformed.
@@ -113,6 +121,18 @@ pub struct Metrics {
 /// The `result` labels of `feedhub_recover_total`, in [`Metrics::recover`] order.
 pub const RECOVER_RESULTS: [&str; 4] = ["recovered", "not_recovered", "bad_argument", "error"];
 
+/// The `kind` labels of ASP.NET messages in `feedhub_backplane_malformed_total`, in
+/// [`Metrics::aspnet_malformed`] order: the channel they arrived on.
+pub const ASPNET_KINDS: [&str; 7] = [
+    "aspnet_all",
+    "aspnet_user",
+    "aspnet_group",
+    "aspnet_connection",
+    "aspnet_groups",
+    "aspnet_ack",
+    "aspnet_return",
+];
+
 /// The process's metrics.
 pub static METRICS: Metrics = Metrics {
     connections: AtomicI64::new(0),
@@ -134,6 +154,17 @@ pub static METRICS: Metrics = Metrics {
     backplane_resubscribed: AtomicU64::new(0),
     backplane_resubscribe_ms: AtomicU64::new(0),
     backplane_malformed: AtomicU64::new(0),
+    aspnet_malformed: [
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    ],
+    aspnet_missing_protocol: AtomicU64::new(0),
+    aspnet_ack_timeouts: AtomicU64::new(0),
     feed_events: AtomicU64::new(0),
     feed_rejected: AtomicU64::new(0),
     stateful_resumes: AtomicU64::new(0),
@@ -358,11 +389,26 @@ impl Metrics {
             "Duration of the last resubscribe after a Redis reconnect.",
             self.backplane_resubscribe_ms.load(Ordering::Relaxed) as i64,
         );
-        counter(
+        let mut malformed = vec![("envelope", &self.backplane_malformed)];
+        malformed.extend(ASPNET_KINDS.into_iter().zip(&self.aspnet_malformed));
+        labelled(
             &mut out,
             "feedhub_backplane_malformed_total",
-            "Backplane messages dropped as malformed or oversized.",
-            &self.backplane_malformed,
+            "Backplane messages dropped as malformed or oversized, by kind (envelope: feedhub's own format; aspnet_*: ASP.NET's, by channel).",
+            "kind",
+            &malformed,
+        );
+        counter(
+            &mut out,
+            "feedhub_aspnet_missing_protocol_total",
+            "ASP.NET backplane invocations not delivered to a connection: no serialization for its protocol.",
+            &self.aspnet_missing_protocol,
+        );
+        counter(
+            &mut out,
+            "feedhub_aspnet_ack_timeouts_total",
+            "ASP.NET group commands whose ack did not arrive in time.",
+            &self.aspnet_ack_timeouts,
         );
         counter(
             &mut out,

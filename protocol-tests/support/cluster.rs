@@ -420,6 +420,16 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client over a raw connection whose id is known.
+    pub fn from_raw(raw: RawClient, id: String, node: usize) -> Client {
+        Client {
+            raw,
+            id,
+            node,
+            pending: Default::default(),
+        }
+    }
+
     /// The next invocation (target, first argument as JSON).
     pub async fn next_invocation(&mut self) -> (String, String) {
         loop {

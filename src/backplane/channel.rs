@@ -9,6 +9,10 @@
 //! | one connection | `<prefix>:conn:<connectionId>` |
 //! | one node (relay replies) | `feedhub:node:<nodeId>` ([`node_channel`]) |
 //!
+//! A hub with ASP.NET interop (`HubOptions::aspnet`) also uses ASP.NET's channels
+//! (`C‖H:all`, `C‖H:user:{u}`, …, see [`super::aspnet`]); [`ChannelScheme::parse`] reports
+//! them as [`ChannelTarget::AspNet`].
+//!
 //! `<prefix>` is `<channel prefix>:<hub path>` (for example `feedhub:/hubs/feed`); the channel
 //! prefix is `HubOptions::channel_prefix` (default `feedhub`), so several deployments (or
 //! test runs) can share one Redis. Names are used only
@@ -17,6 +21,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use super::aspnet::{AspNetChannels, AspNetTarget};
 use crate::ids::{ConnectionId, GroupName, UserId};
 
 /// A backplane channel name.
@@ -72,6 +77,8 @@ pub enum ChannelTarget {
     All,
     /// One connection.
     Connection(ConnectionId),
+    /// One of the hub's ASP.NET channels.
+    AspNet(AspNetTarget),
 }
 
 /// The channel naming of one hub.
@@ -79,6 +86,7 @@ pub enum ChannelTarget {
 pub struct ChannelScheme {
     prefix: String,
     users: UserChannelStyle,
+    aspnet: Option<AspNetChannels>,
 }
 
 impl ChannelScheme {
@@ -92,7 +100,19 @@ impl ChannelScheme {
         ChannelScheme {
             prefix: format!("{prefix}:{path}"),
             users,
+            aspnet: None,
         }
+    }
+
+    /// This scheme, also recognising the ASP.NET channels of `aspnet`.
+    pub fn with_aspnet(mut self, aspnet: AspNetChannels) -> ChannelScheme {
+        self.aspnet = Some(aspnet);
+        self
+    }
+
+    /// The ASP.NET channels, for a hub with ASP.NET interop.
+    pub fn aspnet(&self) -> Option<&AspNetChannels> {
+        self.aspnet.as_ref()
     }
 
     /// The channel of a user.
@@ -120,6 +140,9 @@ impl ChannelScheme {
 
     /// What `channel` addresses, if it belongs to this hub.
     pub fn parse(&self, channel: &Channel) -> Option<ChannelTarget> {
+        if let Some(t) = self.aspnet.as_ref().and_then(|a| a.parse(channel)) {
+            return Some(ChannelTarget::AspNet(t));
+        }
         let name = channel.as_str();
         if let UserChannelStyle::Plain(p) = &self.users {
             if let Some(user) = name.strip_prefix(p.as_str()) {
@@ -173,5 +196,17 @@ mod tests {
         );
         let other = ChannelScheme::new("/testhub2", UserChannelStyle::Prefixed);
         assert_eq!(other.parse(&s.all()), None, "another hub's channel");
+    }
+
+    #[test]
+    fn aspnet_channels_are_recognised_first() {
+        let s = ChannelScheme::new("/hubs/feed", UserChannelStyle::Plain("feed-".into()))
+            .with_aspnet(AspNetChannels::new("", "feed-x.Hub"));
+        let u = UserId::new("7").unwrap();
+        assert_eq!(
+            s.parse(&Channel::new("feed-x.Hub:user:7")),
+            Some(ChannelTarget::AspNet(AspNetTarget::User(u.clone())))
+        );
+        assert_eq!(s.parse(&s.user(&u)), Some(ChannelTarget::User(u)));
     }
 }

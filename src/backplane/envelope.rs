@@ -21,6 +21,10 @@
 //! | 6 membership | `group: str or nil`, `add: bool`, `expires_ms: uint or nil` |
 //! | 7 close targets | `exclude: array of str`, `error: str or nil` |
 //!
+//! **ASP.NET payloads** ([`super::aspnet`]) start with a MessagePack fixarray byte
+//! (`0x91..=0x9F`), which neither JSON text nor an envelope can: they are passed through as
+//! [`BackplanePayload::AspNet`] bytes, and published as is.
+//!
 //! Kind 5 is written by the history script inside Redis (`history.lua`), which knows the
 //! offset and epoch only when it runs: [`feed_head`] gives the bytes before those fields
 //! (the same for all of one user's events), and the script joins
@@ -67,9 +71,14 @@ impl From<mp::MpError> for EnvelopeError {
 
 /// Encodes `msg` as an envelope.
 pub fn encode(msg: &BackplaneMessage) -> Result<Vec<u8>, EnvelopeError> {
+    if let BackplanePayload::AspNet(bytes) = &msg.payload {
+        // Published as is, so ASP.NET servers read it.
+        return Ok(bytes.to_vec());
+    }
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
     match &msg.payload {
+        BackplanePayload::AspNet(_) => {}
         BackplanePayload::Invocation {
             target,
             arguments,
@@ -304,8 +313,23 @@ fn write_json_str(out: &mut Vec<u8>, json: &[u8]) -> Result<(), EnvelopeError> {
     Ok(())
 }
 
-/// Decodes a payload received on a channel: an envelope, or foreign JSON.
+/// Whether a payload is in ASP.NET's backplane format: a MessagePack fixarray of 1 to 15
+/// items (`0x91..=0x9F`). No JSON text starts with such a byte (it is a UTF-8 continuation
+/// byte), and no envelope does (they start with `0xFF`).
+pub fn is_aspnet(payload: &[u8]) -> bool {
+    matches!(payload.first(), Some(0x91..=0x9f))
+}
+
+/// Decodes a payload received on a channel: an envelope, an ASP.NET payload (kept as
+/// bytes, [`BackplanePayload::AspNet`]: the hub decodes it knowing the channel), or
+/// foreign JSON.
 pub fn decode(payload: Bytes) -> Result<BackplaneMessage, EnvelopeError> {
+    if is_aspnet(&payload) {
+        return Ok(BackplaneMessage {
+            origin: String::new(),
+            payload: BackplanePayload::AspNet(payload),
+        });
+    }
     if !payload.starts_with(&MAGIC) {
         return Ok(BackplaneMessage {
             origin: String::new(),

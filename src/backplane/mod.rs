@@ -1,6 +1,8 @@
 //! Cross-node delivery: one [`Backplane`] trait, several implementations ([`memory`] for one
 //! process, [`redis`] for scale-out, with its wire format in [`envelope`] and [`resp`]), and the [`Inbox`] through which a backplane hands inbound messages to
-//! the node without ever waiting.
+//! the node without ever waiting. [`aspnet`] is ASP.NET Core SignalR's Redis backplane
+//! format, for hubs that share Redis with ASP.NET servers (its payloads travel as
+//! [`BackplanePayload::AspNet`]; `hub::aspnet` gives them meaning).
 //!
 //! Local fan-out is *not* here: `hub/` delivers to local connections itself and uses the
 //! backplane only to reach other nodes (Centrifuge's Node/Broker split, not ASP.NET's
@@ -18,6 +20,7 @@
 //! backplane lost and regained its subscriptions, it tells the node ([`Inbox::next_resync`])
 //! so the node can fill the gap from history.
 
+pub mod aspnet;
 pub mod channel;
 pub mod envelope;
 pub mod history;
@@ -108,6 +111,9 @@ pub enum BackplanePayload {
     /// A feed event appended to its user's history ([`Backplane::append`]): delivered as the
     /// hub's feed invocation with `"offset"` spliced into object payloads.
     Feed(FeedMessage),
+    /// A payload in ASP.NET Core SignalR's Redis backplane format ([`aspnet`]), undecoded:
+    /// its meaning depends on the channel, so the hub decodes it. Published as is.
+    AspNet(Bytes),
 }
 
 /// A feed event as published by [`Backplane::append`].

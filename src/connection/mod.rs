@@ -211,6 +211,21 @@ impl Connection {
         (id, rx)
     }
 
+    /// Registers a pending client result under an id chosen elsewhere (a client result call
+    /// forwarded from another server, with that server's invocation id).
+    pub(crate) fn register_result_as(
+        &self,
+        id: String,
+    ) -> oneshot::Receiver<Result<Value, String>> {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self
+            .pending_results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.get_or_insert_with(HashMap::new).insert(id, tx);
+        rx
+    }
+
     /// Forgets a pending client result (timeout, cancel).
     pub(crate) fn forget_result(&self, id: &str) {
         let mut pending = self

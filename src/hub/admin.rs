@@ -383,6 +383,8 @@ impl HubLifetime {
                     close(&c);
                 }
             }
+            // Closes travel on feedhub's own channels only (an interop hub subscribes both).
+            ChannelTarget::AspNet(_) => {}
         }
     }
 

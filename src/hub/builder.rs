@@ -140,6 +140,34 @@ pub struct HubOptions {
     /// `CloseOnAuthenticationExpiration`: the client reconnects with a fresh token, or is
     /// refused. Default false; the feed hub turns it on.
     pub close_on_token_expiry: bool,
+    /// Share the Redis backplane with ASP.NET Core SignalR servers of this hub (`None`:
+    /// off). See `hub::aspnet`.
+    pub aspnet: Option<AspNetOptions>,
+}
+
+/// ASP.NET Redis backplane interop of one hub (`--aspnet-hub <route>=<type>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AspNetOptions {
+    /// The hub's CLR type full name on the ASP.NET side (`MyApp.Hubs.FeedHub`): the stem of
+    /// its channel names. Case-sensitive.
+    pub hub_type: String,
+    /// StackExchange.Redis's `ChannelPrefix` on the ASP.NET side (`--aspnet-channel-prefix`,
+    /// default empty), prepended without a separator.
+    pub channel_prefix: String,
+    /// How long a group command for a connection on another server waits for its ack
+    /// (ASP.NET: 30 s, swept every 5 s).
+    pub ack_timeout: Duration,
+}
+
+impl AspNetOptions {
+    /// Interop for hub type `hub_type` with ASP.NET's defaults.
+    pub fn new(hub_type: impl Into<String>) -> AspNetOptions {
+        AspNetOptions {
+            hub_type: hub_type.into(),
+            channel_prefix: String::new(),
+            ack_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for HubOptions {
@@ -173,6 +201,7 @@ impl Default for HubOptions {
             recover_limit: crate::backplane::history::DEFAULT_RECOVER_LIMIT,
             max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
             close_on_token_expiry: false,
+            aspnet: None,
         }
     }
 }

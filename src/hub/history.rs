@@ -72,6 +72,8 @@ impl HubLifetime {
                 let dups = done.iter().filter(|a| a.duplicate).count() as u64;
                 add(&METRICS.history_appends, done.len() as u64 - dups);
                 add(&METRICS.history_duplicates, dups);
+                // A hub with ASP.NET interop: ASP.NET servers get a copy on `H:user:{id}`.
+                self.aspnet_feed_copies(batch, &done).await;
                 Ok(done)
             }
             Err(e) => {

@@ -23,6 +23,7 @@ use crate::ids::{ConnectionId, GroupName, UserId};
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{HubMessage, Invocation, PreparedMessage, Value};
 
+use super::aspnet::AspNetLink;
 use super::history::{CursorCell, HistoryStats};
 use super::registry::Registry;
 use super::subscriptions::Subscriptions;
@@ -80,6 +81,8 @@ pub struct HubLifetime {
     pub(super) history_stats: HistoryStats,
     /// Memberships of local users in groups kept by the backplane (`admin`).
     pub(super) user_groups: super::admin::UserGroups,
+    /// ASP.NET backplane interop (`HubOptions::aspnet`), see [`super::aspnet`].
+    pub(super) aspnet: Option<AspNetLink>,
 }
 
 impl std::fmt::Debug for HubLifetime {
@@ -93,11 +96,19 @@ impl std::fmt::Debug for HubLifetime {
 impl HubLifetime {
     /// The runtime for `def` on a node using `backplane`.
     pub fn new(def: HubDefinition, backplane: Arc<dyn Backplane>) -> Arc<HubLifetime> {
-        let scheme = ChannelScheme::with_prefix(
+        let aspnet = def
+            .options
+            .aspnet
+            .as_ref()
+            .map(|o| AspNetLink::new(o, backplane.node_id()));
+        let mut scheme = ChannelScheme::with_prefix(
             &def.options.channel_prefix,
             &def.path,
             def.options.user_channels.clone(),
         );
+        if let Some(link) = &aspnet {
+            scheme = scheme.with_aspnet(link.channels.clone());
+        }
         let subs = Subscriptions::new(backplane.clone(), def.options.unsubscribe_debounce);
         Arc::new_cyclic(|me| HubLifetime {
             def,
@@ -109,18 +120,41 @@ impl HubLifetime {
             cursors: DashMap::new(),
             history_stats: HistoryStats::default(),
             user_groups: super::admin::UserGroups::default(),
+            aspnet,
         })
     }
 
-    /// Subscribes the hub-wide channel. Call once before serving; on failure nothing is
-    /// held, so it can be called again.
+    /// Subscribes the hub-wide channel (and, with ASP.NET interop, ASP.NET's `all`,
+    /// `internal:groups` and this node's `ack` and `return` channels). Call once before
+    /// serving; on failure nothing is held, so it can be called again.
     pub async fn start(&self) -> Result<(), BackplaneError> {
-        let all = self.scheme.all();
-        let result = self.subs.acquire(&all).await;
-        if result.is_err() {
-            self.subs.release(all, true);
+        let mut channels = vec![self.scheme.all()];
+        if let Some(link) = &self.aspnet {
+            channels.extend(link.hub_channels());
         }
-        result
+        let results =
+            futures_util::future::join_all(channels.iter().map(|ch| self.subs.acquire(ch))).await;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            for ch in channels {
+                self.subs.release(ch, true);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The channels of a group: its own, and ASP.NET's for a hub with interop.
+    fn group_channels(&self, group: &GroupName) -> Vec<Channel> {
+        let mut channels = vec![self.scheme.group(group)];
+        if let Some(a) = self.scheme.aspnet() {
+            channels.push(a.group(group));
+        }
+        channels
+    }
+
+    /// This node's ASP.NET server name for this hub, for a hub with interop.
+    pub fn aspnet_server_name(&self) -> Option<&str> {
+        self.aspnet.as_ref().map(|l| l.server.as_str())
     }
 
     /// The hub declaration.
@@ -155,6 +189,12 @@ impl HubLifetime {
         let mut channels = vec![self.scheme.connection(&conn.id)];
         if let Some(user) = conn.user_id() {
             channels.push(self.scheme.user(user));
+        }
+        if let Some(a) = self.scheme.aspnet() {
+            channels.push(a.connection(&conn.id));
+            if let Some(user) = conn.user_id() {
+                channels.push(a.user(user));
+            }
         }
         // Both subscriptions at once: with a network backplane they share one round trip.
         let results =
@@ -198,7 +238,9 @@ impl HubLifetime {
         let groups = std::mem::take(&mut *conn.groups.lock().unwrap_or_else(|p| p.into_inner()));
         for g in groups {
             if self.registry.remove_from_group(&g, &conn.id).is_some() {
-                self.subs.release(self.scheme.group(&g), false);
+                for ch in self.group_channels(&g) {
+                    self.subs.release(ch, false);
+                }
             }
         }
         let last_for_user = self.registry.remove(conn);
@@ -208,8 +250,14 @@ impl HubLifetime {
                 self.forget_user_groups(user);
             }
             self.subs.release(self.scheme.user(user), false);
+            if let Some(a) = self.scheme.aspnet() {
+                self.subs.release(a.user(user), false);
+            }
         }
         self.subs.release(self.scheme.connection(&conn.id), true);
+        if let Some(a) = self.scheme.aspnet() {
+            self.subs.release(a.connection(&conn.id), true);
+        }
         conn.fail_pending_results();
         conn.aborted.cancel();
         METRICS
@@ -236,6 +284,7 @@ impl HubLifetime {
             args.clone(),
         )));
         let mut remote: Vec<(Channel, Vec<ConnectionId>)> = Vec::new();
+        let aspnet = self.aspnet.as_ref();
         match target {
             Target::All { except } => {
                 self.registry.for_each(|c| {
@@ -273,6 +322,16 @@ impl HubLifetime {
                     remote.push((self.scheme.group(g), except.clone()));
                 }
             }
+        }
+        if let Some(link) = aspnet {
+            // Other servers (feedhub or ASP.NET) get it in ASP.NET's format only.
+            return self
+                .aspnet_publish_send(link, target, &prepared)
+                .await
+                .map_err(|e| HubError::Other {
+                    kind: "IOException",
+                    message: e.to_string(),
+                });
         }
         let mut first_error = None;
         for (channel, exclude) in remote {
@@ -330,7 +389,10 @@ impl HubLifetime {
     pub async fn add_to_group(&self, id: &ConnectionId, group: &GroupName) -> Result<(), HubError> {
         match self.registry.get(id) {
             Some(conn) => self.add_local_to_group(&conn, group).await,
-            None => self.publish_group_command(id, group, true).await,
+            None => match &self.aspnet {
+                Some(link) => self.aspnet_group_command(link, id, group, true).await,
+                None => self.publish_group_command(id, group, true).await,
+            },
         }
     }
 
@@ -345,7 +407,10 @@ impl HubLifetime {
                 self.remove_local_from_group(&conn, group);
                 Ok(())
             }
-            None => self.publish_group_command(id, group, false).await,
+            None => match &self.aspnet {
+                Some(link) => self.aspnet_group_command(link, id, group, false).await,
+                None => self.publish_group_command(id, group, false).await,
+            },
         }
     }
 
@@ -363,12 +428,24 @@ impl HubLifetime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(group.clone());
-            if let Err(e) = self.subs.acquire(&self.scheme.group(group)).await {
-                self.remove_local_from_group(conn, group);
-                return Err(HubError::Other {
-                    kind: "IOException",
-                    message: e.to_string(),
-                });
+            let channels = self.group_channels(group);
+            for (i, ch) in channels.iter().enumerate() {
+                if let Err(e) = self.subs.acquire(ch).await {
+                    // Counts were raised for channels[..=i] (even the failed one).
+                    for ch in channels.iter().take(i + 1) {
+                        self.subs.release(ch.clone(), false);
+                    }
+                    if self.registry.remove_from_group(group, &conn.id).is_some() {
+                        conn.groups
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|g| g != group);
+                    }
+                    return Err(HubError::Other {
+                        kind: "IOException",
+                        message: e.to_string(),
+                    });
+                }
             }
         }
         Ok(())
@@ -380,7 +457,9 @@ impl HubLifetime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(|g| g != group);
-            self.subs.release(self.scheme.group(group), false);
+            for ch in self.group_channels(group) {
+                self.subs.release(ch, false);
+            }
         }
     }
 
@@ -417,6 +496,11 @@ impl HubLifetime {
         timeout: Duration,
     ) -> Result<Value, HubError> {
         let Some(conn) = self.registry.get(id) else {
+            if let Some(link) = &self.aspnet {
+                return self
+                    .aspnet_invoke_remote(link, id, method, args, timeout)
+                    .await;
+            }
             return Err(HubError::Other {
                 kind: "IOException",
                 message: format!("Connection '{id}' does not exist."),
@@ -451,6 +535,10 @@ impl HubLifetime {
     /// Handles a message another node (or a foreign publisher) sent on one of this hub's
     /// channels. Never waits.
     pub fn on_delivery(&self, target: &ChannelTarget, msg: &BackplaneMessage) {
+        if let ChannelTarget::AspNet(t) = target {
+            self.on_aspnet(t, msg);
+            return;
+        }
         if let BackplanePayload::Feed(feed) = &msg.payload {
             // Appended events come back to their origin too: one path, one order.
             self.on_feed(target, feed);
@@ -496,15 +584,17 @@ impl HubLifetime {
                         // Subscribing awaits the backplane; run it off the dispatch worker.
                         let group = group.clone();
                         let this = self.subs.clone();
-                        let scheme = self.scheme.clone();
+                        let channels = self.group_channels(&group);
                         if self.registry.add_to_group(&group, &conn).is_some() {
                             conn.groups
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .push(group.clone());
                             tokio::spawn(async move {
-                                if let Err(e) = this.acquire(&scheme.group(&group)).await {
-                                    tracing::warn!(error = %e, "group subscribe failed");
+                                for ch in &channels {
+                                    if let Err(e) = this.acquire(ch).await {
+                                        tracing::warn!(error = %e, "group subscribe failed");
+                                    }
                                 }
                             });
                         }
@@ -528,6 +618,8 @@ impl HubLifetime {
             }
             // Handled by the node's relay router before hubs see deliveries.
             BackplanePayload::Relay(_) => {}
+            // ASP.NET's format on one of feedhub's own channels: nobody should publish that.
+            BackplanePayload::AspNet(_) => inc(&METRICS.backplane_malformed),
             BackplanePayload::Feed(_) => {}
         }
     }
@@ -552,6 +644,7 @@ impl HubLifetime {
                     push(&c);
                 }
             }
+            ChannelTarget::AspNet(_) => {}
         }
     }
 }

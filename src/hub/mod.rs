@@ -13,10 +13,12 @@
 //! - [`registry`] / [`subscriptions`]: who is connected; which channels this node listens to.
 //! - [`admin`]: what a management API asks across nodes: existence checks, user groups
 //!   kept by the backplane, closing by user, group or all.
+//! - [`aspnet`]: sharing the Redis backplane with ASP.NET Core SignalR servers.
 //! - [`history`]: feed appends, offset-checked delivery and gap repair ([`cursor`]: the
 //!   pure per-user cursor).
 
 pub mod admin;
+pub mod aspnet;
 pub mod builder;
 pub mod clients;
 pub mod context;
@@ -29,7 +31,7 @@ pub mod subscriptions;
 
 use std::fmt;
 
-pub use builder::{HubBuilder, HubDefinition, HubOptions, Transports};
+pub use builder::{AspNetOptions, HubBuilder, HubDefinition, HubOptions, Transports};
 pub use clients::{ClientProxy, Clients, Groups, SingleClientProxy};
 pub use context::HubContext;
 pub use history::{HistoryCounts, HistoryStats};
