@@ -496,13 +496,34 @@ pub(crate) async fn serve_forwarded(
     hub_request(state, hub, parts, identity, &token, &user, body, true).await
 }
 
+/// Whether `name` is a request header a connection's [`RequestInfo`] does not keep: the
+/// hop-by-hop and WebSocket handshake headers, used up by the upgrade.
+fn upgrade_only(name: &header::HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_VERSION,
+        header::SEC_WEBSOCKET_EXTENSIONS,
+    ]
+    .contains(name)
+}
+
 /// A copy of `headers` that owns its bytes. hyper's header values are slices of the
 /// connection's 8 KiB read buffer, so keeping the original map for the connection's lifetime
 /// (the hub sees it as the connect request) would pin that whole buffer: 8 KiB per idle
 /// connection, found with massif in the idle-density benchmark.
+///
+/// The headers that only served the WebSocket upgrade itself ([`upgrade_only`]) are
+/// not kept: they mean nothing once the socket is upgraded, and a map entry costs ~100
+/// bytes for the connection's whole life (the idle memory budget in `bench/README.md`).
 fn owned_headers(headers: &http::HeaderMap) -> http::HeaderMap {
-    let mut out = http::HeaderMap::with_capacity(headers.len());
+    let count = headers.iter().filter(|(n, _)| !upgrade_only(n)).count();
+    let mut out = http::HeaderMap::with_capacity(count);
     for (name, value) in headers {
+        if upgrade_only(name) {
+            continue;
+        }
         let mut copy = match HeaderValue::from_bytes(value.as_bytes()) {
             Ok(v) => v,
             Err(_) => continue,

@@ -115,7 +115,7 @@ enum End {
 }
 
 /// Starts a session as its own task on `tracker`, detached from any socket or request,
-/// reading `source` and writing `link` (from [`Link::new`]): transports feed `link.inbound`
+/// reading `source` and writing `link` (from [`Link::new`]): transports feed the link ([`Link::feed`])
 /// and drain `link.wire`, and report their end with [`Link::transport_gone`]. `on_end` runs
 /// after the session has finished (OnDisconnected done, connection unregistered).
 pub fn spawn(
@@ -882,5 +882,71 @@ mod size_tests {
         if !cfg!(debug_assertions) {
             assert!(size <= 3_500, "the session future grew to {size} bytes");
         }
+    }
+
+    /// What the session future is made of: the sizes of the futures it awaits and of the
+    /// state it holds (printed with `--nocapture`; the idle memory budget in
+    /// `bench/README.md`).
+    #[tokio::test]
+    async fn session_parts() {
+        let (inbox, _rx) = crate::backplane::Inbox::new(1, 1);
+        let backplane: Arc<dyn crate::backplane::Backplane> =
+            Arc::new(crate::backplane::memory::MemoryBackplane::new(
+                crate::backplane::memory::MemoryBus::new(),
+                "n",
+                inbox,
+            ));
+        let hub =
+            crate::hub::HubLifetime::new(crate::hub::HubBuilder::new("/h").build(), backplane);
+        let (link, mut source) = Link::new();
+        let mut sink = link.sink();
+        let options = &hub.definition().options;
+        let mut inbuf = BytesMut::new();
+        let conn = Connection::new(
+            ConnectionId::random(),
+            crate::auth::Identity::anonymous(),
+            ProtocolKind::Json,
+            TransportKind::WebSockets,
+            RequestInfo::default(),
+            Outbound::new(options.outbound, options.slow_consumer),
+            None,
+        );
+        let ctx = HubContext::new(conn.clone(), hub.clone());
+        let mut lp = Loop::new(conn.clone(), ctx.clone(), &hub, ProtocolKind::Json);
+        let mut tasks: FuturesUnordered<BoxFuture<'static, TaskDone>> = FuturesUnordered::new();
+        let mut some_sink = Some(link.sink());
+        let shutdown = CancellationToken::new();
+        macro_rules! show {
+            ($name:expr, $e:expr) => {{
+                let f = $e;
+                println!("{:>6}  {}", std::mem::size_of_val(&f), $name);
+                drop(f);
+            }};
+        }
+        show!("handshake::perform", handshake::perform(&mut source, &mut sink, &mut inbuf, options, TransportKind::WebSockets));
+        show!("hub.connect", hub.connect(&conn));
+        show!("handshake::send_ok", handshake::send_ok(&mut sink, ProtocolKind::Json));
+        show!("handshake::send_error", handshake::send_error(&mut sink, "x"));
+        show!("sink.close", sink.close(1000, ""));
+        show!("write_close", write_close(&mut sink, ProtocolKind::Json, &Close { error: None, allow_reconnect: false }));
+        show!("LinkSource::recv", source.recv());
+        show!("LinkSink::send", sink.send(Bytes::new(), crate::protocol::TransferFormat::Text));
+        show!("outbound.next_limited", conn.outbound.next_limited(1, 1));
+        show!("outbound.closing", conn.outbound.closing());
+        show!("tokio Sleep", tokio::time::sleep(Duration::from_secs(1)));
+        show!("token.cancelled", shutdown.cancelled());
+        show!("Loop::process_input", lp.process_input(&mut inbuf, &mut tasks));
+        show!("Loop::send", lp.send(&mut some_sink, Bytes::new()));
+        show!("Loop::send_message", lp.send_message(&mut some_sink, &HubMessage::Ping));
+        println!("{:>6}  Loop (struct)", std::mem::size_of::<Loop>());
+        println!("{:>6}  Dispatcher (struct)", std::mem::size_of::<Dispatcher>());
+        println!("{:>6}  Option<Stateful>", std::mem::size_of::<Option<Stateful>>());
+        println!("{:>6}  Connection (struct, one Arc allocation)", std::mem::size_of::<Connection>());
+        println!("{:>6}  Outbound (struct)", std::mem::size_of::<Outbound>());
+        println!("{:>6}  RequestInfo (struct)", std::mem::size_of::<RequestInfo>());
+        println!("{:>6}  Identity (struct)", std::mem::size_of::<crate::auth::Identity>());
+        println!("{:>6}  HubContext (struct)", std::mem::size_of::<HubContext>());
+        let lp2 = Loop::new(conn.clone(), ctx.clone(), &hub, ProtocolKind::Json);
+        show!("Loop::run", lp2.run(source, sink, inbuf, shutdown, None));
     }
 }

@@ -133,7 +133,7 @@ where
                 }
                 Some(Err(TransportError::TooLarge)) => {
                     // The session answers with a Close naming the limit; stop reading.
-                    let _ = link.inbound.send(Err(TransportError::TooLarge)).await;
+                    let _ = link.feed_error(TransportError::TooLarge).await;
                     std::future::pending::<()>().await;
                 }
                 Some(Err(e)) => return Some(e.to_string()),
@@ -165,4 +165,39 @@ where
         _ = gone.cancelled() => None,
     };
     link.transport_gone(reason);
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::transport::link::Link;
+
+    /// What the pump task of an idle WebSocket connection is made of (printed with
+    /// `--nocapture`; the idle memory budget in `bench/README.md`).
+    #[tokio::test]
+    async fn pump_parts() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (link, _source) = Link::new();
+        macro_rules! show {
+            ($name:expr, $e:expr) => {{
+                let f = $e;
+                println!("{:>6}  {}", std::mem::size_of_val(&f), $name);
+                drop(f);
+            }};
+        }
+        show!("pump", pump(a, 1024, link.clone()));
+        let (a, _b) = tokio::io::duplex(64);
+        let (mut src, mut snk) = accept(a, 1024).await;
+        show!("WsSource::recv", src.recv());
+        show!("WsSink::send", snk.send(Bytes::new(), TransferFormat::Text));
+        show!(
+            "timeout(WsSink::send)",
+            tokio::time::timeout(WRITE_TIMEOUT, snk.send(Bytes::new(), TransferFormat::Text))
+        );
+        show!("WsSink::close", snk.close(1000, ""));
+        show!("Link::feed", link.feed(Bytes::new()));
+        show!("Wire::next", link.wire.next());
+        show!("pump_split", pump_split(src, snk, link.clone()));
+        println!("{:>6}  Link", std::mem::size_of::<Link>());
+    }
 }
