@@ -627,3 +627,43 @@ fn dev_token(state: &HttpState, req: &Request<Incoming>) -> Response<Body> {
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_headers_keep_what_the_hub_may_read_and_drop_the_upgrade_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("hub:5000"));
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("k"));
+        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("v"));
+        let mut auth = HeaderValue::from_static("Bearer t");
+        auth.set_sensitive(true);
+        h.insert(header::AUTHORIZATION, auth);
+        let out = owned_headers(&h);
+        assert_eq!(out.len(), 5);
+        assert_eq!(out.get(header::HOST).unwrap(), "hub:5000");
+        assert_eq!(out.get_all(header::COOKIE).iter().count(), 2);
+        assert_eq!(out.get("x-custom").unwrap(), "v");
+        assert!(out.get(header::AUTHORIZATION).unwrap().is_sensitive());
+        for gone in [
+            header::CONNECTION,
+            header::UPGRADE,
+            header::SEC_WEBSOCKET_KEY,
+            header::SEC_WEBSOCKET_VERSION,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+        ] {
+            assert!(out.get(&gone).is_none(), "{gone} kept");
+        }
+    }
+}

@@ -20,6 +20,37 @@ use crate::hub::{HubContext, HubLifetime};
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{Completion, HubMessage, Invocation, StreamItem, Value};
 
+/// The invocations running inside one session task. The `FuturesUnordered` is made on first
+/// use and let go when it empties: it allocates as soon as it exists, and an idle connection
+/// (most of a feed's) runs nothing (the idle memory budget in `bench/README.md`).
+#[derive(Default)]
+pub(crate) struct Tasks(Option<FuturesUnordered<BoxFuture<'static, TaskDone>>>);
+
+impl Tasks {
+    /// Runs `task` beside the others.
+    pub(crate) fn push(&mut self, task: BoxFuture<'static, TaskDone>) {
+        self.0.get_or_insert_with(FuturesUnordered::new).push(task);
+    }
+
+    /// Whether nothing runs.
+    pub(crate) fn is_empty(&self) -> bool {
+        match &self.0 {
+            Some(t) => t.is_empty(),
+            None => true,
+        }
+    }
+
+    /// The next invocation to finish; `None` when nothing runs.
+    pub(crate) async fn next(&mut self) -> Option<TaskDone> {
+        let tasks = self.0.as_mut()?;
+        let done = tasks.next().await;
+        if tasks.is_empty() {
+            self.0 = None;
+        }
+        done
+    }
+}
+
 /// What a finished task tells the dispatcher.
 pub(crate) struct TaskDone {
     /// It held an invocation slot.
@@ -110,7 +141,7 @@ impl Dispatcher {
 
     pub(crate) fn start_pending(
         &mut self,
-        tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>,
+        tasks: &mut Tasks,
     ) {
         while self.running_slots < self.max_parallel {
             let Some(task) = self.pending.pop_front() else {
@@ -138,7 +169,7 @@ impl Dispatcher {
         &mut self,
         inv: Invocation,
         streaming: bool,
-        tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>,
+        tasks: &mut Tasks,
     ) {
         let conn = self.ctx.connection.clone();
         let target = inv.target.clone();

@@ -35,13 +35,13 @@ mod invoke;
 pub mod replay;
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +56,7 @@ use crate::protocol::{Ack, Close, CompletionResult, HubMessage, ProtocolKind, Se
 use crate::transport::link::{Link, LinkSink, LinkSource};
 use crate::transport::{FrameSink, FrameSource, TransportError};
 
-use invoke::{Dispatcher, TaskDone};
+use invoke::{Dispatcher, TaskDone, Tasks};
 use replay::{InboundSeq, Received, ReplayBuffer};
 
 /// New transports for a stateful connection (a fresh [`Link`]'s halves), sent by the HTTP
@@ -126,14 +126,26 @@ pub fn spawn(
     resume: Option<Resume<LinkSource, LinkSink>>,
     on_end: impl FnOnce() + Send + 'static,
 ) {
-    let sink = link.sink();
+    tracker.spawn(task(params, link, source, resume, on_end));
+}
+
+/// The spawned future: the session, then the end marker on the wire and `on_end`. A
+/// combinator rather than an async block: a block would keep its captures (the parameters,
+/// the source and sink) beside the session future they were moved into, for the whole life
+/// of the connection (`size_tests`).
+fn task(
+    params: SessionParams,
+    link: &Link,
+    source: LinkSource,
+    resume: Option<Resume<LinkSource, LinkSink>>,
+    on_end: impl FnOnce() + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
     let wire = link.wire.clone();
-    tracker.spawn(async move {
-        run(source, sink, params, resume).await;
+    run(source, link.sink(), Box::new(params), resume).map(move |()| {
         // Whatever way the session ended, drainers see the end after what is queued.
         wire.end(1000, "");
         on_end();
-    });
+    })
 }
 
 /// Runs one connection to completion over any source and sink.
@@ -149,7 +161,7 @@ pub fn spawn(
 pub async fn run<Src: FrameSource, Snk: FrameSink>(
     mut source: Src,
     mut sink: Snk,
-    params: SessionParams,
+    params: Box<SessionParams>,
     resume: Option<Resume<Src, Snk>>,
 ) {
     let SessionParams {
@@ -160,7 +172,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
         transport,
         shutdown,
         stateful,
-    } = params;
+    } = *params;
     let definition = hub.definition();
     let options = &definition.options;
     let mut inbuf = BytesMut::new();
@@ -255,7 +267,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     let main_loop = {
         let mut lp = Loop::new(conn.clone(), ctx.clone(), &hub, protocol);
         if stateful {
-            lp.stateful = Some(Stateful {
+            lp.stateful = Some(Box::new(Stateful {
                 replay: ReplayBuffer::new(options.replay),
                 inbound: InboundSeq::new(),
                 ack_at: None,
@@ -263,7 +275,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
                 window: options.reconnect_window,
                 detached_until: None,
                 lost: String::new(),
-            });
+            }));
         }
         lp.run(source, sink, inbuf, shutdown, resume)
     };
@@ -334,8 +346,9 @@ struct Loop {
     /// anything must not hold a connection forever, issue 14), except on Long Polling, whose
     /// polls are its keep-alive; disarmed while a stateful connection waits for a resume.
     client_timeout_armed: bool,
-    /// Stateful reconnect, when negotiated.
-    stateful: Option<Stateful>,
+    /// Stateful reconnect, when negotiated: boxed, as most connections do without it and
+    /// the loop's state is held by every idle connection (`size_tests`).
+    stateful: Option<Box<Stateful>>,
 }
 
 /// The reason a failed transport ends with. A write that timed out (the session's send
@@ -540,6 +553,9 @@ impl Loop {
         Ok(())
     }
 
+    /// The loop. Every idle connection holds this future, as large as its largest await: the
+    /// awaits that are rare on an idle connection and larger than the wait itself (input
+    /// processing, an Ack, a Close, a resume) are boxed (`size_tests`).
     async fn run<Src: FrameSource, Snk: FrameSink>(
         mut self,
         source: Src,
@@ -550,14 +566,14 @@ impl Loop {
     ) -> (End, Option<Snk>) {
         let mut source = Some(source);
         let mut sink = Some(sink);
-        let mut tasks: FuturesUnordered<BoxFuture<'static, TaskDone>> = FuturesUnordered::new();
+        let mut tasks = Tasks::default();
         let timer = tokio::time::sleep_until(self.next_deadline());
         tokio::pin!(timer);
         let mut shutting_down = false;
 
         // Bytes that followed the handshake in the same frame are hub messages.
         if !inbuf.is_empty() {
-            if let Err(end) = self.process_input(&mut inbuf, &mut tasks).await {
+            if let Err(end) = Box::pin(self.process_input(&mut inbuf, &mut tasks)).await {
                 let end = Box::pin(self.finish(&mut sink, end)).await;
                 return (end, sink);
             }
@@ -655,7 +671,7 @@ impl Loop {
                     Some(Ok(bytes)) => {
                         self.last_received = Instant::now();
                         inbuf.extend_from_slice(&bytes);
-                        if let Err(end) = self.process_input(&mut inbuf, &mut tasks).await {
+                        if let Err(end) = Box::pin(self.process_input(&mut inbuf, &mut tasks)).await {
                             let end = Box::pin(self.finish(&mut sink, end)).await;
                             return (end, sink);
                         }
@@ -717,7 +733,7 @@ impl Loop {
                         _ => None,
                     };
                     if let Some(id) = ack {
-                        if let Err(e) = self.send_message(&mut sink, &HubMessage::Ack(Ack { sequence_id: id })).await {
+                        if let Err(e) = Box::pin(self.send_message(&mut sink, &HubMessage::Ack(Ack { sequence_id: id }))).await {
                             lost!(transport_failed(e));
                         }
                     } else if now >= self.last_sent + self.keep_alive {
@@ -752,7 +768,7 @@ impl Loop {
     async fn process_input(
         &mut self,
         inbuf: &mut BytesMut,
-        tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>,
+        tasks: &mut Tasks,
     ) -> Result<(), End> {
         loop {
             let msg = match self.protocol.decode(inbuf, self.max_message_size) {
@@ -875,9 +891,9 @@ mod size_tests {
             shutdown: CancellationToken::new(),
             stateful: false,
         };
-        let session = run(source, link.sink(), params, None);
+        let session = task(params, &link, source, None, || ());
         let size = std::mem::size_of_val(&session);
-        println!("session future: {size} bytes");
+        println!("session task future: {size} bytes");
         // Debug builds lay futures out without optimizations; the bound is for release.
         if !cfg!(debug_assertions) {
             assert!(size <= 3_500, "the session future grew to {size} bytes");
@@ -913,7 +929,7 @@ mod size_tests {
         );
         let ctx = HubContext::new(conn.clone(), hub.clone());
         let mut lp = Loop::new(conn.clone(), ctx.clone(), &hub, ProtocolKind::Json);
-        let mut tasks: FuturesUnordered<BoxFuture<'static, TaskDone>> = FuturesUnordered::new();
+        let mut tasks = Tasks::default();
         let mut some_sink = Some(link.sink());
         let shutdown = CancellationToken::new();
         macro_rules! show {

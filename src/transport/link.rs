@@ -202,9 +202,9 @@ impl Wire {
 #[derive(Debug, Default)]
 struct Shared {
     inbox: Mutex<Inbox>,
-    /// Woken when a chunk is queued or the last feeder is gone.
+    /// Woken when a chunk is queued, the last feeder is gone or the transport is gone.
     readable: Notify,
-    /// Woken when a chunk is taken or the session stops reading.
+    /// Woken when a chunk is taken, the session stops reading or the transport is gone.
     writable: Notify,
     /// Why the transport went away (`None`: a clean end).
     reason: Mutex<Option<String>>,
@@ -258,10 +258,8 @@ impl Shared {
                     return Ok(());
                 }
             }
-            tokio::select! {
-                _ = &mut writable => {}
-                _ = self.token.cancelled() => return Err(TransportError::Closed("transport gone".into())),
-            }
+            // `transport_gone` wakes this too: one waiter, not a second future for the token.
+            writable.await;
         }
     }
 }
@@ -328,6 +326,8 @@ impl Link {
             *r = reason;
         }
         self.shared.token.cancel();
+        self.shared.readable.notify_waiters();
+        self.shared.writable.notify_waiters();
     }
 
     /// Whether [`Link::transport_gone`] was called.
@@ -392,11 +392,8 @@ impl FrameSource for LinkSource {
             if self.shared.token.is_cancelled() {
                 return self.gone_result();
             }
-            tokio::select! {
-                biased;
-                _ = &mut readable => {}
-                _ = self.shared.token.cancelled() => {}
-            }
+            // `transport_gone` wakes this too.
+            readable.await;
         }
     }
 }
@@ -487,6 +484,58 @@ mod tests {
         });
         gone.cancel();
         assert!(blocked.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn inbound_queue_is_bounded_and_ends_with_its_feeders_or_reader() {
+        let (link, mut source) = Link::new();
+        for i in 0..INBOUND_CHUNKS {
+            link.feed(Bytes::from(vec![i as u8])).await.unwrap();
+        }
+        // Full: the next feed waits until the session takes a chunk.
+        let l2 = link.clone();
+        let blocked = tokio::spawn(async move { l2.feed(Bytes::from_static(b"last")).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!blocked.is_finished());
+        assert_eq!(source.recv().await.unwrap().unwrap()[..], [0]);
+        tokio::time::timeout(std::time::Duration::from_secs(5), blocked)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        for i in 1..INBOUND_CHUNKS {
+            assert_eq!(source.recv().await.unwrap().unwrap()[..], [i as u8]);
+        }
+        assert_eq!(&source.recv().await.unwrap().unwrap()[..], b"last");
+        // A feeder blocked on a full queue is released when the transport goes.
+        for _ in 0..INBOUND_CHUNKS {
+            link.feed(Bytes::from_static(b"x")).await.unwrap();
+        }
+        let l3 = link.clone();
+        let blocked = tokio::spawn(async move { l3.feed(Bytes::from_static(b"y")).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        link.transport_gone(Some("gone".into()));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), blocked)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(r.is_err());
+        // The session stopped reading: feeding fails at once.
+        let (link, source) = Link::new();
+        drop(source);
+        assert!(link.feed(Bytes::from_static(b"z")).await.is_err());
+        // Every feeder gone: the session reads a clean end.
+        let (link, mut source) = Link::new();
+        let l2 = link.clone();
+        let reader = tokio::spawn(async move { source.recv().await.is_none() });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(link);
+        assert!(!reader.is_finished());
+        drop(l2);
+        assert!(tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+            .await
+            .unwrap()
+            .unwrap());
     }
 
     #[tokio::test]

@@ -11,7 +11,9 @@
 
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use std::future::Future;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -108,12 +110,15 @@ pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// Serves `link` over an upgraded socket until either side ends: socket messages feed the
 /// session, wire units become WebSocket messages, the wire's end marker becomes the close
 /// frame. Reports the end of the socket to the session with [`Link::transport_gone`].
-pub async fn pump<IO>(io: IO, max_message_size: usize, link: Link)
+///
+/// A combinator rather than an `async fn`: the socket and the link are moved once into the
+/// accept and pump futures, not also kept as the outer future's arguments for the
+/// connection's whole life (the idle memory budget in `bench/README.md`).
+pub fn pump<IO>(io: IO, max_message_size: usize, link: Link) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (source, sink) = accept(io, max_message_size).await;
-    pump_split(source, sink, link).await;
+    accept(io, max_message_size).then(move |(source, sink)| pump_split(source, sink, link))
 }
 
 /// [`pump`] over an already accepted socket (the HTTP layer may have read a first frame to
