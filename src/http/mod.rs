@@ -414,7 +414,7 @@ async fn hub_request(
         return transports::delete(state, token, user);
     }
     let request = RequestInfo {
-        query: parts.uri.query().unwrap_or("").to_string(),
+        query: kept_query(parts.uri.query().unwrap_or("")),
         headers: owned_headers(&parts.headers),
     };
     let options = &hub.definition().options;
@@ -494,6 +494,22 @@ pub(crate) async fn serve_forwarded(
     } = admitted;
     let body = transports::SendBody::Ready(body);
     hub_request(state, hub, parts, identity, &token, &user, body, true).await
+}
+
+/// The query string a connection's [`RequestInfo`] keeps: the connect request's, without
+/// its `access_token` (a credential, already verified and available as the identity's
+/// claims; a JWT is a few hundred bytes held for the connection's whole life, see the idle
+/// memory budget in `bench/README.md`).
+fn kept_query(query: &str) -> String {
+    let is_token = |pair: &&str| pair.split('=').next() == Some("access_token");
+    if !query.split('&').any(|p| is_token(&p)) {
+        return query.to_string();
+    }
+    query
+        .split('&')
+        .filter(|p| !is_token(p))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Whether `name` is a request header a connection's [`RequestInfo`] does not keep: the
@@ -631,6 +647,15 @@ fn dev_token(state: &HttpState, req: &Request<Incoming>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_query_drops_only_the_access_token() {
+        assert_eq!(kept_query(""), "");
+        assert_eq!(kept_query("id=abc&x=1"), "id=abc&x=1");
+        assert_eq!(kept_query("id=abc&access_token=eyJ.x.y&x=1"), "id=abc&x=1");
+        assert_eq!(kept_query("access_token=eyJ.x.y"), "");
+        assert_eq!(kept_query("access_token_hint=1"), "access_token_hint=1");
+    }
 
     #[test]
     fn owned_headers_keep_what_the_hub_may_read_and_drop_the_upgrade_headers() {

@@ -164,15 +164,8 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     params: Box<SessionParams>,
     resume: Option<Resume<Src, Snk>>,
 ) {
-    let SessionParams {
-        hub,
-        connection_id,
-        identity,
-        request,
-        transport,
-        shutdown,
-        stateful,
-    } = *params;
+    let hub = params.hub.clone();
+    let transport = params.transport;
     let definition = hub.definition();
     let options = &definition.options;
     let mut inbuf = BytesMut::new();
@@ -186,6 +179,16 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
                 return;
             }
         };
+    // Unpacked only now: across the handshake's awaits the parameters cost the box's
+    // pointer, not their size for the whole life of the session (`size_tests`).
+    let SessionParams {
+        connection_id,
+        identity,
+        request,
+        shutdown,
+        stateful,
+        ..
+    } = *params;
 
     // 2. Registration.
     let token_expiry = match identity.valid_until {
@@ -277,7 +280,8 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
                 lost: String::new(),
             }));
         }
-        lp.run(source, sink, inbuf, shutdown, resume)
+        // Boxed: an `async fn` keeps its arguments beside the locals they are moved into.
+        Box::new(lp).run(source, sink, inbuf, shutdown, resume)
     };
     let (end, sink) = main_loop.await;
 
@@ -557,7 +561,7 @@ impl Loop {
     /// awaits that are rare on an idle connection and larger than the wait itself (input
     /// processing, an Ack, a Close, a resume) are boxed (`size_tests`).
     async fn run<Src: FrameSource, Snk: FrameSink>(
-        mut self,
+        mut self: Box<Self>,
         source: Src,
         sink: Snk,
         mut inbuf: BytesMut,
@@ -963,6 +967,6 @@ mod size_tests {
         println!("{:>6}  Identity (struct)", std::mem::size_of::<crate::auth::Identity>());
         println!("{:>6}  HubContext (struct)", std::mem::size_of::<HubContext>());
         let lp2 = Loop::new(conn.clone(), ctx.clone(), &hub, ProtocolKind::Json);
-        show!("Loop::run", lp2.run(source, sink, inbuf, shutdown, None));
+        show!("Loop::run", Box::new(lp2).run(source, sink, inbuf, shutdown, None));
     }
 }

@@ -15,6 +15,7 @@
 //! waits.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -236,7 +237,6 @@ impl Shared {
     /// Queues `item`, waiting for room. Fails when the session no longer reads or the
     /// transport is gone.
     async fn feed(&self, item: Result<Bytes, TransportError>) -> Result<(), TransportError> {
-        let mut item = Some(item);
         loop {
             let writable = self.writable.notified();
             tokio::pin!(writable);
@@ -250,9 +250,7 @@ impl Shared {
                     return Err(TransportError::Closed("transport gone".into()));
                 }
                 if inbox.chunks.len() < INBOUND_CHUNKS {
-                    if let Some(item) = item.take() {
-                        inbox.chunks.push_back(item);
-                    }
+                    inbox.chunks.push_back(item);
                     drop(inbox);
                     self.readable.notify_waiters();
                     return Ok(());
@@ -342,14 +340,18 @@ impl Link {
 
     /// Hands a chunk of client bytes to the session, waiting for room. Fails when the
     /// session no longer reads (it ended) or the transport is gone.
-    pub async fn feed(&self, chunk: Bytes) -> Result<(), TransportError> {
-        self.shared.feed(Ok(chunk)).await
+    pub fn feed(&self, chunk: Bytes) -> impl Future<Output = Result<(), TransportError>> + '_ {
+        // Not an `async fn`: that would hold `chunk` once more beside the queue's future.
+        self.shared.feed(Ok(chunk))
     }
 
     /// Hands a transport error to the session (a frame over the size limit: the session
     /// answers with a Close naming the limit), waiting for room like [`Link::feed`].
-    pub async fn feed_error(&self, error: TransportError) -> Result<(), TransportError> {
-        self.shared.feed(Err(error)).await
+    pub fn feed_error(
+        &self,
+        error: TransportError,
+    ) -> impl Future<Output = Result<(), TransportError>> + '_ {
+        self.shared.feed(Err(error))
     }
 }
 

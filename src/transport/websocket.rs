@@ -123,53 +123,61 @@ where
 
 /// [`pump`] over an already accepted socket (the HTTP layer may have read a first frame to
 /// decide what the socket is for; it feeds that frame to the link first).
-pub async fn pump_split<IO>(mut source: WsSource<IO>, mut sink: WsSink<IO>, link: Link)
+pub fn pump_split<IO>(
+    mut source: WsSource<IO>,
+    mut sink: WsSink<IO>,
+    link: Link,
+) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let reader = async {
-        loop {
-            match source.recv().await {
-                None => return None,
-                Some(Ok(bytes)) => {
-                    if link.feed(bytes).await.is_err() {
+    // An async block, not an `async fn`: the block works on its captures in place, where a
+    // function would keep its arguments beside the locals they are moved into.
+    async move {
+        let reader = async {
+            loop {
+                match source.recv().await {
+                    None => return None,
+                    Some(Ok(bytes)) => {
+                        if link.feed(bytes).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Some(Err(TransportError::TooLarge)) => {
+                        // The session answers with a Close naming the limit; stop reading.
+                        let _ = link.feed_error(TransportError::TooLarge).await;
+                        std::future::pending::<()>().await;
+                    }
+                    Some(Err(e)) => return Some(e.to_string()),
+                }
+            }
+        };
+        let writer = async {
+            loop {
+                match link.wire.next().await {
+                    WireItem::Unit(data, format) => {
+                        match tokio::time::timeout(WRITE_TIMEOUT, sink.send(data, format)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return Some(e.to_string()),
+                            Err(_) => return Some(super::SEND_TIMED_OUT.to_string()),
+                        }
+                    }
+                    WireItem::End(code, reason) => {
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close(code, &reason)).await;
                         return None;
                     }
                 }
-                Some(Err(TransportError::TooLarge)) => {
-                    // The session answers with a Close naming the limit; stop reading.
-                    let _ = link.feed_error(TransportError::TooLarge).await;
-                    std::future::pending::<()>().await;
-                }
-                Some(Err(e)) => return Some(e.to_string()),
             }
-        }
-    };
-    let writer = async {
-        loop {
-            match link.wire.next().await {
-                WireItem::Unit(data, format) => {
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(data, format)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Some(e.to_string()),
-                        Err(_) => return Some(super::SEND_TIMED_OUT.to_string()),
-                    }
-                }
-                WireItem::End(code, reason) => {
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close(code, &reason)).await;
-                    return None;
-                }
-            }
-        }
-    };
-    let gone = link.gone_token();
-    let reason = tokio::select! {
-        r = reader => r,
-        r = writer => r,
-        // The session ended the link another way (or a newer transport replaced this one).
-        _ = gone.cancelled() => None,
-    };
-    link.transport_gone(reason);
+        };
+        let gone = link.gone_token();
+        let reason = tokio::select! {
+            r = reader => r,
+            r = writer => r,
+            // The session ended the link another way (or a newer transport replaced this one).
+            _ = gone.cancelled() => None,
+        };
+        link.transport_gone(reason);
+    }
 }
 
 #[cfg(test)]
