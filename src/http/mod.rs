@@ -666,7 +666,10 @@ mod tests {
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("k"));
-        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         h.insert(
             header::SEC_WEBSOCKET_EXTENSIONS,
             HeaderValue::from_static("permessage-deflate"),

@@ -139,10 +139,7 @@ impl Dispatcher {
         self.pending.len() >= self.max_pending
     }
 
-    pub(crate) fn start_pending(
-        &mut self,
-        tasks: &mut Tasks,
-    ) {
+    pub(crate) fn start_pending(&mut self, tasks: &mut Tasks) {
         while self.running_slots < self.max_parallel {
             let Some(task) = self.pending.pop_front() else {
                 break;
@@ -165,12 +162,7 @@ impl Dispatcher {
     }
 
     /// Handles an Invocation (`streaming == false`) or a StreamInvocation.
-    pub(crate) fn invocation(
-        &mut self,
-        inv: Invocation,
-        streaming: bool,
-        tasks: &mut Tasks,
-    ) {
+    pub(crate) fn invocation(&mut self, inv: Invocation, streaming: bool, tasks: &mut Tasks) {
         let conn = self.ctx.connection.clone();
         let target = inv.target.clone();
         let id = inv.invocation_id.clone().filter(|s| !s.is_empty());

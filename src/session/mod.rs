@@ -188,7 +188,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
         shutdown,
         stateful,
         ..
-    } = *params;
+    } = unbox(params);
 
     // 2. Registration.
     let token_expiry = match identity.valid_until {
@@ -197,7 +197,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     };
     let conn = Connection::new(
         connection_id,
-        *identity,
+        unbox(identity),
         protocol,
         transport,
         request,
@@ -303,6 +303,13 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
     }
     hub.disconnect(&conn);
     tracing::debug!("session ended");
+}
+
+/// Moves a value out of its box and frees the box now. (`*boxed` frees the allocation only
+/// where the box itself goes out of scope: for the session's parameters, the end of the
+/// connection.)
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
 }
 
 async fn write_close<Snk: FrameSink>(sink: &mut Snk, protocol: ProtocolKind, close: &Close) {
@@ -769,11 +776,7 @@ impl Loop {
     }
 
     /// Decodes and handles every whole message in `inbuf`.
-    async fn process_input(
-        &mut self,
-        inbuf: &mut BytesMut,
-        tasks: &mut Tasks,
-    ) -> Result<(), End> {
+    async fn process_input(&mut self, inbuf: &mut BytesMut, tasks: &mut Tasks) -> Result<(), End> {
         loop {
             let msg = match self.protocol.decode(inbuf, self.max_message_size) {
                 Ok(Some(m)) => m,
@@ -943,30 +946,85 @@ mod size_tests {
                 drop(f);
             }};
         }
-        show!("handshake::perform", handshake::perform(&mut source, &mut sink, &mut inbuf, options, TransportKind::WebSockets));
+        show!(
+            "handshake::perform",
+            handshake::perform(
+                &mut source,
+                &mut sink,
+                &mut inbuf,
+                options,
+                TransportKind::WebSockets
+            )
+        );
         show!("hub.connect", hub.connect(&conn));
-        show!("handshake::send_ok", handshake::send_ok(&mut sink, ProtocolKind::Json));
-        show!("handshake::send_error", handshake::send_error(&mut sink, "x"));
+        show!(
+            "handshake::send_ok",
+            handshake::send_ok(&mut sink, ProtocolKind::Json)
+        );
+        show!(
+            "handshake::send_error",
+            handshake::send_error(&mut sink, "x")
+        );
         show!("sink.close", sink.close(1000, ""));
-        show!("write_close", write_close(&mut sink, ProtocolKind::Json, &Close { error: None, allow_reconnect: false }));
+        show!(
+            "write_close",
+            write_close(
+                &mut sink,
+                ProtocolKind::Json,
+                &Close {
+                    error: None,
+                    allow_reconnect: false
+                }
+            )
+        );
         show!("LinkSource::recv", source.recv());
-        show!("LinkSink::send", sink.send(Bytes::new(), crate::protocol::TransferFormat::Text));
+        show!(
+            "LinkSink::send",
+            sink.send(Bytes::new(), crate::protocol::TransferFormat::Text)
+        );
         show!("outbound.next_limited", conn.outbound.next_limited(1, 1));
         show!("outbound.closing", conn.outbound.closing());
         show!("tokio Sleep", tokio::time::sleep(Duration::from_secs(1)));
         show!("token.cancelled", shutdown.cancelled());
-        show!("Loop::process_input", lp.process_input(&mut inbuf, &mut tasks));
+        show!(
+            "Loop::process_input",
+            lp.process_input(&mut inbuf, &mut tasks)
+        );
         show!("Loop::send", lp.send(&mut some_sink, Bytes::new()));
-        show!("Loop::send_message", lp.send_message(&mut some_sink, &HubMessage::Ping));
+        show!(
+            "Loop::send_message",
+            lp.send_message(&mut some_sink, &HubMessage::Ping)
+        );
         println!("{:>6}  Loop (struct)", std::mem::size_of::<Loop>());
-        println!("{:>6}  Dispatcher (struct)", std::mem::size_of::<Dispatcher>());
-        println!("{:>6}  Option<Stateful>", std::mem::size_of::<Option<Stateful>>());
-        println!("{:>6}  Connection (struct, one Arc allocation)", std::mem::size_of::<Connection>());
+        println!(
+            "{:>6}  Dispatcher (struct)",
+            std::mem::size_of::<Dispatcher>()
+        );
+        println!(
+            "{:>6}  Option<Stateful>",
+            std::mem::size_of::<Option<Stateful>>()
+        );
+        println!(
+            "{:>6}  Connection (struct, one Arc allocation)",
+            std::mem::size_of::<Connection>()
+        );
         println!("{:>6}  Outbound (struct)", std::mem::size_of::<Outbound>());
-        println!("{:>6}  RequestInfo (struct)", std::mem::size_of::<RequestInfo>());
-        println!("{:>6}  Identity (struct)", std::mem::size_of::<crate::auth::Identity>());
-        println!("{:>6}  HubContext (struct)", std::mem::size_of::<HubContext>());
+        println!(
+            "{:>6}  RequestInfo (struct)",
+            std::mem::size_of::<RequestInfo>()
+        );
+        println!(
+            "{:>6}  Identity (struct)",
+            std::mem::size_of::<crate::auth::Identity>()
+        );
+        println!(
+            "{:>6}  HubContext (struct)",
+            std::mem::size_of::<HubContext>()
+        );
         let lp2 = Loop::new(conn.clone(), ctx.clone(), &hub, ProtocolKind::Json);
-        show!("Loop::run", Box::new(lp2).run(source, sink, inbuf, shutdown, None));
+        show!(
+            "Loop::run",
+            Box::new(lp2).run(source, sink, inbuf, shutdown, None)
+        );
     }
 }

@@ -231,7 +231,10 @@ impl Shared {
     }
 
     fn reason(&self) -> Option<String> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Queues `item`, waiting for room. Fails when the session no longer reads or the
@@ -534,10 +537,12 @@ mod tests {
         drop(link);
         assert!(!reader.is_finished());
         drop(l2);
-        assert!(tokio::time::timeout(std::time::Duration::from_secs(5), reader)
-            .await
-            .unwrap()
-            .unwrap());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+                .await
+                .unwrap()
+                .unwrap()
+        );
     }
 
     #[tokio::test]

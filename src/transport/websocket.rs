@@ -163,7 +163,8 @@ where
                         }
                     }
                     WireItem::End(code, reason) => {
-                        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close(code, &reason)).await;
+                        let _ =
+                            tokio::time::timeout(WRITE_TIMEOUT, sink.close(code, &reason)).await;
                         return None;
                     }
                 }
