@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Pending, Uploads};
+use super::Pending;
 use crate::connection::ConnectionHandle;
 use crate::hub::method::{BindError, Outcome, UploadItem};
 use crate::hub::{HubContext, HubLifetime};
@@ -61,11 +61,42 @@ pub(crate) struct TaskDone {
     stream: Option<String>,
 }
 
+/// A map by stream id that costs a pointer until its first entry: every connection's loop
+/// holds two (upload streams, running streams) for its whole life and most never stream
+/// (the idle memory budget in `bench/README.md`).
+pub(crate) struct LazyMap<V>(Option<Box<HashMap<String, V>>>);
+
+impl<V> Default for LazyMap<V> {
+    fn default() -> Self {
+        LazyMap(None)
+    }
+}
+
+impl<V> LazyMap<V> {
+    fn insert(&mut self, key: String, value: V) -> Option<V> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(key, value)
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        self.0.as_ref()?.get(key)
+    }
+
+    fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn remove(&mut self, key: &str) -> Option<V> {
+        self.0.as_mut()?.remove(key)
+    }
+}
+
 pub(crate) struct Dispatcher {
     ctx: HubContext,
     hub: Arc<HubLifetime>,
-    uploads: Uploads,
-    streams: HashMap<String, CancellationToken>,
+    uploads: LazyMap<mpsc::Sender<UploadItem>>,
+    streams: LazyMap<CancellationToken>,
     pending: Pending,
     running_slots: usize,
     max_parallel: usize,
@@ -127,8 +158,8 @@ impl Dispatcher {
             stream_capacity: o.stream_buffer_capacity.max(1),
             ctx,
             hub,
-            uploads: HashMap::new(),
-            streams: HashMap::new(),
+            uploads: LazyMap::default(),
+            streams: LazyMap::default(),
             pending: Pending::new(),
             running_slots: 0,
         }

@@ -187,7 +187,7 @@ mod size_tests {
     use crate::transport::link::Link;
 
     /// What the pump task of an idle WebSocket connection is made of (printed with
-    /// `--nocapture`; the idle memory budget in `bench/README.md`).
+    /// `--nocapture`; the idle memory budget in `bench/README.md`), and a guard on it.
     #[tokio::test]
     async fn pump_parts() {
         let (a, _b) = tokio::io::duplex(64);
@@ -211,7 +211,17 @@ mod size_tests {
         show!("WsSink::close", snk.close(1000, ""));
         show!("Link::feed", link.feed(Bytes::new()));
         show!("Wire::next", link.wire.next());
-        show!("pump_split", pump_split(src, snk, link.clone()));
+        let pump_size = std::mem::size_of_val(&pump_split(src, snk, link.clone()));
+        println!("{pump_size:>6}  pump_split");
         println!("{:>6}  Link", std::mem::size_of::<Link>());
+        let (a, _b) = tokio::io::duplex(64);
+        let whole = std::mem::size_of_val(&pump(a, 1024, link.clone()));
+        if !cfg!(debug_assertions) {
+            // Before issue 13's budget: 1,008 (pump), 960 (pump_split), 312 (Link::feed).
+            assert!(whole <= 800, "the pump future grew to {whole} bytes");
+            assert!(pump_size <= 800, "pump_split grew to {pump_size} bytes");
+            let feed = std::mem::size_of_val(&link.feed(Bytes::new()));
+            assert!(feed <= 200, "Link::feed grew to {feed} bytes");
+        }
     }
 }
