@@ -30,11 +30,11 @@ rules = [
  ("connection record (Connection, aborted token, hub context token)", r"connection::Connection::new|hub::context::HubContext::new"),
  ("identity (JWT claims)", r"auth::decode|jsonwebtoken|auth::Claims"),
  ("connect request copy (headers, query string)", r"owned_headers|kept_query|transports::websocket::\{closure\}(?!.*feedhub::)"),
+ ("ids and token records", r"ids::ConnectionId|negotiate::Tokens|auth::Authenticator::identity"),
  ("HTTP connection table (HttpConnection, connections map)", r"transports::register|connections::Connections::insert|transports::bind|transports::open"),
  ("hub registry, subscription and channel names", r"hub::registry|hub::subscriptions|backplane::channel|Backplane>::subscribe|hub::lifetime"),
  ("socket registration (tokio I/O driver)", r"accept_loop|PollEvented|RegistrationSet"),
  ("HTTP/admission leftovers (activity, fresh entry, hyper)", r"http::conn::|limits::|hyper::"),
- ("ids and token records", r"ids::ConnectionId|negotiate::"),
  ("handshake leftovers", r"session::handshake|protocol::handshake"),
 ]
 def clean(f):
@@ -59,7 +59,7 @@ for path in files:
             other[' > '.join(fh[-2:])] += int(cost)
     res[path] = (agg, other)
 names = [r[0] for r in rules] + ["other"]
-hdr = "| component | " + " | ".join(files) + " |"
+hdr = "| component | " + " | ".join(f.rsplit("/", 1)[-1].removesuffix(".fg") for f in files) + " |"
 print(hdr); print("|---|" + "---:|"*len(files))
 for n in names:
     print(f"| {n} | " + " | ".join(f"{res[f][0][n]/conns:,.0f}" for f in files) + " |")
