@@ -79,6 +79,9 @@ impl RequestInfo {
     }
 }
 
+/// `Context.Items`: key → value of any type.
+type Items = HashMap<String, Arc<dyn Any + Send + Sync>>;
+
 /// A pending client result: the server invoked a client method and waits for its Completion.
 type ResultWaiter = oneshot::Sender<Result<Value, String>>;
 
@@ -105,8 +108,10 @@ pub struct Connection {
     pub(crate) groups: Mutex<Vec<GroupName>>,
     /// `Context.Items`, allocated on first use (most connections never use it; boxed, so
     /// an unused map costs a pointer, not a map, for the connection's life).
-    items: Mutex<Option<Box<HashMap<String, Arc<dyn Any + Send + Sync>>>>>,
+    #[allow(clippy::box_collection)] // the point: a pointer, not a 48-byte empty map
+    items: Mutex<Option<Box<Items>>>,
     /// Client results awaiting the client's Completion, allocated on first use (boxed too).
+    #[allow(clippy::box_collection)]
     pending_results: Mutex<Option<Box<HashMap<String, ResultWaiter>>>>,
     next_result_id: AtomicU64,
 }

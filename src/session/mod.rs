@@ -310,6 +310,7 @@ pub async fn run<Src: FrameSource, Snk: FrameSink>(
 /// Moves a value out of its box and frees the box now. (`*boxed` frees the allocation only
 /// where the box itself goes out of scope: for the session's parameters, the end of the
 /// connection.)
+#[allow(clippy::boxed_local)] // taking the box is the point
 fn unbox<T>(boxed: Box<T>) -> T {
     *boxed
 }

@@ -214,7 +214,7 @@ struct Shared {
 
 /// Chunks fed to the session, at most [`INBOUND_CHUNKS`]. A hand-rolled queue rather than a
 /// `tokio::sync::mpsc` channel: that one allocates a 32-slot block and a cache-padded
-/// channel up front, ~1.8 KiB for every idle connection (the idle memory budget in
+/// channel up front, ~1.6 KiB for every idle connection (the idle memory budget in
 /// `bench/README.md`); this one holds nothing while empty.
 #[derive(Debug, Default)]
 struct Inbox {

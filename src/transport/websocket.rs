@@ -123,6 +123,7 @@ where
 
 /// [`pump`] over an already accepted socket (the HTTP layer may have read a first frame to
 /// decide what the socket is for; it feeds that frame to the link first).
+#[allow(clippy::manual_async_fn)] // deliberately not an `async fn`, see below
 pub fn pump_split<IO>(
     mut source: WsSource<IO>,
     mut sink: WsSink<IO>,
