@@ -60,10 +60,80 @@ pub struct Identity {
     /// The user id claim; `None` for anonymous connections.
     pub user_id: Option<UserId>,
     /// All claims of the token (empty when anonymous).
-    pub claims: serde_json::Map<String, serde_json::Value>,
+    pub claims: Claims,
     /// Unix time (seconds) from which the token is no longer accepted: one second after its
     /// `exp` plus the leeway. `None` without a token, or for a token without `exp`.
     pub valid_until: Option<u64>,
+}
+
+/// A token's claims, kept as compact JSON and parsed on first use. Every connection holds
+/// its identity for life, and a parsed map costs ~650 bytes (one B-tree node) although hubs
+/// rarely read the claims (the idle memory budget in `bench/README.md`); the text costs
+/// what the claims are long.
+#[derive(Default)]
+pub struct Claims {
+    /// The claims as a JSON object (empty when there are none).
+    json: Box<str>,
+    parsed: std::sync::OnceLock<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Claims {
+    /// Claims of an already parsed token.
+    pub fn new(map: &serde_json::Map<String, serde_json::Value>) -> Claims {
+        let json = if map.is_empty() {
+            String::new()
+        } else {
+            // A map of JSON values always serialises.
+            serde_json::to_string(map).unwrap_or_default()
+        };
+        Claims {
+            json: json.into_boxed_str(),
+            parsed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The claims (parsed now if this is the first look).
+    pub fn map(&self) -> &serde_json::Map<String, serde_json::Value> {
+        self.parsed.get_or_init(|| {
+            if self.json.is_empty() {
+                serde_json::Map::new()
+            } else {
+                // Written by `Claims::new` from a map, so it parses back.
+                serde_json::from_str(&self.json).unwrap_or_default()
+            }
+        })
+    }
+
+    /// One claim.
+    pub fn get(&self, name: &str) -> Option<&serde_json::Value> {
+        self.map().get(name)
+    }
+
+    /// Whether there are no claims.
+    pub fn is_empty(&self) -> bool {
+        self.json.is_empty()
+    }
+}
+
+impl Clone for Claims {
+    fn clone(&self) -> Claims {
+        Claims {
+            json: self.json.clone(),
+            parsed: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.map().iter()).finish()
+    }
+}
+
+impl From<serde_json::Map<String, serde_json::Value>> for Claims {
+    fn from(map: serde_json::Map<String, serde_json::Value>) -> Claims {
+        Claims::new(&map)
+    }
 }
 
 impl Identity {
@@ -397,7 +467,7 @@ impl Authenticator {
             .map(|exp| exp.saturating_add(self.leeway_secs).saturating_add(1));
         Ok(Identity {
             user_id: Some(user_id),
-            claims,
+            claims: Claims::new(&claims),
             valid_until,
         })
     }
@@ -522,6 +592,23 @@ pub fn token_from_request(query: Option<&str>, authorization: Option<&str>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_are_kept_as_text_and_read_back() {
+        let mut map = serde_json::Map::new();
+        map.insert("sub".into(), serde_json::json!("u1"));
+        map.insert("exp".into(), serde_json::json!(1_700_000_000u64));
+        map.insert("roles".into(), serde_json::json!(["a", "b"]));
+        let claims = Claims::new(&map);
+        assert!(!claims.is_empty());
+        assert_eq!(claims.get("sub"), Some(&serde_json::json!("u1")));
+        assert_eq!(claims.map(), &map);
+        assert_eq!(claims.clone().map(), &map);
+        let none = Claims::default();
+        assert!(none.is_empty());
+        assert!(none.map().is_empty());
+        assert!(Claims::new(&serde_json::Map::new()).is_empty());
+    }
 
     const SECRET: &str = "an-hs256-test-secret-of-32-bytes-or-more";
 

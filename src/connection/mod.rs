@@ -46,7 +46,8 @@ impl TransportKind {
 /// (ASP.NET's `Context.GetHttpContext()`).
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
-    /// The raw query string of the connect request (without `?`).
+    /// The raw query string of the connect request (without `?`), less its `access_token`
+    /// (the identity holds what the token said).
     pub query: String,
     /// Request headers of the connect request.
     pub headers: http::HeaderMap,
@@ -78,6 +79,9 @@ impl RequestInfo {
     }
 }
 
+/// `Context.Items`: key → value of any type.
+type Items = HashMap<String, Arc<dyn Any + Send + Sync>>;
+
 /// A pending client result: the server invoked a client method and waits for its Completion.
 type ResultWaiter = oneshot::Sender<Result<Value, String>>;
 
@@ -102,10 +106,13 @@ pub struct Connection {
     pub(crate) token_expiry: Option<tokio::time::Instant>,
     /// Groups this connection is in, so they can be left when it ends.
     pub(crate) groups: Mutex<Vec<GroupName>>,
-    /// `Context.Items`, allocated on first use (most connections never use it).
-    items: Mutex<Option<HashMap<String, Arc<dyn Any + Send + Sync>>>>,
-    /// Client results awaiting the client's Completion, allocated on first use.
-    pending_results: Mutex<Option<HashMap<String, ResultWaiter>>>,
+    /// `Context.Items`, allocated on first use (most connections never use it; boxed, so
+    /// an unused map costs a pointer, not a map, for the connection's life).
+    #[allow(clippy::box_collection)] // the point: a pointer, not a 48-byte empty map
+    items: Mutex<Option<Box<Items>>>,
+    /// Client results awaiting the client's Completion, allocated on first use (boxed too).
+    #[allow(clippy::box_collection)]
+    pending_results: Mutex<Option<Box<HashMap<String, ResultWaiter>>>>,
     next_result_id: AtomicU64,
 }
 
@@ -185,7 +192,7 @@ impl Connection {
     pub fn set_item<T: Any + Send + Sync>(&self, key: &str, value: T) {
         let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
         items
-            .get_or_insert_with(HashMap::new)
+            .get_or_insert_with(Default::default)
             .insert(key.to_string(), Arc::new(value));
     }
 
@@ -206,7 +213,7 @@ impl Connection {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         pending
-            .get_or_insert_with(HashMap::new)
+            .get_or_insert_with(Default::default)
             .insert(id.clone(), tx);
         (id, rx)
     }
@@ -264,7 +271,7 @@ impl Connection {
                 .unwrap_or_else(|p| p.into_inner());
             pending.take()
         };
-        for (_, tx) in drained.into_iter().flatten() {
+        for (_, tx) in drained.into_iter().flat_map(|m| *m) {
             let _ = tx.send(Err(format!("Connection '{}' disconnected.", self.id)));
         }
     }

@@ -25,7 +25,7 @@ use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -64,8 +64,10 @@ struct Activity {
     first_byte: AtomicU64,
     /// A request has been served (the next idle period is a keep-alive pause).
     served: AtomicU32,
-    /// The connection's entry in the eviction queue (`limits::Admission`).
-    fresh: Option<Arc<Fresh>>,
+    /// The connection's entry in the eviction queue (`limits::Admission`), until its first
+    /// request: then it is marked served and let go, so an upgraded socket (which keeps this
+    /// record in its IO) does not hold it and its cancellation token for life.
+    fresh: Mutex<Option<Arc<Fresh>>>,
 }
 
 impl Activity {
@@ -75,14 +77,15 @@ impl Activity {
             idle_since: AtomicU64::new(now_ms()),
             first_byte: AtomicU64::new(0),
             served: AtomicU32::new(0),
-            fresh,
+            fresh: Mutex::new(fresh),
         })
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if self.served.swap(1, Ordering::Relaxed) == 0 {
-            if let Some(f) = &self.fresh {
+            let fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(f) = fresh {
                 f.served();
             }
         }
@@ -318,7 +321,7 @@ mod tests {
             idle_since: AtomicU64::new(since),
             first_byte: AtomicU64::new(first),
             served: AtomicU32::new(u32::from(served)),
-            fresh: None,
+            fresh: Mutex::new(None),
         }
     }
 

@@ -427,7 +427,7 @@ async fn hub_request(
         return transports::delete(state, token, user);
     }
     let request = RequestInfo {
-        query: parts.uri.query().unwrap_or("").to_string(),
+        query: kept_query(parts.uri.query().unwrap_or("")),
         headers: owned_headers(&parts.headers),
     };
     let options = &hub.definition().options;
@@ -509,13 +509,50 @@ pub(crate) async fn serve_forwarded(
     hub_request(state, hub, parts, identity, &token, &user, body, true).await
 }
 
+/// The query string a connection's [`RequestInfo`] keeps: the connect request's, without
+/// its `access_token` (a credential, already verified and available as the identity's
+/// claims; a JWT is a few hundred bytes held for the connection's whole life, see the idle
+/// memory budget in `bench/README.md`).
+fn kept_query(query: &str) -> String {
+    let is_token = |pair: &&str| pair.split('=').next() == Some("access_token");
+    if !query.split('&').any(|p| is_token(&p)) {
+        return query.to_string();
+    }
+    query
+        .split('&')
+        .filter(|p| !is_token(p))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Whether `name` is a request header a connection's [`RequestInfo`] does not keep: the
+/// hop-by-hop and WebSocket handshake headers, used up by the upgrade.
+fn upgrade_only(name: &header::HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_VERSION,
+        header::SEC_WEBSOCKET_EXTENSIONS,
+    ]
+    .contains(name)
+}
+
 /// A copy of `headers` that owns its bytes. hyper's header values are slices of the
 /// connection's 8 KiB read buffer, so keeping the original map for the connection's lifetime
 /// (the hub sees it as the connect request) would pin that whole buffer: 8 KiB per idle
 /// connection, found with massif in the idle-density benchmark.
+///
+/// The headers that only served the WebSocket upgrade itself ([`upgrade_only`]) are
+/// not kept: they mean nothing once the socket is upgraded, and a map entry costs ~100
+/// bytes for the connection's whole life (the idle memory budget in `bench/README.md`).
 fn owned_headers(headers: &http::HeaderMap) -> http::HeaderMap {
-    let mut out = http::HeaderMap::with_capacity(headers.len());
+    let count = headers.iter().filter(|(n, _)| !upgrade_only(n)).count();
+    let mut out = http::HeaderMap::with_capacity(count);
     for (name, value) in headers {
+        if upgrade_only(name) {
+            continue;
+        }
         let mut copy = match HeaderValue::from_bytes(value.as_bytes()) {
             Ok(v) => v,
             Err(_) => continue,
@@ -617,5 +654,57 @@ fn dev_token(state: &HttpState, req: &Request<Incoming>) -> Response<Body> {
                 .unwrap_or_default(),
         ),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_query_drops_only_the_access_token() {
+        assert_eq!(kept_query(""), "");
+        assert_eq!(kept_query("id=abc&x=1"), "id=abc&x=1");
+        assert_eq!(kept_query("id=abc&access_token=eyJ.x.y&x=1"), "id=abc&x=1");
+        assert_eq!(kept_query("access_token=eyJ.x.y"), "");
+        assert_eq!(kept_query("access_token_hint=1"), "access_token_hint=1");
+    }
+
+    #[test]
+    fn owned_headers_keep_what_the_hub_may_read_and_drop_the_upgrade_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("hub:5000"));
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("k"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("v"));
+        let mut auth = HeaderValue::from_static("Bearer t");
+        auth.set_sensitive(true);
+        h.insert(header::AUTHORIZATION, auth);
+        let out = owned_headers(&h);
+        assert_eq!(out.len(), 5);
+        assert_eq!(out.get(header::HOST).unwrap(), "hub:5000");
+        assert_eq!(out.get_all(header::COOKIE).iter().count(), 2);
+        assert_eq!(out.get("x-custom").unwrap(), "v");
+        assert!(out.get(header::AUTHORIZATION).unwrap().is_sensitive());
+        for gone in [
+            header::CONNECTION,
+            header::UPGRADE,
+            header::SEC_WEBSOCKET_KEY,
+            header::SEC_WEBSOCKET_VERSION,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+        ] {
+            assert!(out.get(&gone).is_none(), "{gone} kept");
+        }
     }
 }

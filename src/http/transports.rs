@@ -714,7 +714,7 @@ pub(crate) async fn websocket(
         _ => None,
     };
     let request = RequestInfo {
-        query: req.uri().query().unwrap_or("").to_string(),
+        query: super::kept_query(req.uri().query().unwrap_or("")),
         headers: super::owned_headers(req.headers()),
     };
     let max = hub.definition().options.max_message_size;

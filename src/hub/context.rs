@@ -17,8 +17,11 @@ pub struct HubContext {
     pub(crate) connection: ConnectionHandle,
     pub(crate) lifetime: Arc<HubLifetime>,
     /// Cancelled when the current streaming invocation is cancelled by the client, or when
-    /// the connection ends.
-    pub(crate) cancel: CancellationToken,
+    /// the connection ends. `None` for the connection's own context: a child of
+    /// `ConnectionAborted` is made when asked for ([`HubContext::cancellation`]), as a token
+    /// costs an allocation for the connection's life (the idle memory budget in
+    /// `bench/README.md`).
+    pub(crate) cancel: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for HubContext {
@@ -31,17 +34,16 @@ impl std::fmt::Debug for HubContext {
 
 impl HubContext {
     pub(crate) fn new(connection: ConnectionHandle, lifetime: Arc<HubLifetime>) -> HubContext {
-        let cancel = connection.aborted.child_token();
         HubContext {
             connection,
             lifetime,
-            cancel,
+            cancel: None,
         }
     }
 
     pub(crate) fn with_cancel(&self, cancel: CancellationToken) -> HubContext {
         HubContext {
-            cancel,
+            cancel: Some(cancel),
             ..self.clone()
         }
     }
@@ -58,7 +60,7 @@ impl HubContext {
 
     /// `Context.User`'s claims.
     pub fn claims(&self) -> &serde_json::Map<String, serde_json::Value> {
-        &self.connection.identity.claims
+        self.connection.identity.claims.map()
     }
 
     /// The connect request (`Context.GetHttpContext()`): query, headers, cookies.
@@ -89,7 +91,10 @@ impl HubContext {
     /// Fires when the current streaming invocation is cancelled (CancelInvocation) or the
     /// connection ends (`Context.ConnectionAborted`).
     pub fn cancellation(&self) -> CancellationToken {
-        self.cancel.clone()
+        match &self.cancel {
+            Some(c) => c.clone(),
+            None => self.connection.aborted.child_token(),
+        }
     }
 
     /// `Context.Abort()`: closes the connection; the client is not told to reconnect.

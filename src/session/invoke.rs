@@ -13,12 +13,43 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Pending, Uploads};
+use super::Pending;
 use crate::connection::ConnectionHandle;
 use crate::hub::method::{BindError, Outcome, UploadItem};
 use crate::hub::{HubContext, HubLifetime};
 use crate::metrics::{inc, METRICS};
 use crate::protocol::{Completion, HubMessage, Invocation, StreamItem, Value};
+
+/// The invocations running inside one session task. The `FuturesUnordered` is made on first
+/// use and let go when it empties: it allocates as soon as it exists, and an idle connection
+/// (most of a feed's) runs nothing (the idle memory budget in `bench/README.md`).
+#[derive(Default)]
+pub(crate) struct Tasks(Option<FuturesUnordered<BoxFuture<'static, TaskDone>>>);
+
+impl Tasks {
+    /// Runs `task` beside the others.
+    pub(crate) fn push(&mut self, task: BoxFuture<'static, TaskDone>) {
+        self.0.get_or_insert_with(FuturesUnordered::new).push(task);
+    }
+
+    /// Whether nothing runs.
+    pub(crate) fn is_empty(&self) -> bool {
+        match &self.0 {
+            Some(t) => t.is_empty(),
+            None => true,
+        }
+    }
+
+    /// The next invocation to finish; `None` when nothing runs.
+    pub(crate) async fn next(&mut self) -> Option<TaskDone> {
+        let tasks = self.0.as_mut()?;
+        let done = tasks.next().await;
+        if tasks.is_empty() {
+            self.0 = None;
+        }
+        done
+    }
+}
 
 /// What a finished task tells the dispatcher.
 pub(crate) struct TaskDone {
@@ -30,11 +61,43 @@ pub(crate) struct TaskDone {
     stream: Option<String>,
 }
 
+/// A map by stream id that costs a pointer until its first entry: every connection's loop
+/// holds two (upload streams, running streams) for its whole life and most never stream
+/// (the idle memory budget in `bench/README.md`).
+#[allow(clippy::box_collection)] // the point: a pointer, not a 48-byte empty map
+pub(crate) struct LazyMap<V>(Option<Box<HashMap<String, V>>>);
+
+impl<V> Default for LazyMap<V> {
+    fn default() -> Self {
+        LazyMap(None)
+    }
+}
+
+impl<V> LazyMap<V> {
+    fn insert(&mut self, key: String, value: V) -> Option<V> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(key, value)
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        self.0.as_ref()?.get(key)
+    }
+
+    fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn remove(&mut self, key: &str) -> Option<V> {
+        self.0.as_mut()?.remove(key)
+    }
+}
+
 pub(crate) struct Dispatcher {
     ctx: HubContext,
     hub: Arc<HubLifetime>,
-    uploads: Uploads,
-    streams: HashMap<String, CancellationToken>,
+    uploads: LazyMap<mpsc::Sender<UploadItem>>,
+    streams: LazyMap<CancellationToken>,
     pending: Pending,
     running_slots: usize,
     max_parallel: usize,
@@ -96,8 +159,8 @@ impl Dispatcher {
             stream_capacity: o.stream_buffer_capacity.max(1),
             ctx,
             hub,
-            uploads: HashMap::new(),
-            streams: HashMap::new(),
+            uploads: LazyMap::default(),
+            streams: LazyMap::default(),
             pending: Pending::new(),
             running_slots: 0,
         }
@@ -108,10 +171,7 @@ impl Dispatcher {
         self.pending.len() >= self.max_pending
     }
 
-    pub(crate) fn start_pending(
-        &mut self,
-        tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>,
-    ) {
+    pub(crate) fn start_pending(&mut self, tasks: &mut Tasks) {
         while self.running_slots < self.max_parallel {
             let Some(task) = self.pending.pop_front() else {
                 break;
@@ -134,12 +194,7 @@ impl Dispatcher {
     }
 
     /// Handles an Invocation (`streaming == false`) or a StreamInvocation.
-    pub(crate) fn invocation(
-        &mut self,
-        inv: Invocation,
-        streaming: bool,
-        tasks: &mut FuturesUnordered<BoxFuture<'static, TaskDone>>,
-    ) {
+    pub(crate) fn invocation(&mut self, inv: Invocation, streaming: bool, tasks: &mut Tasks) {
         let conn = self.ctx.connection.clone();
         let target = inv.target.clone();
         let id = inv.invocation_id.clone().filter(|s| !s.is_empty());

@@ -1,24 +1,25 @@
 //! The detachable link between a session task and whatever physical transport currently
 //! serves it (ASP.NET's duplex pipe between `HttpConnectionContext` and its transports).
 //!
-//! A session does not own a socket. It reads from a [`LinkSource`] (a bounded channel that a
+//! A session does not own a socket. It reads from a [`LinkSource`] (a bounded queue that a
 //! WebSocket reader or the POST handler feeds) and writes to a [`LinkSink`] (the bounded
 //! [`Wire`], which a WebSocket writer, an SSE response body, or a long poll drains). The
 //! session therefore runs as its own task, independent of any one HTTP request: polls come
 //! and go, and a later transport swap (stateful reconnect) only has to attach a new drainer
 //! and feeder to the same [`Link`].
 //!
-//! Bounds: the inbound channel holds [`INBOUND_CHUNKS`] chunks (feeders wait, which is
+//! Bounds: the inbound queue holds [`INBOUND_CHUNKS`] chunks (feeders wait, which is
 //! back-pressure on their own request or socket only); the wire holds at most
 //! [`WIRE_MAX_BYTES`] (the session waits, under its send timeout, when no drainer keeps up).
 //! The end of the transport is a [`CancellationToken`] with a reason, so signalling it never
 //! waits.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{FrameSink, FrameSource, TransportError};
@@ -142,6 +143,11 @@ impl Wire {
         let mut st = self.lock();
         if let Some((data, format)) = st.units.pop_front() {
             st.bytes -= data.len();
+            if st.units.is_empty() {
+                // An idle connection holds no queue storage between its keep-alive pings
+                // (a connection that keeps up never has more than a unit or two queued).
+                st.units = VecDeque::new();
+            }
             drop(st);
             self.writable.notify_waiters();
             return Some(WireItem::Unit(data, format));
@@ -167,7 +173,7 @@ impl Wire {
                 let mut st = self.lock();
                 if !st.units.is_empty() {
                     let mut out = BytesMut::with_capacity(st.bytes);
-                    for (u, _) in st.units.drain(..) {
+                    for (u, _) in std::mem::take(&mut st.units) {
                         out.extend_from_slice(&u);
                     }
                     st.bytes = 0;
@@ -192,44 +198,121 @@ impl Wire {
     }
 }
 
-/// Why and whether the physical transport went away.
+/// The inbound queue and the end of the transport: one allocation shared by a session's
+/// [`Link`] handles, its [`LinkSource`] and its [`LinkSink`]s.
 #[derive(Debug, Default)]
-struct GoneState {
+struct Shared {
+    inbox: Mutex<Inbox>,
+    /// Woken when a chunk is queued, the last feeder is gone or the transport is gone.
+    readable: Notify,
+    /// Woken when a chunk is taken, the session stops reading or the transport is gone.
+    writable: Notify,
+    /// Why the transport went away (`None`: a clean end).
     reason: Mutex<Option<String>>,
     token: CancellationToken,
 }
 
+/// Chunks fed to the session, at most [`INBOUND_CHUNKS`]. A hand-rolled queue rather than a
+/// `tokio::sync::mpsc` channel: that one allocates a 32-slot block and a cache-padded
+/// channel up front, ~1.6 KiB for every idle connection (the idle memory budget in
+/// `bench/README.md`); this one holds nothing while empty.
+#[derive(Debug, Default)]
+struct Inbox {
+    chunks: VecDeque<Result<Bytes, TransportError>>,
+    /// Live [`Link`] handles: when none is left, the transport ended.
+    feeders: usize,
+    /// The session dropped its [`LinkSource`]: feeding fails.
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Queues `item`, waiting for room. Fails when the session no longer reads or the
+    /// transport is gone.
+    async fn feed(&self, item: Result<Bytes, TransportError>) -> Result<(), TransportError> {
+        loop {
+            let writable = self.writable.notified();
+            tokio::pin!(writable);
+            writable.as_mut().enable();
+            {
+                let mut inbox = self.lock();
+                if inbox.closed {
+                    return Err(TransportError::Closed("session ended".into()));
+                }
+                if self.token.is_cancelled() {
+                    return Err(TransportError::Closed("transport gone".into()));
+                }
+                if inbox.chunks.len() < INBOUND_CHUNKS {
+                    inbox.chunks.push_back(item);
+                    drop(inbox);
+                    self.readable.notify_waiters();
+                    return Ok(());
+                }
+            }
+            // `transport_gone` wakes this too: one waiter, not a second future for the token.
+            writable.await;
+        }
+    }
+}
+
 /// Both directions of one session's transport, shared by the session and its transports.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Link {
-    /// Feeds the session (POST bodies, WebSocket messages).
-    pub inbound: mpsc::Sender<Result<Bytes, TransportError>>,
     /// What the session writes; drained by the transport.
     pub wire: Arc<Wire>,
-    gone: Arc<GoneState>,
+    shared: Arc<Shared>,
+}
+
+impl Clone for Link {
+    fn clone(&self) -> Link {
+        self.shared.lock().feeders += 1;
+        Link {
+            wire: self.wire.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let mut inbox = self.shared.lock();
+        inbox.feeders = inbox.feeders.saturating_sub(1);
+        let last = inbox.feeders == 0;
+        drop(inbox);
+        if last {
+            // Every feeder is gone: the session's reader sees the end.
+            self.shared.readable.notify_waiters();
+        }
+    }
 }
 
 impl Link {
     /// A new link, and the source half the session reads from.
     pub fn new() -> (Link, LinkSource) {
-        let (tx, rx) = mpsc::channel(INBOUND_CHUNKS);
+        let shared = Arc::new(Shared::default());
+        shared.lock().feeders = 1;
         let link = Link {
-            inbound: tx,
             wire: Arc::new(Wire::new(WIRE_MAX_BYTES)),
-            gone: Arc::new(GoneState::default()),
+            shared: shared.clone(),
         };
-        let source = LinkSource {
-            rx,
-            gone: link.gone.clone(),
-        };
-        (link, source)
+        (link, LinkSource { shared })
     }
 
     /// The sink half the session writes to.
     pub fn sink(&self) -> LinkSink {
         LinkSink {
             wire: self.wire.clone(),
-            gone: self.gone.clone(),
+            gone: self.shared.clone(),
         }
     }
 
@@ -237,69 +320,92 @@ impl Link {
     /// or deleted the connection), `Some(reason)` for a failure. The first call wins.
     pub fn transport_gone(&self, reason: Option<String>) {
         {
-            let mut r = self.gone.reason.lock().unwrap_or_else(|p| p.into_inner());
-            if self.gone.token.is_cancelled() {
+            let mut r = self.shared.reason.lock().unwrap_or_else(|p| p.into_inner());
+            if self.shared.token.is_cancelled() {
                 return;
             }
             *r = reason;
         }
-        self.gone.token.cancel();
+        self.shared.token.cancel();
+        self.shared.readable.notify_waiters();
+        self.shared.writable.notify_waiters();
     }
 
     /// Whether [`Link::transport_gone`] was called.
     pub fn is_gone(&self) -> bool {
-        self.gone.token.is_cancelled()
+        self.shared.token.is_cancelled()
     }
 
     /// Fires when the transport is gone.
     pub fn gone_token(&self) -> CancellationToken {
-        self.gone.token.clone()
+        self.shared.token.clone()
     }
 
     /// Hands a chunk of client bytes to the session, waiting for room. Fails when the
     /// session no longer reads (it ended) or the transport is gone.
-    pub async fn feed(&self, chunk: Bytes) -> Result<(), TransportError> {
-        tokio::select! {
-            r = self.inbound.send(Ok(chunk)) => r.map_err(|_| TransportError::Closed("session ended".into())),
-            _ = self.gone.token.cancelled() => Err(TransportError::Closed("transport gone".into())),
-        }
+    pub fn feed(&self, chunk: Bytes) -> impl Future<Output = Result<(), TransportError>> + '_ {
+        // Not an `async fn`: that would hold `chunk` once more beside the queue's future.
+        self.shared.feed(Ok(chunk))
+    }
+
+    /// Hands a transport error to the session (a frame over the size limit: the session
+    /// answers with a Close naming the limit), waiting for room like [`Link::feed`].
+    pub fn feed_error(
+        &self,
+        error: TransportError,
+    ) -> impl Future<Output = Result<(), TransportError>> + '_ {
+        self.shared.feed(Err(error))
     }
 }
 
 /// The session's reading half.
 #[derive(Debug)]
 pub struct LinkSource {
-    rx: mpsc::Receiver<Result<Bytes, TransportError>>,
-    gone: Arc<GoneState>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for LinkSource {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.writable.notify_waiters();
+    }
 }
 
 impl FrameSource for LinkSource {
     async fn recv(&mut self) -> Option<Result<Bytes, TransportError>> {
-        // Data already fed is processed before the end of the transport is noticed.
-        if let Ok(item) = self.rx.try_recv() {
-            return Some(item);
-        }
-        tokio::select! {
-            biased;
-            item = self.rx.recv() => match item {
-                Some(item) => Some(item),
+        loop {
+            let readable = self.shared.readable.notified();
+            tokio::pin!(readable);
+            readable.as_mut().enable();
+            {
+                // Data already fed is processed before the end of the transport is noticed.
+                let mut inbox = self.shared.lock();
+                if let Some(item) = inbox.chunks.pop_front() {
+                    if inbox.chunks.is_empty() {
+                        // Idle connections hold no queue storage (clients send rarely).
+                        inbox.chunks = VecDeque::new();
+                    }
+                    drop(inbox);
+                    self.shared.writable.notify_waiters();
+                    return Some(item);
+                }
                 // Every feeder is gone: the transport ended.
-                None => self.gone_result(),
-            },
-            _ = self.gone.token.cancelled() => self.gone_result(),
+                if inbox.feeders == 0 {
+                    return self.gone_result();
+                }
+            }
+            if self.shared.token.is_cancelled() {
+                return self.gone_result();
+            }
+            // `transport_gone` wakes this too.
+            readable.await;
         }
     }
 }
 
 impl LinkSource {
     fn gone_result(&self) -> Option<Result<Bytes, TransportError>> {
-        let reason = self
-            .gone
-            .reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        reason.map(|r| Err(TransportError::Closed(r)))
+        self.shared.reason().map(|r| Err(TransportError::Closed(r)))
     }
 }
 
@@ -307,7 +413,7 @@ impl LinkSource {
 #[derive(Debug, Clone)]
 pub struct LinkSink {
     wire: Arc<Wire>,
-    gone: Arc<GoneState>,
+    gone: Arc<Shared>,
 }
 
 impl FrameSink for LinkSink {
@@ -383,6 +489,60 @@ mod tests {
         });
         gone.cancel();
         assert!(blocked.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn inbound_queue_is_bounded_and_ends_with_its_feeders_or_reader() {
+        let (link, mut source) = Link::new();
+        for i in 0..INBOUND_CHUNKS {
+            link.feed(Bytes::from(vec![i as u8])).await.unwrap();
+        }
+        // Full: the next feed waits until the session takes a chunk.
+        let l2 = link.clone();
+        let blocked = tokio::spawn(async move { l2.feed(Bytes::from_static(b"last")).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!blocked.is_finished());
+        assert_eq!(source.recv().await.unwrap().unwrap()[..], [0]);
+        tokio::time::timeout(std::time::Duration::from_secs(5), blocked)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        for i in 1..INBOUND_CHUNKS {
+            assert_eq!(source.recv().await.unwrap().unwrap()[..], [i as u8]);
+        }
+        assert_eq!(&source.recv().await.unwrap().unwrap()[..], b"last");
+        // A feeder blocked on a full queue is released when the transport goes.
+        for _ in 0..INBOUND_CHUNKS {
+            link.feed(Bytes::from_static(b"x")).await.unwrap();
+        }
+        let l3 = link.clone();
+        let blocked = tokio::spawn(async move { l3.feed(Bytes::from_static(b"y")).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        link.transport_gone(Some("gone".into()));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), blocked)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(r.is_err());
+        // The session stopped reading: feeding fails at once.
+        let (link, source) = Link::new();
+        drop(source);
+        assert!(link.feed(Bytes::from_static(b"z")).await.is_err());
+        // Every feeder gone: the session reads a clean end.
+        let (link, mut source) = Link::new();
+        let l2 = link.clone();
+        let reader = tokio::spawn(async move { source.recv().await.is_none() });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(link);
+        assert!(!reader.is_finished());
+        drop(l2);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+                .await
+                .unwrap()
+                .unwrap()
+        );
     }
 
     #[tokio::test]

@@ -11,7 +11,9 @@
 
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use std::future::Future;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -108,61 +110,119 @@ pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// Serves `link` over an upgraded socket until either side ends: socket messages feed the
 /// session, wire units become WebSocket messages, the wire's end marker becomes the close
 /// frame. Reports the end of the socket to the session with [`Link::transport_gone`].
-pub async fn pump<IO>(io: IO, max_message_size: usize, link: Link)
+///
+/// A combinator rather than an `async fn`: the socket and the link are moved once into the
+/// accept and pump futures, not also kept as the outer future's arguments for the
+/// connection's whole life (the idle memory budget in `bench/README.md`).
+pub fn pump<IO>(io: IO, max_message_size: usize, link: Link) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (source, sink) = accept(io, max_message_size).await;
-    pump_split(source, sink, link).await;
+    accept(io, max_message_size).then(move |(source, sink)| pump_split(source, sink, link))
 }
 
 /// [`pump`] over an already accepted socket (the HTTP layer may have read a first frame to
 /// decide what the socket is for; it feeds that frame to the link first).
-pub async fn pump_split<IO>(mut source: WsSource<IO>, mut sink: WsSink<IO>, link: Link)
+#[allow(clippy::manual_async_fn)] // deliberately not an `async fn`, see below
+pub fn pump_split<IO>(
+    mut source: WsSource<IO>,
+    mut sink: WsSink<IO>,
+    link: Link,
+) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let reader = async {
-        loop {
-            match source.recv().await {
-                None => return None,
-                Some(Ok(bytes)) => {
-                    if link.feed(bytes).await.is_err() {
+    // An async block, not an `async fn`: the block works on its captures in place, where a
+    // function would keep its arguments beside the locals they are moved into.
+    async move {
+        let reader = async {
+            loop {
+                match source.recv().await {
+                    None => return None,
+                    Some(Ok(bytes)) => {
+                        if link.feed(bytes).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Some(Err(TransportError::TooLarge)) => {
+                        // The session answers with a Close naming the limit; stop reading.
+                        let _ = link.feed_error(TransportError::TooLarge).await;
+                        std::future::pending::<()>().await;
+                    }
+                    Some(Err(e)) => return Some(e.to_string()),
+                }
+            }
+        };
+        let writer = async {
+            loop {
+                match link.wire.next().await {
+                    WireItem::Unit(data, format) => {
+                        match tokio::time::timeout(WRITE_TIMEOUT, sink.send(data, format)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return Some(e.to_string()),
+                            Err(_) => return Some(super::SEND_TIMED_OUT.to_string()),
+                        }
+                    }
+                    WireItem::End(code, reason) => {
+                        let _ =
+                            tokio::time::timeout(WRITE_TIMEOUT, sink.close(code, &reason)).await;
                         return None;
                     }
                 }
-                Some(Err(TransportError::TooLarge)) => {
-                    // The session answers with a Close naming the limit; stop reading.
-                    let _ = link.inbound.send(Err(TransportError::TooLarge)).await;
-                    std::future::pending::<()>().await;
-                }
-                Some(Err(e)) => return Some(e.to_string()),
             }
+        };
+        let gone = link.gone_token();
+        let reason = tokio::select! {
+            r = reader => r,
+            r = writer => r,
+            // The session ended the link another way (or a newer transport replaced this one).
+            _ = gone.cancelled() => None,
+        };
+        link.transport_gone(reason);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::transport::link::Link;
+
+    /// What the pump task of an idle WebSocket connection is made of (printed with
+    /// `--nocapture`; the idle memory budget in `bench/README.md`), and a guard on it.
+    #[tokio::test]
+    async fn pump_parts() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (link, _source) = Link::new();
+        macro_rules! show {
+            ($name:expr, $e:expr) => {{
+                let f = $e;
+                println!("{:>6}  {}", std::mem::size_of_val(&f), $name);
+                drop(f);
+            }};
         }
-    };
-    let writer = async {
-        loop {
-            match link.wire.next().await {
-                WireItem::Unit(data, format) => {
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(data, format)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Some(e.to_string()),
-                        Err(_) => return Some(super::SEND_TIMED_OUT.to_string()),
-                    }
-                }
-                WireItem::End(code, reason) => {
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close(code, &reason)).await;
-                    return None;
-                }
-            }
+        show!("pump", pump(a, 1024, link.clone()));
+        let (a, _b) = tokio::io::duplex(64);
+        let (mut src, mut snk) = accept(a, 1024).await;
+        show!("WsSource::recv", src.recv());
+        show!("WsSink::send", snk.send(Bytes::new(), TransferFormat::Text));
+        show!(
+            "timeout(WsSink::send)",
+            tokio::time::timeout(WRITE_TIMEOUT, snk.send(Bytes::new(), TransferFormat::Text))
+        );
+        show!("WsSink::close", snk.close(1000, ""));
+        show!("Link::feed", link.feed(Bytes::new()));
+        show!("Wire::next", link.wire.next());
+        let pump_size = std::mem::size_of_val(&pump_split(src, snk, link.clone()));
+        println!("{pump_size:>6}  pump_split");
+        println!("{:>6}  Link", std::mem::size_of::<Link>());
+        let (a, _b) = tokio::io::duplex(64);
+        let whole = std::mem::size_of_val(&pump(a, 1024, link.clone()));
+        if !cfg!(debug_assertions) {
+            // Before issue 13's budget: 1,008 (pump), 960 (pump_split), 312 (Link::feed).
+            assert!(whole <= 800, "the pump future grew to {whole} bytes");
+            assert!(pump_size <= 800, "pump_split grew to {pump_size} bytes");
+            let feed = std::mem::size_of_val(&link.feed(Bytes::new()));
+            assert!(feed <= 200, "Link::feed grew to {feed} bytes");
         }
-    };
-    let gone = link.gone_token();
-    let reason = tokio::select! {
-        r = reader => r,
-        r = writer => r,
-        // The session ended the link another way (or a newer transport replaced this one).
-        _ = gone.cancelled() => None,
-    };
-    link.transport_gone(reason);
+    }
 }
