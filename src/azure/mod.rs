@@ -295,7 +295,7 @@ impl RestApi {
         match auth::verify_client(&self.key, token, &name, host) {
             Ok(t) => Some(Identity {
                 user_id: t.user,
-                claims: t.claims,
+                claims: t.claims.into(),
                 valid_until: t.valid_until,
             }),
             Err(e) => {

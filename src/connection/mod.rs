@@ -229,7 +229,7 @@ impl Connection {
             .pending_results
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        pending.get_or_insert_with(HashMap::new).insert(id, tx);
+        pending.get_or_insert_with(Default::default).insert(id, tx);
         rx
     }
 
