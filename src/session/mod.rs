@@ -871,12 +871,8 @@ mod size_tests {
     use super::*;
     use crate::transport::link::Link;
 
-    /// Every idle connection holds its session task's future for its whole life, so its
-    /// size is memory per connection (the idle memory budget in `bench/README.md`). Guards
-    /// the borrowing and boxing in `run` and `Loop::run` and the combinator in `task`
-    /// (4,336 bytes at first, 3,368 before issue 13's budget, 1,896 after).
-    #[tokio::test]
-    async fn the_session_future_stays_small() {
+    /// A hub on a one-node memory backplane (its inbox receiver dropped: nothing is delivered).
+    fn test_hub() -> Arc<crate::hub::HubLifetime> {
         let (inbox, _rx) = crate::backplane::Inbox::new(1, 1);
         let backplane: Arc<dyn crate::backplane::Backplane> =
             Arc::new(crate::backplane::memory::MemoryBackplane::new(
@@ -884,8 +880,16 @@ mod size_tests {
                 "n",
                 inbox,
             ));
-        let hub =
-            crate::hub::HubLifetime::new(crate::hub::HubBuilder::new("/h").build(), backplane);
+        crate::hub::HubLifetime::new(crate::hub::HubBuilder::new("/h").build(), backplane)
+    }
+
+    /// Every idle connection holds its session task's future for its whole life, so its
+    /// size is memory per connection (the idle memory budget in `bench/README.md`). Guards
+    /// the borrowing and boxing in `run` and `Loop::run` and the combinator in `task`
+    /// (4,336 bytes at first, 3,368 before issue 13's budget, 1,896 after).
+    #[tokio::test]
+    async fn the_session_future_stays_small() {
+        let hub = test_hub();
         let (link, source) = Link::new();
         let params = SessionParams {
             hub,
@@ -913,15 +917,7 @@ mod size_tests {
     /// `bench/README.md`). Guards the per-connection records and the loop's future.
     #[tokio::test]
     async fn session_parts() {
-        let (inbox, _rx) = crate::backplane::Inbox::new(1, 1);
-        let backplane: Arc<dyn crate::backplane::Backplane> =
-            Arc::new(crate::backplane::memory::MemoryBackplane::new(
-                crate::backplane::memory::MemoryBus::new(),
-                "n",
-                inbox,
-            ));
-        let hub =
-            crate::hub::HubLifetime::new(crate::hub::HubBuilder::new("/h").build(), backplane);
+        let hub = test_hub();
         let (link, mut source) = Link::new();
         let mut sink = link.sink();
         let options = &hub.definition().options;
