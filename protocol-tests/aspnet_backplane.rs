@@ -38,7 +38,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use feedhub::backplane::aspnet::{self, AspNetInvocation, GroupCommand, Origin};
 use feedhub::backplane::redis::{RedisBackplane, RedisConfig};
-use feedhub::hub::{HubBuilder, HubContext, HubDefinition, HubError};
+use feedhub::hub::{HubBuilder, HubContext, HubDefinition};
 use feedhub::protocol::{
     Completion, CompletionResult, HubMessage, Invocation, PreparedMessage, ProtocolKind, Value,
 };
@@ -162,25 +162,7 @@ fn hub() -> HubDefinition {
         *o = base.options.clone();
         o.client_result_timeout = Duration::from_secs(5);
     });
-    feed::feed_methods(hub)
-        .method("ConnId", |ctx: HubContext, (): ()| async move {
-            Ok::<_, HubError>(ctx.connection_id().to_string())
-        })
-        .method("Join", |ctx: HubContext, (group,): (String,)| async move {
-            ctx.groups().add(ctx.connection_id(), &group).await
-        })
-        .method(
-            "SendOthers",
-            |ctx: HubContext, (text,): (String,)| async move {
-                ctx.clients().others().send("Msg", (text,)).await
-            },
-        )
-        .method(
-            "SendGroup",
-            |ctx: HubContext, (group, text): (String, String)| async move {
-                ctx.clients().group(&group).send("Msg", (text,)).await
-            },
-        )
+    cluster::test_feed_methods(hub)
         .method(
             "SendConn",
             |ctx: HubContext, (conn, text): (String, String)| async move {

@@ -140,6 +140,12 @@ pub fn test_feed_hub() -> HubDefinition {
         *o = base.options.clone();
         o.unsubscribe_debounce = DEBOUNCE;
     });
+    test_feed_methods(hub).build()
+}
+
+/// The feed hub's methods (`feed::feed_methods`) plus the test helpers `ConnId()`,
+/// `Join(group)`, `SendOthers(text)` and `SendGroup(group, text)`, on `hub`.
+pub fn test_feed_methods(hub: HubBuilder) -> HubBuilder {
     feed::feed_methods(hub)
         .method("ConnId", |ctx: HubContext, (): ()| async move {
             Ok::<_, HubError>(ctx.connection_id().to_string())
@@ -159,7 +165,6 @@ pub fn test_feed_hub() -> HubDefinition {
                 ctx.clients().group(&group).send("Msg", (text,)).await
             },
         )
-        .build()
 }
 
 /// Which backplane a [`Cluster`] runs on.
